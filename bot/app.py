@@ -1,0 +1,120 @@
+"""The application lifecycle: `async with App(settings) as app:` starts everything in order.
+
+Start-up order is store → knowledge base (ingest) → model runtime → conversation service →
+channels; teardown runs in reverse, also when start-up fails halfway (the exit stack
+unwinds whatever was already started). Nothing connects at import time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from types import TracebackType
+from typing import Protocol
+
+from knowledge.retrieve import KnowledgeBase
+from learning.runtime import Generator, build_runtime
+
+from bot.conversation import ConversationService
+from bot.http import HttpServer
+from knowledge.settings import Settings
+from knowledge.store import Store
+
+log = logging.getLogger(__name__)
+
+
+class Channel(Protocol):
+    """A chat service connection (Telegram, Slack). `start` returns once it is serving."""
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+class App:
+    """Owns the long-lived parts of one `apprentice serve` process."""
+
+    def __init__(self, settings: Settings, generator: Generator | None = None, ingest: bool = True) -> None:
+        self.settings = settings
+        self._generator = generator
+        self._ingest = ingest
+        self._stack = contextlib.AsyncExitStack()
+        self.store: Store
+        self.kb: KnowledgeBase
+        self.generator: Generator
+        self.service: ConversationService
+        self.channels: list[Channel] = []
+        self.http = HttpServer(settings.http_host, settings.http_port)
+
+    async def __aenter__(self) -> App:
+        try:
+            await self._start()
+        except BaseException:
+            await self._stack.aclose()
+            raise
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self._stack.aclose()
+
+    async def _start(self) -> None:
+        s = self.settings
+        s.data_dir.mkdir(parents=True, exist_ok=True)
+        self.store = await asyncio.to_thread(Store, s.database)
+        self._stack.callback(self.store.close)
+        self.kb = await asyncio.to_thread(KnowledgeBase.from_settings, s)
+        self._stack.callback(self.kb.close)
+        if self._ingest:
+            report = await asyncio.to_thread(self.kb.ingest, [s.kb_path], False, False)
+            log.info("knowledge base: %s", report)
+        if self._generator is None:
+            self.generator = await asyncio.to_thread(build_runtime, s)
+        else:
+            self.generator = self._generator
+        self._stack.push_async_callback(self.generator.aclose)
+        self.service = ConversationService(s, self.store, self.kb, self.generator)
+
+    async def add_channel(self, channel: Channel) -> None:
+        """Start a channel now and stop it (before the runtime and the store) on exit."""
+        await channel.start()
+        self._stack.push_async_callback(channel.stop)
+        self.channels.append(channel)
+
+    async def start_http(self) -> None:
+        """Start the HTTP server once every channel has added its routes."""
+        await self.http.start()
+        self._stack.push_async_callback(self.http.stop)
+
+
+async def _wait_for_signal() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+async def serve(settings: Settings) -> int:
+    """`apprentice serve`: the channels that are configured, else the terminal chat."""
+    async with App(settings) as app:
+        # Each chat service starts only when its token is set; see README "Connecting Telegram/Slack".
+        if settings.telegram_bot_token.get_secret_value():
+            from bot.channels.telegram import TelegramChannel
+
+            await app.add_channel(TelegramChannel(settings, app.service, app.store, app.http))
+        if settings.slack_bot_token.get_secret_value():
+            from bot.channels.slack import SlackChannel
+
+            await app.add_channel(SlackChannel(settings, app.service, app.store, app.http))
+        if not app.channels:
+            from bot.channels.terminal import TerminalChannel
+
+            return await TerminalChannel(app.service).run()
+        await app.start_http()
+        await _wait_for_signal()
+    return 0

@@ -1,0 +1,132 @@
+"""The terminal channel: one person plays customer and staff in the same window.
+
+Lines are read as bytes from stdin and decoded leniently, so binary or non-UTF-8 input gets a
+clear reply instead of a traceback. Works interactively and piped
+(`printf 'question\\n/quit\\n' | apprentice serve`), and ends with exit status 0 on EOF.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from typing import BinaryIO, TextIO
+
+from bot.conversation import ConversationService, Inbound, Outbound
+from knowledge.models import Conversation
+
+log = logging.getLogger(__name__)
+
+CHANNEL = "terminal"
+HELP = """Type a question as the customer. Staff commands act on the last answer:
+  /correct TEXT    correct the last answer (stored, remembered, sent to the customer)
+  /approve         mark the last answer as a good example
+  /flag [REASON]   flag the last answer for review
+  /sources         show the passages the last answer used
+  /help            this help
+  /quit            leave"""
+MAX_LINE_BYTES = 1_000_000
+
+
+class TerminalChannel:
+    """Reads customer lines and staff commands from a stream and prints replies."""
+
+    def __init__(
+        self,
+        service: ConversationService,
+        stdin: BinaryIO | None = None,
+        stdout: TextIO | None = None,
+        user: str = "local",
+    ) -> None:
+        self.service = service
+        self.stdin = stdin if stdin is not None else sys.stdin.buffer
+        self.stdout = stdout if stdout is not None else sys.stdout
+        self.user = user
+        self.last_answer: int | None = None
+        self.interactive = bool(getattr(self.stdin, "isatty", lambda: False)())
+        service.deliverers[CHANNEL] = self._deliver
+
+    def _print(self, text: str) -> None:
+        self.stdout.write(text + "\n")
+        self.stdout.flush()
+
+    async def _deliver(self, conv: Conversation, out: Outbound) -> None:
+        label = {"correction": "bot (corrected)", "staff": "staff"}.get(out.kind, "bot")
+        self._print(f"{label}> {out.text}")
+
+    async def run(self) -> int:
+        """Serve until /quit or end of input; returns the exit status."""
+        self._print("apprentice terminal chat. Type /help for staff commands, /quit to leave.")
+        count = 0
+        while True:
+            if self.interactive:
+                self.stdout.write("you> ")
+                self.stdout.flush()
+            raw = await asyncio.to_thread(self.stdin.readline, MAX_LINE_BYTES + 1)
+            if not raw:
+                return 0
+            if len(raw) > MAX_LINE_BYTES:
+                # swallow the rest of an absurdly long line so it is not read as new messages
+                while raw and not raw.endswith(b"\n"):
+                    raw = await asyncio.to_thread(self.stdin.readline, MAX_LINE_BYTES)
+                self._print("bot> Sorry, that message is far too long for me. Please keep it short.")
+                continue
+            line = raw.decode("utf-8", errors="replace").rstrip("\r\n")
+            count += 1
+            if not line.strip():
+                continue
+            try:
+                if line.startswith("/"):
+                    if await self._command(line) is False:
+                        return 0
+                else:
+                    await self._customer(line, count)
+            except Exception:  # nothing a user types may end the session with a traceback
+                log.exception("terminal command failed")
+                self._print("bot> Sorry, something went wrong with that. Please try again.")
+
+    async def _customer(self, line: str, count: int) -> None:
+        inbound = Inbound(CHANNEL, self.user, self.user, line, external_id="", name=self.user)
+        for out in await self.service.handle(inbound):
+            await self._deliver_reply(out)
+
+    async def _deliver_reply(self, out: Outbound) -> None:
+        if out.kind == "answer":
+            self.last_answer = out.message_id
+        self._print(f"bot> {out.text}")
+
+    async def _command(self, line: str) -> bool:
+        cmd, _, arg = line.partition(" ")
+        cmd, arg = cmd.lower(), arg.strip()
+        if cmd in ("/quit", "/exit"):
+            return False
+        if cmd == "/help":
+            self._print(HELP)
+            return True
+        if cmd not in ("/correct", "/approve", "/flag", "/sources"):
+            self._print(f"Unknown command {cmd[:40]!r}. Type /help for the list.")
+            return True
+        if self.last_answer is None:
+            self._print("There is no answer yet to act on. Ask a question first.")
+            return True
+        svc = self.service
+        if cmd == "/correct":
+            if not arg:
+                self._print("Usage: /correct THE RIGHT ANSWER")
+                return True
+            result = await svc.correct(self.last_answer, arg, staff=f"{CHANNEL}:{self.user}")
+            self._print(f"(correction #{result.correction.id} stored and remembered)")
+        elif cmd in ("/approve", "/flag"):
+            kind = cmd[1:]
+            created = await svc.staff_feedback(self.last_answer, kind, f"{CHANNEL}:{self.user}", arg)
+            self._print(
+                f"({'approved' if kind == 'approve' else 'flagged'})" if created else "(already done)"
+            )
+        else:
+            msg = await asyncio.to_thread(svc.store.message, self.last_answer)
+            sources = msg.sources if msg else []
+            if not sources:
+                self._print("(no passages were used)")
+            for s in sources:
+                self._print(f"  {s.get('score', 0):.2f}  {s.get('title', '')}  [{s.get('source', '')}]")
+        return True

@@ -1,0 +1,426 @@
+"""The conversation flow: every channel hands messages here and sends back what it returns.
+
+Order matters and is the contract: the inbound message is persisted first, then knowledge
+is retrieved, the model generates, the answer is persisted with its sources, versions and
+latency, and only then is it returned for sending. Staff actions (corrections, feedback,
+take-over) come in through the methods below, from Slack or the terminal alike.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from knowledge.retrieve import KnowledgeBase
+from learning.runtime import GenerationTimeout, Generator, ModelBusy
+
+from knowledge.models import Conversation, Correction, Message
+from knowledge.passages import Passage, Retrieval
+from knowledge.settings import Settings
+from knowledge.store import Store
+from learning.prompt import build_messages
+
+log = logging.getLogger(__name__)
+
+# What customers read. Short, polite, and never a stack trace.
+UNSURE = (
+    "I'm not sure about that one, so I've passed your question to a colleague who will follow up shortly."
+)
+APOLOGY = "Sorry, I couldn't answer just now. A colleague has been notified and will get back to you."
+BUSY = "We're answering a lot of customers right now. Please send your question again in a minute."
+TOO_LONG = "Sorry, that message is too long for me ({n} characters). Please keep it under {limit} characters."
+EMPTY = "It looks like your message was empty. What can I help you with?"
+NON_TEXT = "Sorry, I can only read text messages for now. Please type your question."
+SLOW_DOWN = "You're sending messages faster than I can answer. Please wait a moment and try again."
+HUMAN = "Thanks, I've asked a colleague to join. Someone will reply here as soon as possible."
+THANKS_DOWN = "Thanks for the feedback. A colleague will review this answer."
+THANKS_UP = "Thanks for the feedback!"
+
+
+@dataclass(frozen=True)
+class Inbound:
+    """A customer's message, translated from the channel's own update type."""
+
+    channel: str
+    chat_id: str
+    customer_id: str
+    text: str | None
+    external_id: str = ""
+    name: str = ""
+    kind: str = "text"  # text | photo | voice | sticker | document | location | edited | other
+
+
+@dataclass
+class Outbound:
+    """Something to send to the customer. `message_id` is the stored message (for feedback buttons)."""
+
+    text: str
+    conversation_id: int
+    message_id: int | None = None
+    kind: str = "answer"  # answer | notice | correction | staff
+    feedback_buttons: bool = False
+
+
+@dataclass
+class Answer:
+    """The record of one bot answer, as staff see it."""
+
+    conversation_id: int
+    question_id: int
+    message_id: int
+    question: str
+    text: str
+    sources: list[dict[str, Any]]
+    status: str
+    model: str | None
+    adapter_version: str | None
+    latency_ms: float
+    flagged: bool = False
+
+
+class Reviewer(Protocol):
+    """Where staff watch (Slack). Each method is called after the store is updated; none may raise."""
+
+    async def answer_posted(self, conv: Conversation, answer: Answer) -> None: ...
+
+    async def customer_flag(self, conv: Conversation, message_id: int | None, why: str) -> None: ...
+
+    async def relay(self, conv: Conversation, text: str) -> None: ...
+
+    async def correction_stored(self, conv: Conversation | None, correction: Correction) -> None: ...
+
+
+Deliver = Callable[[Conversation, Outbound], Awaitable[None]]
+
+
+@dataclass
+class CorrectionResult:
+    correction: Correction
+    created: bool
+    delivered: bool = False
+
+
+@dataclass
+class _RateWindow:
+    stamps: collections.deque[float] = field(default_factory=collections.deque)
+
+
+class ConversationService:
+    """The flow shared by every channel. Safe for many chats at once; one chat is served in order."""
+
+    def __init__(self, settings: Settings, store: Store, kb: KnowledgeBase, generator: Generator) -> None:
+        self.settings = settings
+        self.store = store
+        self.kb = kb
+        self.generator = generator
+        self.reviewers: list[Reviewer] = []
+        # channel name -> how to send to a customer on that channel (a dict is enough)
+        self.deliverers: dict[str, Deliver] = {}
+        self._chat_locks: dict[tuple[str, str], asyncio.Lock] = {}
+        self._rates: dict[str, _RateWindow] = collections.defaultdict(_RateWindow)
+
+    # --- customers -------------------------------------------------------------------
+    async def handle(self, inbound: Inbound) -> list[Outbound]:
+        """Answer one customer message. Never raises for bad input; returns what to send."""
+        key = (inbound.channel, inbound.chat_id)
+        lock = self._chat_locks.setdefault(key, asyncio.Lock())
+        async with lock:
+            return await self._handle(inbound)
+
+    async def _handle(self, inbound: Inbound) -> list[Outbound]:
+        conv = await asyncio.to_thread(
+            self.store.conversation_for, inbound.channel, inbound.chat_id, inbound.customer_id, inbound.name
+        )
+        text = clean_text(inbound.text or "")
+        if inbound.kind != "text" or inbound.text is None:
+            q = await self._save(
+                conv.id, "customer", f"[{inbound.kind}]", inbound.external_id, status="refused"
+            )
+            return [await self._notice(conv, NON_TEXT, q)]
+        if not text:
+            q = await self._save(conv.id, "customer", "", inbound.external_id, status="refused")
+            return [await self._notice(conv, EMPTY, q)]
+        if len(text) > self.settings.max_input_chars:
+            stored = text[: self.settings.max_input_chars * 5]
+            q = await self._save(conv.id, "customer", stored, inbound.external_id, status="refused")
+            msg = TOO_LONG.format(n=f"{len(text):,}", limit=f"{self.settings.max_input_chars:,}")
+            return [await self._notice(conv, msg, q)]
+        q = await self._save(conv.id, "customer", text, inbound.external_id)
+        if conv.mode == "human":
+            await asyncio.to_thread(self.store.update_message, q, status="relayed")
+            await self._each_reviewer("relay", conv, text)
+            return []
+        if not self._allow(f"{inbound.channel}:{inbound.customer_id}"):
+            await asyncio.to_thread(self.store.update_message, q, status="refused")
+            return [await self._notice(conv, SLOW_DOWN, q)]
+        answer = await self._answer(conv, q, text)
+        if answer is None:
+            return []
+        await self._each_reviewer("answer_posted", conv, answer)
+        return [
+            Outbound(
+                answer.text, conv.id, answer.message_id, kind="answer", feedback_buttons=answer.status == "ok"
+            )
+        ]
+
+    async def _answer(self, conv: Conversation, question_id: int, text: str) -> Answer | None:
+        started = time.perf_counter()
+        retrieval = await asyncio.to_thread(
+            self.kb.retrieve, text, self.settings.top_k, self.settings.memory_threshold
+        )
+        status, flagged = "ok", False
+        model: str | None = None
+        adapter: str | None = None
+        if retrieval.memory is None and retrieval.best_score < self.settings.relevance_threshold:
+            reply, status, flagged = UNSURE, "unsure", True
+        else:
+            history = await asyncio.to_thread(self._history, conv.id, question_id)
+            messages = build_messages(self.settings.system_prompt_text, retrieval.all, text, history)
+            try:
+                gen = await self.generator.generate(messages, self.settings.max_new_tokens)
+                reply, model, adapter = gen.text.strip(), gen.model, gen.adapter_version
+                if not reply:
+                    reply, status, flagged = UNSURE, "unsure", True
+            except ModelBusy:
+                reply, status = BUSY, "busy"
+            except (GenerationTimeout, Exception) as exc:  # the customer gets an apology, staff a flag
+                log.warning("generation failed for conversation %s: %s", conv.id, type(exc).__name__)
+                reply, status, flagged = APOLOGY, "error", True
+        latency_ms = (time.perf_counter() - started) * 1000
+        sources = [p.as_dict() for p in retrieval.all]
+        mid = await self._save(
+            conv.id,
+            "bot",
+            reply,
+            None,
+            reply_to_id=question_id,
+            sources=sources,
+            model=model,
+            adapter_version=adapter,
+            latency_ms=latency_ms,
+            status=status,
+            flagged=flagged,
+        )
+        if flagged:
+            await asyncio.to_thread(self.store.set_flagged, conv.id, True)
+        return Answer(
+            conv.id, question_id, mid, text, reply, sources, status, model, adapter, latency_ms, flagged
+        )
+
+    def _history(self, conversation_id: int, question_id: int) -> list[tuple[str, str]]:
+        turns = self.settings.history_turns
+        if turns <= 0:
+            return []
+        rows = self.store.history(conversation_id, turns + 1)
+        out = []
+        for m in rows:
+            if m.id == question_id or m.status not in ("ok",):
+                continue
+            if m.role == "customer":
+                out.append(("user", m.text))
+            elif m.role in ("bot", "staff"):
+                out.append(("assistant", m.text))
+        return out[-turns:]
+
+    def _allow(self, who: str) -> bool:
+        """Sliding one-minute window per customer (per process)."""
+        limit = self.settings.rate_limit_per_minute
+        if limit <= 0:
+            return True
+        window = self._rates[who].stamps
+        now = time.monotonic()
+        while window and now - window[0] > 60:
+            window.popleft()
+        if len(window) >= limit:
+            return False
+        window.append(now)
+        return True
+
+    async def ask_human(self, inbound: Inbound) -> Outbound:
+        """The customer asked for a person (/human): flag the conversation and tell staff."""
+        conv = await asyncio.to_thread(
+            self.store.conversation_for, inbound.channel, inbound.chat_id, inbound.customer_id, inbound.name
+        )
+        q = await self._save(conv.id, "customer", "/human", inbound.external_id, status="refused")
+        await asyncio.to_thread(self.store.set_flagged, conv.id, True)
+        await self._each_reviewer("customer_flag", conv, None, "asked for a human")
+        return await self._notice(conv, HUMAN, q)
+
+    async def customer_feedback(self, message_id: int, actor: str, up: bool) -> str | None:
+        """A customer's thumbs up/down on an answer. Returns the thanks to show, None if a duplicate."""
+        msg = await asyncio.to_thread(self.store.message, message_id)
+        if msg is None or msg.role != "bot":
+            return None
+        created = await asyncio.to_thread(self.store.add_feedback, message_id, "up" if up else "down", actor)
+        if not created:
+            return None
+        if not up:
+            conv = await asyncio.to_thread(self.store.conversation, msg.conversation_id)
+            await asyncio.to_thread(self.store.set_flagged, msg.conversation_id, True)
+            if conv is not None:
+                await self._each_reviewer("customer_flag", conv, message_id, "customer 👎")
+            return THANKS_DOWN
+        return THANKS_UP
+
+    # --- staff -----------------------------------------------------------------------
+    async def correct(
+        self,
+        message_id: int,
+        corrected: str,
+        staff: str,
+        reason: str = "other",
+        send: bool = True,
+        remember: bool = True,
+        request_key: str | None = None,
+    ) -> CorrectionResult:
+        """Store a staff correction of a bot answer, remember it, and send it to the customer.
+
+        Idempotent on `request_key`: a retried submit returns the first correction untouched.
+        """
+        corrected = clean_text(corrected)
+        if not corrected:
+            raise ValueError("The corrected answer is empty; type the answer the customer should get.")
+        answer = await asyncio.to_thread(self.store.message, message_id)
+        if answer is None or answer.role != "bot":
+            raise LookupError(f"No bot answer with id {message_id}.")
+        question = await asyncio.to_thread(self._question_of, answer)
+        corr, created = await asyncio.to_thread(
+            self.store.add_correction,
+            message_id=message_id,
+            conversation_id=answer.conversation_id,
+            request_key=request_key,
+            question=question,
+            original=answer.text,
+            corrected=corrected,
+            staff=staff,
+            reason=reason,
+            remember=remember,
+        )
+        result = CorrectionResult(corr, created)
+        if not created:
+            return result
+        await asyncio.to_thread(
+            self.store.audit,
+            staff,
+            "correct",
+            f"message:{message_id}",
+            {"text": answer.text},
+            {"text": corrected, "correction_id": corr.id, "reason": reason},
+        )
+        if remember and question:
+            await asyncio.to_thread(self.kb.remember, corr.id, question, corrected)
+        conv = await asyncio.to_thread(self.store.conversation, answer.conversation_id)
+        if send and conv is not None:
+            mid = await self._save(
+                conv.id, "staff", corrected, None, reply_to_id=answer.reply_to_id, status="correction"
+            )
+            result.delivered = await self._deliver(conv, Outbound(corrected, conv.id, mid, kind="correction"))
+        await self._each_reviewer("correction_stored", conv, corr)
+        return result
+
+    def _question_of(self, answer: Message) -> str:
+        if answer.reply_to_id is None:
+            return ""
+        q = self.store.message(answer.reply_to_id)
+        return q.text if q is not None else ""
+
+    async def staff_feedback(self, message_id: int, kind: str, staff: str, reason: str = "") -> bool:
+        """Approve (a good example for training) or flag (needs review) an answer."""
+        if kind not in ("approve", "flag"):
+            raise ValueError("kind must be approve or flag")
+        created = await asyncio.to_thread(self.store.add_feedback, message_id, kind, staff, reason)
+        if created:
+            await asyncio.to_thread(
+                self.store.audit, staff, kind, f"message:{message_id}", {}, {"reason": reason}
+            )
+        return created
+
+    async def revoke(self, correction_id: int, staff: str) -> Correction | None:
+        """Stop using a correction for memory and training."""
+        corr = await asyncio.to_thread(self.store.revoke_correction, correction_id)
+        if corr is not None:
+            await asyncio.to_thread(self.kb.forget, correction_id)
+            await asyncio.to_thread(self.store.audit, staff, "revoke", f"correction:{correction_id}", {}, {})
+        return corr
+
+    async def take_over(self, conversation_id: int, staff: str) -> None:
+        await asyncio.to_thread(self.store.set_mode, conversation_id, "human")
+        await asyncio.to_thread(self.store.audit, staff, "take_over", f"conversation:{conversation_id}")
+
+    async def hand_back(self, conversation_id: int, staff: str) -> None:
+        await asyncio.to_thread(self.store.set_mode, conversation_id, "bot")
+        await asyncio.to_thread(self.store.audit, staff, "hand_back", f"conversation:{conversation_id}")
+
+    async def staff_reply(self, conversation_id: int, text: str, staff: str, external_id: str = "") -> bool:
+        """A staff member writes to the customer (taken-over conversation). Stored as a staff answer."""
+        text = clean_text(text)
+        conv = await asyncio.to_thread(self.store.conversation, conversation_id)
+        if conv is None or not text:
+            return False
+        mid = await self._save(conv.id, "staff", text, external_id or None, status="ok")
+        await asyncio.to_thread(self.store.audit, staff, "staff_reply", f"conversation:{conversation_id}")
+        return await self._deliver(conv, Outbound(text, conv.id, mid, kind="staff"))
+
+    # --- helpers ---------------------------------------------------------------------
+    async def _save(
+        self, conversation_id: int, role: str, text: str, external_id: str | None, **fields: Any
+    ) -> int:
+        msg = await asyncio.to_thread(
+            self.store.add_message, conversation_id, role, text, external_id=external_id or None, **fields
+        )
+        return msg.id
+
+    async def _notice(self, conv: Conversation, text: str, question_id: int) -> Outbound:
+        mid = await self._save(conv.id, "system", text, None, reply_to_id=question_id, status="notice")
+        return Outbound(text, conv.id, mid, kind="notice")
+
+    async def _deliver(self, conv: Conversation, out: Outbound) -> bool:
+        send = self.deliverers.get(conv.channel)
+        if send is None:
+            log.warning("no channel %r connected; message %s kept in the store", conv.channel, out.message_id)
+            return False
+        try:
+            await send(conv, out)
+            return True
+        except Exception:
+            log.exception("delivery to %s failed; message %s kept in the store", conv.channel, out.message_id)
+            return False
+
+    async def _each_reviewer(self, method: str, *args: Any) -> None:
+        for reviewer in self.reviewers:
+            try:
+                await getattr(reviewer, method)(*args)
+            except Exception:  # staff tooling must never break the customer's answer
+                log.exception("reviewer %s.%s failed", type(reviewer).__name__, method)
+
+
+_CONTROL = {c: " " for c in range(32) if c not in (9, 10)}
+_CONTROL[127] = " "
+
+
+def clean_text(text: str) -> str:
+    """Text safe to store and prompt with: control characters and lone surrogates removed, trimmed."""
+    text = text.encode("utf-8", "replace").decode("utf-8", "replace")
+    return text.translate(_CONTROL).replace("\x00", "").strip()
+
+
+def passages_from_sources(sources: list[dict[str, Any]]) -> list[Passage]:
+    """Rebuild light Passage records from a stored message's `sources` (for display)."""
+    return [
+        Passage(
+            text="",
+            title=str(s.get("title", "")),
+            source=str(s.get("source", "")),
+            score=float(s.get("score", 0.0)),
+            kind=str(s.get("kind", "document")),
+        )
+        for s in sources
+    ]
+
+
+__all__ = ["Answer", "ConversationService", "Inbound", "Outbound", "Retrieval", "clean_text"]

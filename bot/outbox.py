@@ -1,0 +1,132 @@
+"""Durable delivery: what could not be sent now waits in the database and is retried in order.
+
+A channel enqueues an item (a customer reply, a Slack card) and the drainer delivers due
+items oldest first with exponential backoff. An item leaves the outbox only when delivered,
+so an outage or a restart never loses a message. `Retry(after)` honours a server's Retry-After.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from knowledge.models import utcnow
+from knowledge.store import Store
+
+log = logging.getLogger(__name__)
+
+
+class Retry(Exception):
+    """Raised by a sender: try this item again after `after` seconds (None: backoff)."""
+
+    def __init__(self, reason: str, after: float | None = None) -> None:
+        super().__init__(reason)
+        self.after = after
+
+
+class Drop(Exception):
+    """Raised by a sender: this item can never be delivered (e.g. the user blocked the bot)."""
+
+
+Sender = Callable[[str, dict[str, Any]], Awaitable[None]]
+
+
+class Outbox:
+    """Delivers one channel's outbox items with `send(kind, payload)`."""
+
+    def __init__(
+        self,
+        store: Store,
+        channel: str,
+        send: Sender,
+        *,
+        poll_s: float = 1.0,
+        base_delay_s: float = 1.0,
+        max_delay_s: float = 300.0,
+    ) -> None:
+        self.store, self.channel, self.send = store, channel, send
+        self.poll_s, self.base_delay_s, self.max_delay_s = poll_s, base_delay_s, max_delay_s
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def put(self, kind: str, payload: dict[str, Any], key: str = "") -> int:
+        """Persist an item and wake the drainer. Returns the item id."""
+        item_id = await asyncio.to_thread(self.store.enqueue, self.channel, kind, payload, key)
+        self._wake.set()
+        return item_id
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name=f"outbox-{self.channel}")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+
+    async def drain_once(self) -> int:
+        """Try every due item once, in order; returns how many were delivered.
+
+        Items sharing a key stay in order: after one fails, later items of that key wait.
+        """
+        items = await asyncio.to_thread(self.store.pending_outbox, self.channel)
+        now = utcnow()
+        blocked: set[str] = set()
+        delivered = 0
+        for item in items:
+            if item.key and item.key in blocked:
+                continue
+            if item.next_attempt_at > now:
+                if item.key:
+                    blocked.add(item.key)
+                continue
+            try:
+                await self.send(item.kind, item.payload)
+            except Drop as exc:
+                log.warning("outbox %s item %s dropped: %s", self.channel, item.id, exc)
+                await asyncio.to_thread(self.store.outbox_done, item.id)
+                await asyncio.to_thread(
+                    self.store.audit,
+                    "system",
+                    "outbox_drop",
+                    f"outbox:{item.id}",
+                    {},
+                    {"reason": str(exc)[:200]},
+                )
+                continue
+            except Exception as exc:
+                after = exc.after if isinstance(exc, Retry) and exc.after is not None else None
+                delay = (
+                    after
+                    if after is not None
+                    else min(self.max_delay_s, self.base_delay_s * 2**item.attempts)
+                )
+                log.info(
+                    "outbox %s item %s retry in %.1fs: %s", self.channel, item.id, delay, type(exc).__name__
+                )
+                await asyncio.to_thread(self.store.outbox_retry, item.id, delay, repr(exc))
+                if item.key:
+                    blocked.add(item.key)
+                continue
+            await asyncio.to_thread(self.store.outbox_done, item.id)
+            delivered += 1
+        return delivered
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self.drain_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("outbox %s drain failed", self.channel)
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=self.poll_s)
+            except TimeoutError:
+                pass

