@@ -159,3 +159,33 @@ class Settings(BaseSettings):
             except OSError:
                 pass
         return value
+
+
+def env_name(field: str) -> str:
+    """The environment variable that sets a field (tokens keep their ecosystem names)."""
+    info = Settings.model_fields[field]
+    alias = info.validation_alias
+    if isinstance(alias, AliasChoices):
+        return str(alias.choices[0])
+    return f"APPRENTICE_{field.upper()}"
+
+
+def settings_table() -> str:
+    """The README's configuration table, generated from the fields (a test keeps them in step)."""
+    rows = ["| variable | default | meaning |", "|---|---|---|"]
+    for name, info in Settings.model_fields.items():
+        default = info.default
+        if isinstance(default, SecretStr):
+            shown = "(secret)"
+        elif default in ("", None):
+            shown = "(empty)"
+        elif name == "system_prompt":
+            shown = "(a short support prompt)"
+        else:
+            shown = f"`{default}`"
+        rows.append(f"| `{env_name(name)}` | {shown} | {info.description or ''} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":  # python -m knowledge.settings  -> prints the README table
+    print(settings_table())
