@@ -66,7 +66,7 @@ class ChromaServer:
             if self.heartbeat():
                 return self
             if time.monotonic() > deadline:
-                raise ServerUnavailable(f"chroma run not ready in {STARTUP_TIMEOUT_S:.0f}s: {self.log_tail()}")
+                raise ServerUnavailable(f"chroma not ready in {STARTUP_TIMEOUT_S:.0f}s: {self.log_tail()}")
             time.sleep(0.1)
 
     def heartbeat(self) -> bool:
