@@ -64,6 +64,9 @@ class Settings(BaseSettings):
         "", description="OpenAI-compatible server (e.g. vLLM with --enable-lora). Empty: in-process runtime."
     )
     llm_timeout_s: float = Field(60.0, description="Timeout of one generation, in seconds.")
+    llm_retries: int = Field(
+        2, description="Retries of a failed call to the model server (connection errors, 429, 5xx)."
+    )
     max_batch: int = Field(8, description="Most concurrent conversations generated in one batch.")
     max_queue: int = Field(
         64, description="Most requests waiting for the model; beyond it customers get 'busy'."
