@@ -1,0 +1,429 @@
+"""Generation through an OpenAI-compatible server (vLLM started with `--enable-lora`).
+
+`HttpGenerator` implements the `Generator` contract over `POST /v1/chat/completions`: greedy
+(temperature 0), streaming off, one overall deadline per answer with retries inside it. The
+server does the batching; this side only bounds how many requests may wait (`max_queue`).
+
+Adapters are loaded at runtime with `POST /v1/load_lora_adapter` under a NEW name for every load
+(`<version>-<random>`): vLLM caches adapters by name, and loading new weights under a reused name
+can serve the stale ones. After the switch, the old name is unloaded once the answers still using
+it have finished. If the server forgets an adapter (it was restarted), the adapter is loaded again
+under a fresh name and the request retried once. The adapter folder must be readable by the server
+at the same path (a shared volume); see README "Scaling out".
+
+httpx is imported here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import threading
+import time
+import uuid
+from typing import TYPE_CHECKING, Any
+
+import httpx
+
+from learning.runtime import (
+    Generation,
+    GenerationError,
+    GenerationTimeout,
+    Messages,
+    ModelBusy,
+    RuntimeStats,
+)
+
+if TYPE_CHECKING:
+    from knowledge.settings import Settings
+
+log = logging.getLogger(__name__)
+
+RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+BUSY_STATUSES = frozenset({429, 503})
+
+
+class ServerError(Exception):
+    """An HTTP error answer from the server, with vLLM's error body decoded."""
+
+    def __init__(self, status: int, message: str, kind: str = "") -> None:
+        super().__init__(f"{status} {kind}: {message}".strip())
+        self.status, self.message, self.kind = status, message, kind
+
+
+def adapter_name(version: str) -> str:
+    """A fresh, never-reused served name for one load of `version` (vLLM keys its cache by name)."""
+    safe = re.sub(r"[^0-9A-Za-z._-]", "-", version)[:48] or "adapter"
+    return f"{safe}-{uuid.uuid4().hex[:10]}"
+
+
+def _error_of(resp: httpx.Response) -> ServerError:
+    """vLLM's error bodies: {"error": {"message", "type", "code"}} (new) or flat {"message", ...} (old)."""
+    message, kind = resp.text[:500], ""
+    with contextlib.suppress(ValueError, AttributeError, TypeError):
+        body = resp.json()
+        err = body.get("error", body) if isinstance(body, dict) else {}
+        if isinstance(err, dict):
+            message = str(err.get("message", message))
+            kind = str(err.get("type", ""))
+        elif isinstance(err, str):
+            message = err
+    return ServerError(resp.status_code, message, kind)
+
+
+class HttpGenerator:
+    """The `Generator` contract over an OpenAI-compatible HTTP server. Use it from one event loop."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        model: str,
+        timeout_s: float = 60.0,
+        retries: int = 2,
+        max_queue: int = 64,
+        max_new_tokens: int = 160,
+        backoff_s: float = 0.25,
+        api_key: str = "",
+    ) -> None:
+        if not base_url.startswith(("http://", "https://")):
+            raise ValueError(f"APPRENTICE_LLM_URL must look like http://host:8000, got {base_url!r}.")
+        root = base_url.rstrip("/")
+        self.base_url = root[: -len("/v1")] if root.endswith("/v1") else root
+        self._name = model
+        self.timeout_s = timeout_s
+        self.retries = max(0, retries)
+        self.max_queue = max_queue
+        self.max_new_tokens = max_new_tokens
+        self.backoff_s = backoff_s
+        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.stats = RuntimeStats()
+        self._served_base: str | None = None  # the server's id of the base model, learned from /v1/models
+        self._client: httpx.AsyncClient | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._guard = threading.Lock()  # set_adapter may come from any thread
+        self._pending: tuple[str | None, str | None] | None = None
+        self._requested_version: str | None = None
+        # the adapter in use: (served name, path, version); name None = the base model
+        self._current: tuple[str | None, str | None, str | None] = (None, None, None)
+        self._switch_lock: asyncio.Lock | None = None
+        self._inflight: dict[str | None, int] = {}
+        self._drained: asyncio.Condition | None = None
+        self._background: set[asyncio.Task[None]] = set()
+
+    # --- Generator --------------------------------------------------------------------------------
+    @property
+    def model_name(self) -> str:
+        return self._name
+
+    @property
+    def adapter_version(self) -> str | None:
+        """The version new requests will be answered with (the latest `set_adapter`)."""
+        return self._requested_version
+
+    @property
+    def served_name(self) -> str | None:
+        """The `model` sent with new requests: the adapter's served name, or None before the first call."""
+        return self._current[0] or self._served_base
+
+    @property
+    def queue_depth(self) -> int:
+        return sum(self._inflight.values())
+
+    def set_adapter(self, path: str | None, version: str | None) -> None:
+        """Serve `path` as `version` from the next request on (None: the base model). Returns at once.
+
+        The load happens on the event loop before the next answer. A failed load is logged and
+        counted in `stats.adapter_errors`; the previous adapter stays in use.
+        """
+        if path is not None and not version:
+            raise ValueError("an adapter needs a version name (it is recorded with every answer).")
+        with self._guard:
+            self._pending = (path, version)
+            self._requested_version = version
+            loop = self._loop
+        if loop is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # the loop is closing: the next start applies it
+                asyncio.run_coroutine_threadsafe(self.sync_adapter(), loop)
+
+    async def generate(self, messages: Messages, max_new_tokens: int | None = None) -> Generation:
+        """Answer one conversation. Raises ModelBusy, GenerationTimeout or GenerationError."""
+        await self._ensure_started()
+        if self._pending is not None:
+            await self.sync_adapter()
+        if self.queue_depth >= self.max_queue:
+            self.stats.busy += 1
+            raise ModelBusy(f"{self.max_queue} requests are already waiting for {self.base_url}.")
+        submitted = time.perf_counter()
+        deadline = submitted + self.timeout_s
+        reloaded = False
+        while True:
+            name, _path, version = self._current
+            self._inflight[name] = self._inflight.get(name, 0) + 1
+            try:
+                served = name or await self._base_name(deadline)
+                body = await self._chat(served, messages, max_new_tokens or self.max_new_tokens, deadline)
+            except (ServerError, httpx.HTTPError, TimeoutError) as exc:
+                if isinstance(exc, ServerError) and exc.status == 404 and name is not None and not reloaded:
+                    # The server lost the adapter (restarted?): load it again under a new name, once.
+                    log.warning("server does not know adapter %s; loading %s again", name, version)
+                    reloaded = True
+                    await self._reload_current(name)
+                    continue
+                self._count_failure(exc)
+                raise self._translate(exc) from None
+            finally:
+                await self._release(name)
+            break
+        choice = (body.get("choices") or [{}])[0]
+        text = str((choice.get("message") or {}).get("content") or "")
+        usage = body.get("usage") or {}
+        self.stats.requests += 1
+        self.stats.prompt_tokens += int(usage.get("prompt_tokens") or 0)
+        self.stats.new_tokens += int(usage.get("completion_tokens") or 0)
+        return Generation(
+            text=text,
+            model=self._name,
+            adapter_version=version,
+            prompt_tokens=int(usage.get("prompt_tokens") or 0),
+            new_tokens=int(usage.get("completion_tokens") or 0),
+            latency_s=time.perf_counter() - submitted,
+        )
+
+    async def aclose(self) -> None:
+        """Unload what this process loaded, and close the connections."""
+        for task in list(self._background):
+            task.cancel()
+        name = self._current[0]
+        if self._client is not None:
+            if name is not None:
+                with contextlib.suppress(Exception):
+                    await self._post("/v1/unload_lora_adapter", {"lora_name": name}, time.perf_counter() + 5)
+            await self._client.aclose()
+            self._client = None
+        self._current = (None, None, None)
+
+    # --- readiness ---------------------------------------------------------------------------------
+    async def ready(self) -> bool:
+        """True when the server answers /v1/models (for /readyz)."""
+        await self._ensure_started()
+        try:
+            await self._models(time.perf_counter() + min(5.0, self.timeout_s))
+        except (ServerError, httpx.HTTPError, TimeoutError):
+            return False
+        return True
+
+    # --- adapters -----------------------------------------------------------------------------------
+    async def sync_adapter(self) -> None:
+        """Apply the latest `set_adapter` now (load, switch, then unload the old name)."""
+        await self._ensure_started()
+        assert self._switch_lock is not None
+        async with self._switch_lock:
+            with self._guard:
+                pending, self._pending = self._pending, None
+            if pending is None:
+                return
+            path, version = pending
+            old_name, old_path, old_version = self._current
+            if (path, version) == (old_path, old_version) and (path is None or old_name is not None):
+                return
+            new_name: str | None = None
+            if path is not None:
+                assert version is not None
+                new_name = adapter_name(version)
+                try:
+                    await self._post(
+                        "/v1/load_lora_adapter",
+                        {"lora_name": new_name, "lora_path": path},
+                        time.perf_counter() + self.timeout_s,
+                    )
+                except (ServerError, httpx.HTTPError, TimeoutError) as exc:
+                    self.stats.adapter_errors += 1
+                    log.error(
+                        "the model server could not load adapter %s from %s (%s); still serving %s. "
+                        "The folder must be readable by the server at that same path.",
+                        version, path, exc, old_version or "the base model",
+                    )
+                    with self._guard:
+                        if self._pending is None:
+                            self._requested_version = old_version
+                    return
+            self._current = (new_name, path, version)
+            self.stats.adapter_switches += 1
+            log.info("serving adapter %s as %s", version or "(base model)", new_name or self._served_base)
+            if old_name is not None:
+                self._spawn(self._unload_when_idle(old_name))
+
+    async def _reload_current(self, lost: str) -> None:
+        _name, path, version = self._current
+        with self._guard:
+            if self._pending is None:
+                self._pending = (path, version)
+        assert self._switch_lock is not None
+        async with self._switch_lock:
+            if self._current[0] == lost:
+                self._current = (None, None, None)  # forget the lost name so the load happens
+        await self.sync_adapter()
+        if self._current[1] != path:
+            raise GenerationError(f"the model server lost adapter {version} and could not load it again.")
+
+    async def _unload_when_idle(self, name: str) -> None:
+        assert self._drained is not None
+        async with self._drained:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    self._drained.wait_for(lambda: not self._inflight.get(name)), self.timeout_s
+                )
+        try:
+            deadline = time.perf_counter() + self.timeout_s
+            await self._post("/v1/unload_lora_adapter", {"lora_name": name}, deadline)
+        except ServerError as exc:
+            if exc.status != 404:  # 404: already gone (server restarted)
+                log.warning("could not unload adapter %s: %s", name, exc)
+        except (httpx.HTTPError, TimeoutError) as exc:
+            log.warning("could not unload adapter %s: %s", name, exc)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def wait_idle(self) -> None:
+        """Wait for background unloads (tests and shutdown)."""
+        while self._background:
+            await asyncio.gather(*list(self._background), return_exceptions=True)
+
+    # --- HTTP ---------------------------------------------------------------------------------------
+    async def _ensure_started(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._client is not None and self._loop is loop:
+            return
+        if self._client is not None:  # a new event loop (tests): connections belong to the old one
+            with contextlib.suppress(Exception):
+                await self._client.aclose()
+        self._client = httpx.AsyncClient(
+            base_url=self.base_url,
+            headers=self._headers,
+            timeout=httpx.Timeout(self.timeout_s),
+            limits=httpx.Limits(max_connections=max(8, self.max_queue), max_keepalive_connections=32),
+            trust_env=False,
+        )
+        self._switch_lock = asyncio.Lock()
+        self._drained = asyncio.Condition()
+        with self._guard:
+            self._loop = loop  # a loaded adapter belongs to the server, not the loop: it stays in use
+
+    async def _release(self, name: str | None) -> None:
+        self._inflight[name] = self._inflight.get(name, 1) - 1
+        if self._drained is not None and not self._inflight[name]:
+            async with self._drained:
+                self._drained.notify_all()
+
+    async def _base_name(self, deadline: float) -> str:
+        if self._served_base is None:
+            models = await self._models(deadline)
+            bases = [str(m["id"]) for m in models if not m.get("parent")]
+            if not bases:
+                raise GenerationError(f"{self.base_url}/v1/models lists no base model.")
+            if self._name in bases:
+                self._served_base = self._name
+            else:
+                log.warning(
+                    "the model server serves %s, not APPRENTICE_MODEL=%s; using %s "
+                    "(start vLLM with --served-model-name %s to match)",
+                    bases, self._name, bases[0], self._name,
+                )
+                self._served_base = bases[0]
+        return self._served_base
+
+    async def _models(self, deadline: float) -> list[dict[str, Any]]:
+        body = await self._request("GET", "/v1/models", None, deadline)
+        return list(body.get("data") or [])
+
+    async def _chat(self, model: str, messages: Messages, max_tokens: int, deadline: float) -> dict[str, Any]:
+        payload = {
+            "model": model,
+            "messages": messages,
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "stream": False,
+        }
+        return await self._request("POST", "/v1/chat/completions", payload, deadline)
+
+    async def _post(self, path: str, payload: dict[str, Any], deadline: float) -> dict[str, Any]:
+        return await self._request("POST", path, payload, deadline)
+
+    async def _request(
+        self, method: str, path: str, payload: dict[str, Any] | None, deadline: float
+    ) -> dict[str, Any]:
+        """One call with retries on connection errors and 429/5xx, all within `deadline`."""
+        assert self._client is not None
+        attempt = 0
+        while True:
+            left = deadline - time.perf_counter()
+            if left <= 0:
+                raise TimeoutError(f"{method} {path}: no answer within {self.timeout_s:g} s")
+            try:
+                resp = await self._client.request(method, path, json=payload, timeout=left)
+            except httpx.TimeoutException:
+                raise TimeoutError(f"{method} {path}: no answer within {self.timeout_s:g} s") from None
+            except httpx.TransportError as exc:
+                error: Exception = exc
+            else:
+                if resp.status_code < 400:
+                    try:
+                        body = resp.json()
+                    except ValueError:  # load/unload answer in plain text ("Success: ...")
+                        return {"text": resp.text}
+                    return body if isinstance(body, dict) else {"data": body}
+                error = _error_of(resp)
+                if resp.status_code not in RETRY_STATUSES:
+                    raise error
+            if attempt >= self.retries:
+                raise error
+            attempt += 1
+            delay = min(self.backoff_s * 2 ** (attempt - 1), max(0.0, deadline - time.perf_counter()))
+            log.info("%s %s failed (%s); retry %d/%d in %.2fs", method, path, error, attempt, self.retries,
+                     delay)
+            await asyncio.sleep(delay)
+
+    # --- errors -------------------------------------------------------------------------------------
+    def _count_failure(self, exc: Exception) -> None:
+        if isinstance(exc, ServerError) and exc.status in BUSY_STATUSES:
+            self.stats.busy += 1
+        elif isinstance(exc, TimeoutError):
+            self.stats.timeouts += 1
+        else:
+            self.stats.errors += 1
+
+    def _translate(self, exc: Exception) -> Exception:
+        if isinstance(exc, ServerError) and exc.status in BUSY_STATUSES:
+            return ModelBusy(f"the model server at {self.base_url} is overloaded ({exc.status}).")
+        if isinstance(exc, TimeoutError):
+            return GenerationTimeout(
+                f"{self.base_url} gave no answer within {self.timeout_s:g} s "
+                "(raise APPRENTICE_LLM_TIMEOUT_S or add model servers)."
+            )
+        if isinstance(exc, ServerError) and exc.status == 404:
+            return GenerationError(
+                f"the model server does not serve that model: {exc.message} "
+                "(check APPRENTICE_MODEL and the server's --served-model-name)."
+            )
+        return GenerationError(f"the model server at {self.base_url} failed: {exc}")
+
+
+def build_http_generator(settings: Settings) -> HttpGenerator:
+    """The HTTP backend the settings describe (APPRENTICE_LLM_URL and friends)."""
+    return HttpGenerator(
+        settings.llm_url,
+        model=settings.model,
+        timeout_s=settings.llm_timeout_s,
+        retries=settings.llm_retries,
+        max_queue=settings.max_queue,
+        max_new_tokens=settings.max_new_tokens,
+    )
+
+
+__all__ = ["HttpGenerator", "ServerError", "adapter_name", "build_http_generator"]

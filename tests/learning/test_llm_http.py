@@ -1,0 +1,209 @@
+"""The vLLM (OpenAI-compatible) backend against a fake server with vLLM's request and error shapes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+from fakes.openai_api import FakeOpenAIServer
+
+from learning.llm_http import HttpGenerator
+from learning.runtime import GenerationError, GenerationTimeout, ModelBusy
+
+BASE = "shop-model"
+CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Where is my parcel?"}]
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeOpenAIServer]:
+    async with FakeOpenAIServer(BASE) as server:
+        yield server
+
+
+@pytest.fixture
+def adapter(tmp_path: Path) -> str:
+    """An adapter folder as the training job writes it (the fake only checks adapter_config.json)."""
+    folder = tmp_path / "adapters" / "v1"
+    folder.mkdir(parents=True)
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4}))
+    return str(folder)
+
+
+def client(fake: FakeOpenAIServer, **kwargs: object) -> HttpGenerator:
+    options: dict[str, object] = {"model": BASE, "timeout_s": 30.0, "retries": 2, "backoff_s": 0.01}
+    options.update(kwargs)
+    return HttpGenerator(fake.base_url + "/v1", **options)  # type: ignore[arg-type]
+
+
+def chat_models(fake: FakeOpenAIServer) -> list[str]:
+    return [c.body["model"] for c in fake.paths("/v1/chat/completions")]
+
+
+async def test_chat_request_is_greedy_unstreamed_and_recorded(fake: FakeOpenAIServer) -> None:
+    gen = client(fake, max_new_tokens=32)
+    try:
+        out = await gen.generate(CHAT)
+    finally:
+        await gen.aclose()
+    assert out.text == f"{BASE} says: Where is my parcel?"
+    assert (out.model, out.adapter_version) == (BASE, None)
+    assert out.new_tokens == 6 and out.prompt_tokens == 6  # the server's usage counts
+    [call] = fake.paths("/v1/chat/completions")
+    assert call.body == {"model": BASE, "messages": CHAT, "max_tokens": 32, "temperature": 0, "stream": False}
+
+
+async def test_each_adapter_load_gets_a_fresh_name_and_the_old_one_is_unloaded(
+    fake: FakeOpenAIServer, adapter: str
+) -> None:
+    gen = client(fake)
+    try:
+        gen.set_adapter(adapter, "v1")
+        first = await gen.generate(CHAT)
+        gen.set_adapter(adapter, "v2")
+        second = await gen.generate(CHAT)
+        gen.set_adapter(adapter, "v1")  # a rollback loads v1 again, under a new name
+        third = await gen.generate(CHAT)
+        gen.set_adapter(None, None)
+        base = await gen.generate(CHAT)
+        await gen.wait_idle()
+    finally:
+        await gen.aclose()
+    assert [g.adapter_version for g in (first, second, third, base)] == ["v1", "v2", "v1", None]
+    loads = [c.body for c in fake.paths("/v1/load_lora_adapter")]
+    names = [b["lora_name"] for b in loads]
+    assert len(names) == len(set(names)) == 3
+    assert names[0].startswith("v1-") and names[1].startswith("v2-") and names[2].startswith("v1-")
+    assert all(b["lora_path"] == adapter for b in loads)
+    assert chat_models(fake) == [*names, BASE]
+    assert [c.body["lora_name"] for c in fake.paths("/v1/unload_lora_adapter")] == names
+    assert fake.adapters == {}
+
+
+async def test_the_old_adapter_is_unloaded_only_after_answers_in_flight(
+    fake: FakeOpenAIServer, adapter: str
+) -> None:
+    gen = client(fake)
+    try:
+        gen.set_adapter(adapter, "v1")
+        await gen.sync_adapter()
+        fake.hold()
+        in_flight = asyncio.create_task(gen.generate(CHAT))
+        await fake.wait_waiting(1)
+        gen.set_adapter(adapter, "v2")
+        await gen.sync_adapter()
+        [old, new] = fake.ever_loaded
+        assert old in fake.adapters and new in fake.adapters  # v1 still answering
+        fake.release()
+        answer = await in_flight
+        await gen.wait_idle()
+    finally:
+        await gen.aclose()
+    assert answer.adapter_version == "v1" and answer.text.startswith(old)
+    order = [(c.path, c.body.get("lora_name") or c.body.get("model")) for c in fake.calls]
+    assert order.index(("/v1/unload_lora_adapter", old)) > order.index(("/v1/chat/completions", old))
+
+
+async def test_unknown_model_is_a_404_in_vllm_shape_and_a_generation_error(fake: FakeOpenAIServer) -> None:
+    async with httpx.AsyncClient(base_url=fake.base_url) as http:
+        resp = await http.post("/v1/chat/completions", json={"model": "nope", "messages": CHAT})
+        unload = await http.post("/v1/unload_lora_adapter", json={"lora_name": "nope"})
+    assert resp.status_code == 404
+    assert resp.json() == {"error": {"message": "The model `nope` does not exist.", "type": "NotFoundError",
+                                     "param": "model", "code": 404}}
+    assert unload.status_code == 404 and unload.json()["error"]["type"] == "NotFoundError"
+    gen = client(fake)
+    gen._served_base = "nope"  # as if the server had been replaced by one serving another model
+    try:
+        with pytest.raises(GenerationError, match="does not exist"):
+            await gen.generate(CHAT)
+    finally:
+        await gen.aclose()
+    assert len(fake.paths("/v1/chat/completions")) == 2  # a 404 is not retried
+
+
+async def test_an_adapter_the_server_forgot_is_loaded_again_under_a_new_name(
+    fake: FakeOpenAIServer, adapter: str
+) -> None:
+    gen = client(fake)
+    try:
+        gen.set_adapter(adapter, "v1")
+        await gen.generate(CHAT)
+        fake.forget_adapters()  # vLLM restarted: runtime-loaded adapters are gone
+        again = await gen.generate(CHAT)
+    finally:
+        await gen.aclose()
+    first, second = fake.ever_loaded
+    assert first != second and again.adapter_version == "v1"
+    assert chat_models(fake) == [first, first, second]
+
+
+async def test_a_failed_load_keeps_the_previous_adapter(
+    fake: FakeOpenAIServer, adapter: str, tmp_path: Path
+) -> None:
+    gen = client(fake)
+    try:
+        gen.set_adapter(adapter, "v1")
+        await gen.generate(CHAT)
+        gen.set_adapter(str(tmp_path / "missing"), "v2")
+        out = await gen.generate(CHAT)
+    finally:
+        await gen.aclose()
+    assert out.adapter_version == "v1" and gen.adapter_version == "v1"
+    assert gen.stats.adapter_errors == 1
+    assert [c.status for c in fake.paths("/v1/load_lora_adapter")] == [200, 404]
+
+
+async def test_transient_errors_are_retried_within_the_budget(fake: FakeOpenAIServer) -> None:
+    gen = client(fake, retries=2)
+    try:
+        fake.fail("/v1/chat/completions", times=2, status=503)
+        ok = await gen.generate(CHAT)
+        assert ok.text.startswith(BASE)
+        fake.fail("/v1/chat/completions", times=3, status=503)
+        with pytest.raises(ModelBusy):
+            await gen.generate(CHAT)
+        fake.fail("/v1/chat/completions", times=3, status=500, message="engine dead")
+        with pytest.raises(GenerationError, match="engine dead"):
+            await gen.generate(CHAT)
+        fake.fail("/v1/chat/completions", times=1, status=400, message="prompt too long")
+        with pytest.raises(GenerationError, match="prompt too long"):
+            await gen.generate(CHAT)
+    finally:
+        await gen.aclose()
+    statuses = [c.status for c in fake.paths("/v1/chat/completions")]
+    assert statuses == [503, 503, 200] + [503] * 3 + [500] * 3 + [400]
+
+
+async def test_timeout_and_back_pressure(fake: FakeOpenAIServer) -> None:
+    gen = client(fake, timeout_s=0.3, max_queue=2, retries=0)
+    try:
+        await gen.generate(CHAT)  # learn the base model name first
+        fake.hold()  # the server never answers these
+        with pytest.raises(GenerationTimeout):
+            await gen.generate(CHAT)
+        gen.timeout_s = 30.0
+        waiting = [asyncio.create_task(gen.generate(CHAT)) for _ in range(2)]
+        await fake.wait_waiting(2)
+        with pytest.raises(ModelBusy):
+            await gen.generate(CHAT)
+        fake.release()
+        assert all(r.text for r in await asyncio.gather(*waiting))
+    finally:
+        await gen.aclose()
+    assert gen.stats.timeouts == 1 and gen.stats.busy == 1
+
+
+async def test_unreachable_server_is_a_generation_error_after_retries() -> None:
+    from pg import free_port
+
+    gen = HttpGenerator(f"http://127.0.0.1:{free_port()}", model=BASE, retries=1, backoff_s=0.01)
+    try:
+        assert await gen.ready() is False
+        with pytest.raises(GenerationError, match="failed"):
+            await gen.generate(CHAT)
+    finally:
+        await gen.aclose()
