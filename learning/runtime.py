@@ -1,0 +1,706 @@
+"""The model runtime: the contract the bot talks to, and the in-process implementation.
+
+`Generator` is the one boundary between the conversation flow and a language model. `LocalRuntime`
+serves it with transformers in this process: one worker thread owns the model, requests wait on a
+bounded queue, and whatever is waiting when the model becomes free is generated as ONE batch
+(dynamic micro-batching). On a CPU that is where the speed is: eight customers answered together cost
+little more than one. The event loop only ever enqueues and awaits, so one slow answer never stalls
+Telegram or Slack.
+
+LoRA adapters are hot-swapped with peft between batches: answers in flight finish on the adapter they
+started with, and every `Generation` records the adapter version that produced it.
+
+torch, transformers and peft are imported lazily (inside the functions that load the model).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import contextlib
+import logging
+import math
+import os
+import re
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+from learning.modelfiles import offline_by_default, resolve_model
+
+if TYPE_CHECKING:
+    from knowledge.settings import Settings
+
+log = logging.getLogger(__name__)
+
+Messages = list[dict[str, str]]
+
+# Measured on SmolLM2-135M with retrieval prompts: 1.0 loops ("... ... ..."), a penalty over the
+# whole prompt (HF's own) also punishes quoting the passages and the end-of-turn token, so the
+# penalty here only looks at the tokens the model generated itself.
+DEFAULT_REPETITION_PENALTY = 1.1
+
+
+# --- the contract ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Generation:
+    """One answer and how it was made (stored with the message, shown to staff, used by benchmarks)."""
+
+    text: str
+    model: str
+    adapter_version: str | None
+    prompt_tokens: int
+    new_tokens: int
+    latency_s: float  # from the request entering the queue to the answer being ready
+    ttft_s: float | None = None  # from the request entering the queue to its first generated token
+
+
+class ModelBusy(Exception):
+    """Too many requests are already waiting for the model; ask the customer to try again shortly."""
+
+
+class GenerationTimeout(Exception):
+    """The answer did not arrive within the configured timeout (APPRENTICE_LLM_TIMEOUT_S)."""
+
+
+class GenerationError(Exception):
+    """The model failed on this request (the runtime itself keeps serving others)."""
+
+
+@runtime_checkable
+class Generator(Protocol):
+    """What the bot calls to answer. Implementations: `LocalRuntime` (an HTTP/vLLM client will follow).
+
+    `generate` is called from the event loop by many conversations at once and must never block it.
+    It raises `ModelBusy` when the queue is full, `GenerationTimeout` and `GenerationError`.
+    `set_adapter` may be called from any thread (the nightly job's promotion, a CLI rollback).
+    """
+
+    @property
+    def model_name(self) -> str: ...
+
+    @property
+    def adapter_version(self) -> str | None: ...
+
+    async def generate(self, messages: Messages, max_new_tokens: int | None = None) -> Generation: ...
+
+    def set_adapter(self, path: str | None, version: str | None) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+
+# --- statistics (for /metrics and `apprentice bench speed`) ---------------------------------------
+
+
+@dataclass(frozen=True)
+class BatchRecord:
+    """One `model.generate` call."""
+
+    size: int
+    prompt_tokens: int  # real prompt tokens, summed over the batch (padding excluded)
+    padded_length: int
+    new_tokens: int  # summed over the batch
+    seconds: float
+    prefill_s: float | None  # batch start to first generated token
+    adapter_version: str | None
+
+
+@dataclass
+class RuntimeStats:
+    """Counters kept by the runtime. Read them; only the runtime writes."""
+
+    requests: int = 0  # answered
+    batches: int = 0
+    batch_sizes: collections.Counter[int] = field(default_factory=collections.Counter)
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    generate_s: float = 0.0  # time inside model.generate
+    busy: int = 0  # rejected with ModelBusy
+    timeouts: int = 0
+    errors: int = 0
+    abandoned: int = 0  # the caller gave up before the answer was finished
+    truncated: int = 0  # prompts cut to fit the context window
+    adapter_switches: int = 0
+    adapter_errors: int = 0
+    recent: collections.deque[BatchRecord] = field(default_factory=lambda: collections.deque(maxlen=512))
+
+    @property
+    def decode_tok_s(self) -> float:
+        """Aggregate generated tokens per second of model time."""
+        return self.new_tokens / self.generate_s if self.generate_s else 0.0
+
+
+# --- the in-process runtime -----------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class _Request:
+    messages: Messages
+    max_new_tokens: int
+    future: concurrent.futures.Future[Generation]
+    submitted: float
+    abandoned: bool = False  # set by the caller on timeout or cancellation; read by the worker
+
+    def gone(self) -> bool:
+        return self.abandoned or self.future.cancelled()
+
+
+def cpu_budget() -> int:
+    """CPUs this process may really use (affinity and cgroup quota), so torch does not oversubscribe."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        n = os.cpu_count() or 1
+    with contextlib.suppress(OSError, ValueError):
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            n = min(n, max(1, math.ceil(int(quota) / int(period))))
+    return max(1, n)
+
+
+def _resolve_dtype(dtype: str, device: str) -> Any:
+    import torch
+
+    if dtype == "auto":
+        # bf16 on CUDA, and on CPU too: measured faster there with the same answer quality (notes.md).
+        return torch.bfloat16
+    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype not in table:
+        raise ValueError(f"dtype {dtype!r} is not one of auto, float32, bfloat16, float16.")
+    return table[dtype]
+
+
+def _adapter_name(counter: int, version: str) -> str:
+    """peft adapter names become module keys (no dots); a counter keeps every load's name unique."""
+    return f"v{counter}_{re.sub(r'[^0-9A-Za-z_]', '_', version)[:48]}"
+
+
+class LocalRuntime:
+    """transformers in this process, with dynamic micro-batching and adapter hot-swap.
+
+    Build it in a thread (loading takes about a second); use it from the event loop.
+    """
+
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        name: str | None = None,
+        dtype: str = "auto",
+        device: str | None = None,
+        max_batch: int = 8,
+        max_queue: int = 64,
+        max_new_tokens: int = 160,
+        timeout_s: float = 60.0,
+        repetition_penalty: float = DEFAULT_REPETITION_PENALTY,
+        max_input_tokens: int | None = None,
+        num_threads: int | None = None,
+        start: bool = True,
+    ) -> None:
+        if max_batch < 1 or max_queue < 1 or max_new_tokens < 1:
+            raise ValueError("max_batch, max_queue and max_new_tokens must all be at least 1.")
+        offline_by_default()
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+        self._name = name or Path(model_path).name or model_path
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        self.max_new_tokens = max_new_tokens
+        self.timeout_s = timeout_s
+        self.repetition_penalty = repetition_penalty
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.dtype = _resolve_dtype(dtype, self.device)
+        if self.device == "cpu":
+            wanted = num_threads or cpu_budget()
+            if num_threads or torch.get_num_threads() > wanted:
+                torch.set_num_threads(wanted)
+
+        started = time.perf_counter()
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+        tokenizer.padding_side = "left"  # generated tokens must line up at the right edge of the batch
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        if not getattr(tokenizer, "chat_template", None):
+            raise GenerationError(f"{self._name} has no chat template; use an instruct/chat model.")
+        model: Any = AutoModelForCausalLM.from_pretrained(model_path, dtype=self.dtype)
+        model.to(self.device)
+        model.eval()
+        model.requires_grad_(False)
+        self.tokenizer: Any = tokenizer
+        self.model_path = model_path
+        self._base = model
+        self._model: Any = model  # becomes a PeftModel at the first adapter
+        seconds = time.perf_counter() - started
+        log.info("loaded %s (%s, %s) in %.1f s", self._name, self.dtype, self.device, seconds)
+
+        eos: set[int] = set()
+        for value in (model.generation_config.eos_token_id, tokenizer.eos_token_id):
+            if isinstance(value, int):
+                eos.add(value)
+            elif value:
+                eos.update(int(v) for v in value)
+        self._eos = eos
+        self._pad = int(tokenizer.pad_token_id)
+        # A clean config replaces the model's own (which may ask for sampling): greedy, our stop tokens.
+        model.generation_config = GenerationConfig(
+            do_sample=False,
+            num_beams=1,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=self._pad,
+            eos_token_id=sorted(eos),
+            bos_token_id=model.generation_config.bos_token_id,
+        )
+        self.context_tokens = int(getattr(model.config, "max_position_embeddings", 0) or 2048)
+        self.max_input_tokens = max_input_tokens  # None: whatever the context window leaves
+
+        # the queue and the worker
+        self.stats = RuntimeStats()
+        self._cond = threading.Condition()
+        self._queue: collections.deque[_Request] = collections.deque()
+        self._closing = False
+        self._pending_adapter: tuple[str | None, str | None] | None = None
+        self._requested_version: str | None = None
+        self._applied: tuple[str | None, str | None] = (None, None)  # (path, version) in use
+        self._adapter_counter = 0
+        self._adapter_key: str | None = None  # peft name of the active adapter; None = base model
+        self._thread: threading.Thread | None = None
+        if start:
+            self.start()
+
+    # --- Generator --------------------------------------------------------------------------------
+    @property
+    def model_name(self) -> str:
+        return self._name
+
+    @property
+    def adapter_version(self) -> str | None:
+        """The version new requests will be answered with (the latest `set_adapter`)."""
+        return self._requested_version
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._queue)
+
+    async def generate(self, messages: Messages, max_new_tokens: int | None = None) -> Generation:
+        """Answer one conversation. Raises ModelBusy at once when the queue is full."""
+        request = self._enqueue(messages, max_new_tokens, wait_for_room=False)
+        # wrap_future hands the worker's result to this loop with call_soon_threadsafe.
+        waiter = asyncio.wrap_future(request.future)
+        try:
+            return await asyncio.wait_for(waiter, self.timeout_s)
+        except TimeoutError:
+            request.abandoned = True
+            with self._cond:
+                self.stats.timeouts += 1
+            raise GenerationTimeout(
+                f"{self._name} gave no answer within {self.timeout_s:g} s; the machine may be overloaded "
+                "(lower APPRENTICE_MAX_BATCH or raise APPRENTICE_LLM_TIMEOUT_S)."
+            ) from None
+        except asyncio.CancelledError:
+            request.abandoned = True
+            raise
+
+    def generate_batch(
+        self, conversations: Sequence[Messages], max_new_tokens: int | None = None
+    ) -> list[Generation]:
+        """Synchronous answers for many conversations (evaluation, benchmarks); waits for queue room.
+
+        Call it from a plain thread, never from the worker or inside the event loop.
+        """
+        requests = [self._enqueue(m, max_new_tokens, wait_for_room=True) for m in conversations]
+        return [r.future.result() for r in requests]
+
+    def submit(
+        self, messages: Messages, max_new_tokens: int | None = None
+    ) -> concurrent.futures.Future[Generation]:
+        """Queue one conversation without waiting (raises ModelBusy when full); cancel the future to give up.
+
+        For callers outside asyncio that want many answers in flight, such as the speed benchmark.
+        """
+        return self._enqueue(messages, max_new_tokens, wait_for_room=False).future
+
+    def set_adapter(self, path: str | None, version: str | None) -> None:
+        """Serve `path` (a peft LoRA folder) as `version` from the next batch on; None = the base model.
+
+        Returns at once; the worker loads the adapter between batches. A load failure is logged and
+        counted in `stats.adapter_errors`, and the previous adapter stays in use.
+        """
+        if path is not None:
+            folder = Path(path)
+            if not (folder / "adapter_config.json").is_file():
+                raise FileNotFoundError(
+                    f"{folder} is not a LoRA adapter folder (no adapter_config.json); pass a folder written "
+                    "by the training job, or None for the base model."
+                )
+            if not version:
+                raise ValueError("an adapter needs a version name (it is recorded with every answer).")
+        with self._cond:
+            self._pending_adapter = (path, version)
+            self._requested_version = version
+            self._cond.notify_all()
+
+    async def aclose(self) -> None:
+        await asyncio.to_thread(self.close)
+
+    # --- lifecycle --------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the worker thread (done by the constructor unless start=False)."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._work, name="apprentice-model", daemon=True)
+            self._thread.start()
+
+    def close(self) -> None:
+        """Finish the batch in flight, fail whatever still waits, and stop the worker."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+        self._fail_waiting()
+
+    def __enter__(self) -> LocalRuntime:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- queue ------------------------------------------------------------------------------------
+    def _enqueue(self, messages: Messages, max_new_tokens: int | None, wait_for_room: bool) -> _Request:
+        if not messages:
+            raise ValueError("messages must hold at least one chat message.")
+        budget = self.max_new_tokens if max_new_tokens is None else max_new_tokens
+        if budget < 1:
+            raise ValueError("max_new_tokens must be at least 1.")
+        request = _Request(list(messages), budget, concurrent.futures.Future(), time.perf_counter())
+        with self._cond:
+            if wait_for_room:
+                self._cond.wait_for(lambda: self._closing or len(self._queue) < self.max_queue)
+            if self._closing:
+                raise GenerationError("the model runtime is shut down.")
+            if len(self._queue) >= self.max_queue:
+                self.stats.busy += 1
+                raise ModelBusy(f"{len(self._queue)} requests are already waiting for the model.")
+            request.submitted = time.perf_counter()
+            self._queue.append(request)
+            self._cond.notify_all()
+        return request
+
+    def _take(self) -> tuple[tuple[str | None, str | None] | None, list[_Request]] | None:
+        """Block until there is work: an adapter change (always first) or a batch. None: shut down."""
+        with self._cond:
+            self._cond.wait_for(
+                lambda: self._closing or self._pending_adapter is not None or bool(self._queue)
+            )
+            if self._closing:
+                return None
+            if self._pending_adapter is not None:
+                change, self._pending_adapter = self._pending_adapter, None
+                return change, []
+            batch: list[_Request] = []
+            while self._queue and len(batch) < self.max_batch:
+                request = self._queue.popleft()
+                if request.gone():
+                    self.stats.abandoned += 1
+                else:
+                    batch.append(request)
+            self._cond.notify_all()  # room in the queue for generate_batch callers
+            return None, batch
+
+    def _fail_waiting(self) -> None:
+        with self._cond:
+            waiting, self._queue = list(self._queue), collections.deque()
+        for request in waiting:
+            _settle(request, error=GenerationError("the model runtime shut down before answering."))
+
+    def _work(self) -> None:
+        while True:
+            work = self._take()
+            if work is None:
+                return
+            change, batch = work
+            try:
+                if change is not None:
+                    self._apply_adapter(*change)
+                elif batch:
+                    self._run_batch(batch)
+            except Exception:  # the worker must survive anything; the requests were settled already
+                log.exception("model worker error")
+
+    # --- generation -------------------------------------------------------------------------------
+    def _encode(self, messages: Messages, budget: int) -> list[int]:
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        ids: list[int] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        room = max(1, self.context_tokens - budget)
+        if self.max_input_tokens:
+            room = min(room, self.max_input_tokens)
+        if len(ids) > room:
+            log.warning("prompt of %d tokens cut to the last %d to fit the context window", len(ids), room)
+            with self._cond:
+                self.stats.truncated += 1
+            ids = ids[-room:]
+        return ids
+
+    def _run_batch(self, batch: list[_Request]) -> None:
+        prepared: list[tuple[_Request, list[int]]] = []
+        for request in batch:
+            try:
+                prepared.append((request, self._encode(request.messages, request.max_new_tokens)))
+            except Exception as exc:
+                self._count_error()
+                _settle(request, error=GenerationError(f"could not render the conversation: {exc}"))
+        if not prepared:
+            return
+        try:
+            self._generate(prepared)
+        except Exception as exc:
+            if len(prepared) == 1:
+                log.exception("generation failed")
+                self._count_error()
+                _settle(prepared[0][0], error=GenerationError(f"the model failed: {exc}"))
+                return
+            # Fail only the requests that fail on their own (and survive e.g. out-of-memory on a batch).
+            log.warning("a batch of %d failed (%s); retrying one by one", len(prepared), exc)
+            for item in prepared:
+                try:
+                    self._generate([item])
+                except Exception as single:
+                    log.exception("generation failed")
+                    self._count_error()
+                    _settle(item[0], error=GenerationError(f"the model failed: {single}"))
+
+    def _count_error(self) -> None:
+        with self._cond:
+            self.stats.errors += 1
+
+    def _generate(self, prepared: list[tuple[_Request, list[int]]]) -> None:
+        import torch
+
+        requests = [r for r, _ in prepared]
+        width = max(len(ids) for _, ids in prepared)
+        input_ids = torch.full((len(prepared), width), self._pad, dtype=torch.long)
+        attention = torch.zeros((len(prepared), width), dtype=torch.long)
+        for row, (_, ids) in enumerate(prepared):
+            input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+            attention[row, width - len(ids) :] = 1
+        hooks = _hooks()
+        stops = hooks.RowStops(requests, width)
+        penalty = hooks.GeneratedRepetitionPenalty(self.repetition_penalty, width)
+        version = self._applied[1]
+        adapter_off = (
+            self._model.disable_adapter() if self._model is not self._base and self._adapter_key is None
+            else contextlib.nullcontext()
+        )
+        processors = [penalty] if self.repetition_penalty != 1.0 else []
+        started = time.perf_counter()
+        with torch.inference_mode(), adapter_off:
+            output = self._model.generate(
+                input_ids=input_ids.to(self.device),
+                attention_mask=attention.to(self.device),
+                max_new_tokens=max(r.max_new_tokens for r in requests),
+                stopping_criteria=hooks.StoppingCriteriaList([stops]),
+                logits_processor=hooks.LogitsProcessorList(processors),
+            )
+        finished = time.perf_counter()
+        new = output[:, width:].tolist()
+        first = stops.first_token_at
+        answers: list[tuple[_Request, Generation]] = []
+        gone = total_new = 0
+        for row, (request, ids) in enumerate(prepared):
+            tokens = self._answer_tokens(new[row], request.max_new_tokens)
+            total_new += len(tokens)
+            if request.gone():
+                gone += 1
+                continue
+            generation = Generation(
+                text=self.tokenizer.decode(tokens, skip_special_tokens=True).strip(),
+                model=self._name,
+                adapter_version=version,
+                prompt_tokens=len(ids),
+                new_tokens=len(tokens),
+                latency_s=finished - request.submitted,
+                ttft_s=(first - request.submitted) if first else None,
+            )
+            answers.append((request, generation))
+        record = BatchRecord(
+            size=len(prepared),
+            prompt_tokens=sum(len(ids) for _, ids in prepared),
+            padded_length=width,
+            new_tokens=total_new,
+            seconds=finished - started,
+            prefill_s=(first - started) if first else None,
+            adapter_version=version,
+        )
+        with self._cond:  # counted before the callers wake up, so they see their own batch in the stats
+            s = self.stats
+            s.batches += 1
+            s.batch_sizes[record.size] += 1
+            s.requests += len(answers)
+            s.abandoned += gone
+            s.prompt_tokens += record.prompt_tokens
+            s.new_tokens += total_new
+            s.generate_s += record.seconds
+            s.recent.append(record)
+        for request, generation in answers:
+            _settle(request, result=generation)
+        log.debug("batch of %d: %d new tokens in %.2f s", record.size, total_new, record.seconds)
+
+    def _answer_tokens(self, generated: list[int], budget: int) -> list[int]:
+        """The row's own tokens: up to and including its end-of-turn token, never the padding after it."""
+        for i, token in enumerate(generated[:budget]):
+            if token in self._eos:
+                return generated[: i + 1]
+            if token == self._pad:
+                return generated[:i]
+        return generated[:budget]
+
+    # --- adapters ---------------------------------------------------------------------------------
+    def _apply_adapter(self, path: str | None, version: str | None) -> None:
+        """Runs on the worker between batches. Loads first, then drops the old adapter: no gap in service."""
+        if (path, version) == self._applied:
+            return
+        try:
+            if path is None:
+                # The base model: generation runs under disable_adapter(). The last adapter stays parked
+                # (peft cannot disable adapters once the last one is deleted); the next load drops it.
+                self._adapter_key = None
+            else:
+                self._adapter_key = self._load_adapter(path, version or "adapter")
+        except Exception:
+            log.exception("could not load adapter %s (%s); still serving %s", version, path, self._applied[1])
+            with self._cond:
+                self.stats.adapter_errors += 1
+                if self._pending_adapter is None:
+                    self._requested_version = self._applied[1]
+            return
+        self._applied = (path, version)
+        with self._cond:
+            self.stats.adapter_switches += 1
+        log.info("now serving adapter %s", version or "none (base model)")
+
+    def _load_adapter(self, path: str, version: str) -> str:
+        from peft import PeftModel
+
+        self._adapter_counter += 1
+        key = _adapter_name(self._adapter_counter, version)  # never reused, even for the same version
+        if self._model is self._base:
+            self._model = PeftModel.from_pretrained(self._base, path, adapter_name=key)
+        else:
+            try:
+                self._model.load_adapter(path, adapter_name=key)
+                self._model.set_adapter(key)
+            except Exception:
+                if key in self._model.peft_config:
+                    with contextlib.suppress(Exception):
+                        self._model.delete_adapter(key)
+                if self._adapter_key is not None:
+                    self._model.set_adapter(self._adapter_key)
+                raise
+        self._model.eval()
+        for old in [name for name in self._model.peft_config if name != key]:
+            self._model.delete_adapter(old)
+        return key
+
+    @property
+    def loaded_adapters(self) -> list[str]:
+        """peft names of the adapters held in memory (one at most between switches)."""
+        if self._model is self._base:
+            return []
+        return list(self._model.peft_config)
+
+
+def _settle(
+    request: _Request, result: Generation | None = None, error: BaseException | None = None
+) -> None:
+    """Resolve a request's future exactly once (the caller may have cancelled it meanwhile)."""
+    with contextlib.suppress(concurrent.futures.InvalidStateError):
+        if error is not None:
+            request.future.set_exception(error)
+        else:
+            request.future.set_result(result)  # type: ignore[arg-type]
+
+
+class _Hooks:
+    """transformers subclasses, built on first use so importing this module stays light."""
+
+    def __init__(self) -> None:
+        import torch
+        from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+
+        self.LogitsProcessorList = LogitsProcessorList
+        self.StoppingCriteriaList = StoppingCriteriaList
+
+        class RowStops(StoppingCriteria):  # type: ignore[misc]
+            """Per-row limits in a shared batch: each request's own max_new_tokens, or its caller gone.
+
+            Called after every decoding step, so its first call also timestamps the first token.
+            """
+
+            def __init__(self, requests: list[_Request], prompt_width: int) -> None:
+                self.requests = requests
+                self.prompt_width = prompt_width
+                self.first_token_at: float | None = None
+
+            def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+                if self.first_token_at is None:
+                    self.first_token_at = time.perf_counter()
+                made = input_ids.shape[1] - self.prompt_width
+                done = [made >= r.max_new_tokens or r.gone() for r in self.requests]
+                return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+        class GeneratedRepetitionPenalty(LogitsProcessor):  # type: ignore[misc]
+            """HF's repetition penalty, but only over generated tokens: quoting the passages is wanted."""
+
+            def __init__(self, penalty: float, prompt_width: int) -> None:
+                self.penalty = penalty
+                self.prompt_width = prompt_width
+
+            def __call__(self, input_ids: Any, scores: Any) -> Any:
+                generated = input_ids[:, self.prompt_width :]
+                if generated.shape[1] == 0:
+                    return scores
+                picked = torch.gather(scores, 1, generated)
+                picked = torch.where(picked < 0, picked * self.penalty, picked / self.penalty)
+                return scores.scatter(1, generated, picked)
+
+        self.RowStops = RowStops
+        self.GeneratedRepetitionPenalty = GeneratedRepetitionPenalty
+
+
+_HOOKS: _Hooks | None = None
+
+
+def _hooks() -> _Hooks:
+    global _HOOKS
+    if _HOOKS is None:
+        _HOOKS = _Hooks()
+    return _HOOKS
+
+
+# --- choosing a backend ---------------------------------------------------------------------------
+
+
+def build_runtime(settings: Settings) -> Generator:
+    """The generator the settings ask for. Blocking (loads the model): call it in a thread."""
+    if settings.llm_url:
+        # The HTTP backend (an OpenAI-compatible server such as vLLM with --enable-lora) plugs in here.
+        raise GenerationError(
+            "APPRENTICE_LLM_URL is set, but the HTTP model backend is not available in this version; "
+            "unset APPRENTICE_LLM_URL to use the in-process model."
+        )
+    folder = resolve_model(settings.model, settings.models_dir)
+    return LocalRuntime(
+        folder,
+        name=settings.model,
+        dtype=settings.dtype,
+        max_batch=settings.max_batch,
+        max_queue=settings.max_queue,
+        max_new_tokens=settings.max_new_tokens,
+        timeout_s=settings.llm_timeout_s,
+    )
