@@ -45,8 +45,10 @@ class Outbox:
         poll_s: float = 1.0,
         base_delay_s: float = 1.0,
         max_delay_s: float = 300.0,
+        lease_s: float = 120.0,
     ) -> None:
         self.store, self.channel, self.send = store, channel, send
+        self.lease_s = lease_s  # a claimed item is retried by any replica after this (sender died)
         self.poll_s, self.base_delay_s, self.max_delay_s = poll_s, base_delay_s, max_delay_s
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -82,6 +84,11 @@ class Outbox:
             if item.key and item.key in blocked:
                 continue
             if item.next_attempt_at > now:
+                if item.key:
+                    blocked.add(item.key)
+                continue
+            # Several replicas drain one table: only the one that claims the item sends it.
+            if not await asyncio.to_thread(self.store.claim_outbox, item.id, self.lease_s):
                 if item.key:
                     blocked.add(item.key)
                 continue

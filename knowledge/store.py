@@ -38,6 +38,9 @@ from knowledge.models import (
 
 log = logging.getLogger(__name__)
 
+# Outbox items not yet delivered: waiting, or claimed by a replica that is sending them right now.
+_UNSENT = ("pending", "sending")
+
 
 def make_engine(url: str) -> Engine:
     """An engine for `url`; SQLite gets WAL, a busy timeout and foreign keys."""
@@ -256,16 +259,36 @@ class Store:
             return item.id
 
     def pending_outbox(self, channel: str, limit: int = 200) -> list[OutboxItem]:
-        """Pending items of a channel, oldest first (due or not: the caller keeps keys in order)."""
+        """Undelivered items of a channel, oldest first (due or not, claimed or not: the caller keeps
+        keys in order)."""
         with self.session() as s:
             return list(
                 s.scalars(
                     select(OutboxItem)
-                    .where(OutboxItem.channel == channel, OutboxItem.status == "pending")
+                    .where(OutboxItem.channel == channel, OutboxItem.status.in_(_UNSENT))
                     .order_by(OutboxItem.id)
                     .limit(limit)
                 ).all()
             )
+
+    def claim_outbox(self, item_id: int, lease_s: float) -> bool:
+        """Take a due item for delivery: True for exactly one caller among all replicas.
+
+        The item becomes "sending" until `lease_s` from now; a replica that dies mid-send leaves it
+        to be claimed again after the lease (at-least-once, never two senders at the same time).
+        """
+        now = utcnow()
+        with self.session() as s:
+            result = s.execute(
+                update(OutboxItem)
+                .where(
+                    OutboxItem.id == item_id,
+                    OutboxItem.status.in_(_UNSENT),
+                    OutboxItem.next_attempt_at <= now,
+                )
+                .values(status="sending", next_attempt_at=now + dt.timedelta(seconds=lease_s))
+            )
+            return bool(getattr(result, "rowcount", 0) == 1)
 
     def outbox_done(self, item_id: int) -> None:
         with self.session() as s:
@@ -285,7 +308,7 @@ class Store:
 
     def outbox_depth(self, channel: str | None = None) -> int:
         with self.session() as s:
-            q = select(func.count(OutboxItem.id)).where(OutboxItem.status == "pending")
+            q = select(func.count(OutboxItem.id)).where(OutboxItem.status.in_(_UNSENT))
             if channel:
                 q = q.where(OutboxItem.channel == channel)
             return int(s.scalar(q) or 0)

@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import sqlalchemy as sa
 from alembic.script import ScriptDirectory
 
-from knowledge.models import Base, utcnow
+from knowledge.models import Base, OutboxItem, utcnow
 from knowledge.store import Store, make_engine, migrate
 
 
@@ -125,3 +125,26 @@ def test_outbox_keeps_order_and_depth(database_url: str) -> None:
         assert store.get_kv("webhook_secret") == "s2"
     finally:
         store.close()
+
+
+def test_outbox_items_are_claimed_by_one_replica_until_the_lease_ends(database_url: str) -> None:
+    a, b = Store(database_url), Store(database_url)
+    try:
+        ids = [a.enqueue("telegram", "send", {"n": i}, key=str(i % 3)) for i in range(30)]
+        with ThreadPoolExecutor(8) as pool:
+            wins_a = list(pool.map(lambda i: a.claim_outbox(i, 60), ids))
+            wins_b = list(pool.map(lambda i: b.claim_outbox(i, 60), ids))
+        assert [x + y for x, y in zip(wins_a, wins_b, strict=True)] == [1] * len(ids)
+        # claimed items still count as undelivered (they block their key and show in the depth)
+        assert len(b.pending_outbox("telegram")) == 30 and b.outbox_depth("telegram") == 30
+        a.outbox_done(ids[0])
+        assert b.outbox_depth("telegram") == 29
+        # a sender that died: its lease runs out and another replica may claim the item
+        assert a.claim_outbox(ids[1], -1) is False  # still leased for 60 s
+        with a.session() as s:
+            s.execute(sa.update(OutboxItem).where(OutboxItem.id == ids[1]).values(next_attempt_at=utcnow()))
+        assert b.claim_outbox(ids[1], 60) is True
+        assert a.claim_outbox(ids[0], 60) is False  # delivered items are never claimed again
+    finally:
+        a.close()
+        b.close()
