@@ -340,6 +340,21 @@ class Store:
             else:
                 row.value = value
 
+    def setdefault_kv(self, key: str, value: str) -> str:
+        """Store `value` unless the key exists; return the stored value (replicas racing agree on one)."""
+        try:
+            with self.session() as s:
+                row = s.get(KvState, key)
+                if row is not None:
+                    return row.value
+                s.add(KvState(key=key, value=value))
+            return value
+        except IntegrityError:  # another replica stored it first
+            stored = self.get_kv(key)
+            if stored is None:
+                raise
+            return stored
+
     def acquire_lock(self, name: str, holder: str, ttl_s: float) -> bool:
         """Take or renew a named lease; False while another holder's lease is still valid."""
         now = utcnow()

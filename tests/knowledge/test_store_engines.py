@@ -148,3 +148,14 @@ def test_outbox_items_are_claimed_by_one_replica_until_the_lease_ends(database_u
     finally:
         a.close()
         b.close()
+
+
+def test_setdefault_kv_gives_racing_replicas_one_value(database_url: str) -> None:
+    a, b = Store(database_url), Store(database_url)
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            got = list(pool.map(lambda i: (a, b)[i % 2].setdefault_kv("secret", f"s{i}"), range(16)))
+        assert len(set(got)) == 1 and a.get_kv("secret") == got[0]
+    finally:
+        a.close()
+        b.close()
