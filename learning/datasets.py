@@ -1,0 +1,631 @@
+"""Training and evaluation data from what staff did: corrections, approved answers, staff replies.
+
+`build_datasets` writes four files into one folder, in TRL's standard formats:
+
+- `sft.jsonl`: prompt-completion conversational rows, `{"prompt": [messages], "completion":
+  [{"role": "assistant", ...}]}`. TRL puts the loss on the completion only.
+- `dpo.jsonl`: `{"prompt", "chosen", "rejected"}`: the staff correction against the bot's answer.
+- `eval.jsonl`: `{"set", "question", "reference", "history", "ids", "wording"}` rows for the gate:
+  `heldout` (corrections kept out of training, original and paraphrased wording), `regression`
+  (every past correction) and `control` (approved answers kept out of training, plus the golden file).
+- `manifest.json`: counts, lineage (the store IDs behind every row), file hashes, the redaction report.
+
+Prompts are rendered with `learning.prompt.build_messages` and the knowledge base's own `retrieve`,
+so training sees the layout serving uses. A 135M model learns little from one phrasing of a lesson
+(notes.md), so every lesson is written in several *views*: the question with the retrieved documents,
+with the correction memory as serving shows it, bare, in simple rephrasings, and in the wording of
+later customers whose questions the memory answered (their paraphrases).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import itertools
+import json
+import logging
+import math
+import random
+import re
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import func, select
+
+from knowledge.models import Conversation, Correction, Customer, Message, TrainingRun
+from learning.prompt import build_messages
+from learning.redact import redact
+
+if TYPE_CHECKING:
+    from knowledge.retrieve import KnowledgeBase
+    from knowledge.settings import Settings
+    from knowledge.store import Store
+
+log = logging.getLogger(__name__)
+
+VIEWS = ("context", "memory", "bare", "rephrase", "paraphrase")
+FILES = ("sft.jsonl", "dpo.jsonl", "eval.jsonl")
+# Lessons of one kind win a question over the others: a correction over a staff reply over an approval.
+_KIND_RANK = {"correction": 0, "staff": 1, "approved": 2}
+
+
+@dataclass
+class BuildOptions:
+    """How a dataset is cut. The defaults suit a nightly run on a CPU."""
+
+    since: dt.datetime | None = None  # "new" examples: since this time; None = since the last promotion
+    heldout_fraction: float = 0.2  # share of new corrections' conversations kept out of training
+    replay_ratio: float = 1.0  # older lessons mixed in per new lesson
+    replay_max: int = 200
+    views: tuple[str, ...] = VIEWS
+    rephrasings: int = 2  # templated rephrasings per lesson ("rephrase" view)
+    rephrase_context: bool = False  # render rephrasings with retrieved documents (longer rows)
+    dpo_views: tuple[str, ...] = ("context",)
+    near_duplicate: float = 0.85  # question similarity at which two lessons collapse into one
+    max_regression: int | None = None  # cap on the regression set (None: every past correction)
+    seed: int = 0
+    extra_eval: list[dict[str, Any]] = field(default_factory=list)  # benchmark rows added to eval.jsonl
+
+
+@dataclass
+class Lesson:
+    """One thing to learn: a question and the answer staff stand behind."""
+
+    kind: str  # correction | approved | staff
+    ids: list[str]  # lineage: "correction:12", "message:40"
+    question: str
+    answer: str
+    rejected: str = ""  # the bot's answer that staff corrected
+    history: list[tuple[str, str]] = field(default_factory=list)
+    conversation_id: int | None = None
+    created_at: dt.datetime = field(default_factory=lambda: dt.datetime(1970, 1, 1))
+    paraphrases: list[str] = field(default_factory=list)
+
+
+# --- collecting -------------------------------------------------------------------------------
+
+
+def last_promotion(store: Store) -> dt.datetime | None:
+    """When the last promoted nightly run started: lessons after it are not in the weights yet."""
+    with store.session() as s:
+        value = s.scalar(select(func.max(TrainingRun.started_at)).where(TrainingRun.status == "promoted"))
+    return value
+
+
+def _erased_conversations(store: Store) -> set[int]:
+    with store.session() as s:
+        rows = s.scalars(
+            select(Conversation.id)
+            .join(Customer, Customer.id == Conversation.customer_id)
+            .where(Customer.erased_at.is_not(None))
+        ).all()
+    return set(rows)
+
+
+def _history(store: Store, question: Message | None, turns: int) -> list[tuple[str, str]]:
+    """The earlier turns serving put into the prompt (bot.conversation's rule, rebuilt from the store)."""
+    if question is None or turns <= 0:
+        return []
+    with store.session() as s:
+        rows = s.scalars(
+            select(Message)
+            .where(Message.conversation_id == question.conversation_id, Message.id < question.id)
+            .order_by(Message.id.desc())
+            .limit(turns)
+        ).all()
+    out = []
+    for m in reversed(rows):
+        if m.status != "ok":
+            continue
+        if m.role == "customer":
+            out.append(("user", m.text))
+        elif m.role in ("bot", "staff"):
+            out.append(("assistant", m.text))
+    return out[-turns:]
+
+
+def collect_lessons(store: Store, history_turns: int = 2) -> tuple[list[Lesson], Counter[str]]:
+    """Every usable lesson in the store, unredacted, and what was excluded (and why)."""
+    excluded: Counter[str] = Counter()
+    erased = _erased_conversations(store)
+    lessons: list[Lesson] = []
+    with store.session() as s:
+        corrections = list(s.scalars(select(Correction).order_by(Correction.id)).all())
+        approved = list(
+            s.scalars(
+                select(Message)
+                .where(Message.role == "bot", Message.approved.is_(True), Message.flagged.is_(False))
+                .order_by(Message.id)
+            ).all()
+        )
+        staff = list(
+            s.scalars(
+                select(Message).where(Message.role == "staff", Message.status == "ok").order_by(Message.id)
+            ).all()
+        )
+        memory_answers = list(
+            s.scalars(select(Message).where(Message.role == "bot", Message.status == "ok")).all()
+        )
+    corrected_messages = {c.message_id for c in corrections if c.message_id is not None}
+
+    for c in corrections:
+        if c.status != "active":
+            excluded[c.status] += 1  # revoked, or pending a second approval
+            continue
+        if c.conversation_id in erased:
+            excluded["erased"] += 1
+            continue
+        if not c.question.strip() or not c.corrected.strip():
+            excluded["empty"] += 1
+            continue
+        answer_msg = store.message(c.message_id) if c.message_id else None
+        question_msg = (
+            store.message(answer_msg.reply_to_id) if answer_msg and answer_msg.reply_to_id else None
+        )
+        lessons.append(
+            Lesson(
+                kind="correction",
+                ids=[f"correction:{c.id}"],
+                question=c.question,
+                answer=c.corrected,
+                rejected=c.original,
+                history=_history(store, question_msg, history_turns),
+                conversation_id=c.conversation_id,
+                created_at=c.created_at,
+            )
+        )
+
+    for m in approved:
+        if m.id in corrected_messages or m.reply_to_id is None:
+            continue
+        if m.conversation_id in erased:
+            excluded["erased"] += 1
+            continue
+        q = store.message(m.reply_to_id)
+        if q is None or not q.text.strip():
+            continue
+        lessons.append(
+            Lesson(
+                kind="approved",
+                ids=[f"message:{m.id}"],
+                question=q.text,
+                answer=m.text,
+                history=_history(store, q, history_turns),
+                conversation_id=m.conversation_id,
+                created_at=m.created_at,
+            )
+        )
+
+    lessons.extend(_staff_lessons(store, staff, erased, excluded, history_turns))
+
+    # Later customers whose question the correction memory answered: the same lesson in their words.
+    by_correction = {
+        int(i.split(":")[1]): les for les in lessons for i in les.ids if i.startswith("correction:")
+    }
+    for m in memory_answers:
+        if m.conversation_id in erased or m.reply_to_id is None:
+            continue
+        for src in m.sources or []:
+            cid = src.get("correction_id") if isinstance(src, dict) else None
+            if src.get("kind") != "correction" or cid not in by_correction:
+                continue
+            q = store.message(m.reply_to_id)
+            lesson = by_correction[cid]
+            if q is not None and _norm(q.text) != _norm(lesson.question) and q.text not in lesson.paraphrases:
+                lesson.paraphrases.append(q.text)
+    return lessons, excluded
+
+
+def _staff_lessons(
+    store: Store, staff: Sequence[Message], erased: set[int], excluded: Counter[str], turns: int
+) -> Iterable[Lesson]:
+    """Staff replies in taken-over conversations, paired with the customer message they answer."""
+    seen: set[int] = set()
+    for m in staff:
+        if m.conversation_id in erased:
+            excluded["erased"] += 1
+            continue
+        with store.session() as s:
+            q = s.scalar(
+                select(Message)
+                .where(
+                    Message.conversation_id == m.conversation_id,
+                    Message.id < m.id,
+                    Message.role == "customer",
+                )
+                .order_by(Message.id.desc())
+                .limit(1)
+            )
+        if q is None or q.id in seen or q.status != "relayed" or not q.text.strip():
+            continue
+        seen.add(q.id)
+        yield Lesson(
+            kind="staff",
+            ids=[f"message:{m.id}"],
+            question=q.text,
+            answer=m.text,
+            history=_history(store, q, turns),
+            conversation_id=m.conversation_id,
+            created_at=m.created_at,
+        )
+
+
+def count_new_examples(store: Store, since: dt.datetime | None) -> int:
+    """How many new lessons exist since `since` (cheap: no redaction, no retrieval)."""
+    lessons, _ = collect_lessons(store, history_turns=0)
+    if since is None:
+        return len(lessons)
+    return sum(1 for les in lessons if les.created_at >= since)
+
+
+# --- cleaning ---------------------------------------------------------------------------------
+
+
+def redact_lessons(lessons: Iterable[Lesson]) -> Counter[str]:
+    """Redact every text of every lesson in place; return placeholder counts by kind."""
+    report: Counter[str] = Counter()
+
+    def clean(text: str) -> str:
+        out, counts = redact(text)
+        report.update(counts)
+        return out
+
+    for les in lessons:
+        les.question = clean(les.question)
+        les.answer = clean(les.answer)
+        les.rejected = clean(les.rejected)
+        les.history = [(role, clean(text)) for role, text in les.history]
+        les.paraphrases = [clean(p) for p in les.paraphrases]
+    return report
+
+
+def _norm(text: str) -> str:
+    return " ".join(re.findall(r"[a-z0-9\[\]]+", text.lower()))
+
+
+def _shingles(text: str) -> set[str]:
+    words = _norm(text).split()
+    return set(words) | {f"{a} {b}" for a, b in itertools.pairwise(words)}
+
+
+def _jaccard(a: set[str], b: set[str]) -> float:
+    return len(a & b) / len(a | b) if a or b else 1.0
+
+
+def collapse_duplicates(lessons: list[Lesson], threshold: float) -> tuple[list[Lesson], int]:
+    """Merge lessons whose questions are the same or nearly so; the best-ranked, newest one stays.
+
+    A later correction of the same question supersedes an earlier one (staff changed their mind);
+    lineage keeps every merged ID. Returns the survivors and how many were merged away.
+    """
+    ordered = sorted(lessons, key=lambda x: (_KIND_RANK.get(x.kind, 9), -x.created_at.timestamp()))
+    kept: list[tuple[Lesson, set[str]]] = []
+    exact: dict[str, int] = {}
+    index: dict[str, set[int]] = {}  # shingle -> positions in kept, to compare only plausible pairs
+    merged = 0
+    for les in ordered:
+        key, sh = _norm(les.question), _shingles(les.question)
+        target = exact.get(key)
+        if target is None:
+            candidates: set[int] = set()
+            for s_ in sh:
+                candidates |= index.get(s_, set())
+            target = next((i for i in sorted(candidates) if _jaccard(sh, kept[i][1]) >= threshold), None)
+        if target is not None:
+            winner = kept[target][0]
+            winner.ids.extend(i for i in les.ids if i not in winner.ids)
+            for p in [les.question, *les.paraphrases]:
+                if _norm(p) != _norm(winner.question) and p not in winner.paraphrases:
+                    winner.paraphrases.append(p)
+            merged += 1
+            continue
+        exact[key] = len(kept)
+        for s_ in sh:
+            index.setdefault(s_, set()).add(len(kept))
+        kept.append((les, sh))
+    return [les for les, _ in kept], merged
+
+
+# --- views ------------------------------------------------------------------------------------
+
+_REWRITES: list[tuple[str, list[str]]] = [
+    (
+        r"^how (?:do|can|should) i (.+)$",
+        ["What are the steps to {0}?", "How would I {0}?", "Tell me how to {0}."],
+    ),
+    (r"^where (?:can|do) i (?:find|view|see|get) (.+)$", ["How do I get to {0}?", "Where is {0}?"]),
+    (r"^can i (.+)$", ["Is it possible to {0}?", "Am I able to {0}?"]),
+    (r"^is it possible to (.+)$", ["Can I {0}?"]),
+    (r"^what (?:is|are) (.+)$", ["Can you explain {0}?", "Tell me about {0}."]),
+    (r"^(?:does|do) (.+) (have|support|work with) (.+)$", ["Is {2} supported by {0}?"]),
+]
+_WRAPS = [
+    "Hi, {q}",
+    "Quick question: {q}",
+    "{q} Thanks!",
+    "Could you help me? {q}",
+    "Hello. {q} Thank you.",
+    "{lower}",
+]
+
+
+def rephrasings(question: str, n: int, seed: str) -> list[str]:
+    """Up to n simple rewordings of `question`: pattern rewrites first, then polite wrappers."""
+    q = question.strip()
+    core = q.rstrip("?.! ")
+    lower_core = core[:1].lower() + core[1:]
+    found: list[str] = []
+    for pattern, templates in _REWRITES:
+        m = re.match(pattern, lower_core, re.IGNORECASE)
+        if m:
+            found.extend(t.format(*m.groups()) for t in templates)
+    rng = random.Random(hashlib.sha256(seed.encode()).hexdigest())
+    rng.shuffle(found)
+    wraps = [w.format(q=q if q[:1].isupper() else q[:1].upper() + q[1:], lower=core.lower()) for w in _WRAPS]
+    rng.shuffle(wraps)
+    out: list[str] = []
+    for cand in [*found, *wraps]:
+        cand = cand[:1].upper() + cand[1:]
+        if _norm(cand) != _norm(q) and cand not in out:
+            out.append(cand)
+        if len(out) >= n:
+            break
+    return out
+
+
+class _Renderer:
+    """Prompts as serving builds them, with one retrieval per distinct question (retrieval is costly)."""
+
+    def __init__(self, settings: Settings, kb: KnowledgeBase) -> None:
+        self.settings = settings
+        self.kb = kb
+        self._cache: dict[str, Any] = {}
+
+    def retrieval(self, question: str) -> Any:
+        if question not in self._cache:
+            s = self.settings
+            self._cache[question] = self.kb.retrieve(question, s.top_k, s.memory_threshold)
+        return self._cache[question]
+
+    def messages(
+        self, question: str, context: str, history: Sequence[tuple[str, str]] = ()
+    ) -> list[dict[str, str]]:
+        """context: "documents" (memory off), "memory" (exactly as served) or "none"."""
+        if context == "none":
+            passages = []
+        else:
+            r = self.retrieval(question)
+            passages = r.all if context == "memory" else r.passages
+        return build_messages(self.settings.system_prompt_text, passages, question, history)
+
+
+def _views(les: Lesson, opts: BuildOptions, render: _Renderer) -> list[tuple[str, list[dict[str, str]]]]:
+    """(view name, prompt messages) for each way this lesson is shown to the model."""
+    out: list[tuple[str, list[dict[str, str]]]] = []
+    v = set(opts.views)
+    if "context" in v:
+        out.append(("context", render.messages(les.question, "documents", les.history)))
+    if "memory" in v and les.kind == "correction":
+        memory = render.retrieval(les.question).memory
+        if memory is not None and memory.correction_id is not None:
+            out.append(("memory", render.messages(les.question, "memory", les.history)))
+    if "bare" in v:
+        out.append(("bare", render.messages(les.question, "none")))
+    if "rephrase" in v:
+        ctx = "documents" if opts.rephrase_context else "none"
+        for q in rephrasings(les.question, opts.rephrasings, seed=f"{opts.seed}:{les.ids[0]}"):
+            out.append(("rephrase", render.messages(q, ctx)))
+    if "paraphrase" in v:
+        for q in les.paraphrases:
+            out.append(("paraphrase", render.messages(q, "documents")))
+    return out
+
+
+# --- splitting --------------------------------------------------------------------------------
+
+
+def _unit(key: str) -> float:
+    """A stable number in [0, 1) for a key (the split must not change between nights)."""
+    return int(hashlib.sha256(key.encode()).hexdigest()[:12], 16) / float(16**12)
+
+
+def _group_key(les: Lesson) -> str:
+    return f"conversation:{les.conversation_id}" if les.conversation_id is not None else les.ids[0]
+
+
+def _heldout_groups(lessons: Sequence[Lesson], fraction: float) -> set[str]:
+    """Conversations held out of training: a stable hash slice, at least one when there are two."""
+    groups = sorted({_group_key(les) for les in lessons}, key=lambda g: _unit(f"heldout:{g}"))
+    if fraction <= 0 or not groups:
+        return set()
+    chosen = {g for g in groups if _unit(f"heldout:{g}") < fraction}
+    if not chosen and len(groups) >= 2:
+        chosen = {groups[0]}
+    if len(chosen) == len(groups) and len(groups) >= 2:
+        chosen.discard(groups[-1])  # never hold out everything
+    return chosen
+
+
+# --- writing ----------------------------------------------------------------------------------
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> int:
+    n = 0
+    with path.open("w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            n += 1
+    return n
+
+
+def load_golden(path: str | Path) -> list[dict[str, Any]]:
+    """Golden control questions: JSONL with `question` and `answer` (or `reference`)."""
+    rows = []
+    for i, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines()):
+        if not line.strip():
+            continue
+        obj = json.loads(line)
+        ref = obj.get("answer", obj.get("reference"))
+        if not obj.get("question") or not ref:
+            raise ValueError(f"{path}:{i + 1}: each golden line needs a question and an answer.")
+        rows.append({"question": obj["question"], "reference": ref, "id": str(obj.get("id", i + 1))})
+    return rows
+
+
+def build_datasets(
+    settings: Settings,
+    store: Store,
+    kb: KnowledgeBase,
+    out: str | Path,
+    options: BuildOptions | None = None,
+) -> dict[str, Any]:
+    """Write sft.jsonl, dpo.jsonl, eval.jsonl and manifest.json into `out`; return the manifest."""
+    opts = options or BuildOptions()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    since = opts.since if opts.since is not None else last_promotion(store)
+    lessons, excluded = collect_lessons(store, settings.history_turns)
+    redaction = redact_lessons(lessons)  # before anything is compared, retrieved or written
+    lessons, merged = collapse_duplicates(lessons, opts.near_duplicate)
+    if merged:
+        excluded["duplicates"] = merged
+
+    def is_new(les: Lesson) -> bool:
+        return since is None or les.created_at >= since
+
+    new = [les for les in lessons if is_new(les)]
+    old = [les for les in lessons if not is_new(les)]
+    heldout_groups = _heldout_groups([les for les in new if les.kind == "correction"], opts.heldout_fraction)
+    # Approved answers and staff replies of a stable conversation slice are never trained: the control set.
+    control_groups = {
+        _group_key(les)
+        for les in lessons
+        if les.kind != "correction" and _unit(f"control:{_group_key(les)}") < opts.heldout_fraction
+    }
+    heldout = [les for les in new if les.kind == "correction" and _group_key(les) in heldout_groups]
+    control = [les for les in lessons if les.kind != "correction" and _group_key(les) in control_groups]
+    blocked = heldout_groups | control_groups
+    train_new = [les for les in new if _group_key(les) not in blocked]
+    pool = [les for les in old if _group_key(les) not in control_groups]
+    rng = random.Random(opts.seed)
+    n_replay = min(len(pool), opts.replay_max, math.ceil(opts.replay_ratio * max(1, len(train_new))))
+    replay = rng.sample(pool, n_replay) if n_replay else []
+
+    render = _Renderer(settings, kb)
+    sft_rows, sft_lineage = [], []
+    dpo_rows, dpo_lineage = [], []
+    for origin, group in (("new", train_new), ("replay", replay)):
+        for les in group:
+            for view, prompt in _views(les, opts, render):
+                sft_rows.append(
+                    {"prompt": prompt, "completion": [{"role": "assistant", "content": les.answer}]}
+                )
+                sft_lineage.append({"ids": les.ids, "view": view, "origin": origin})
+            if (
+                les.kind != "correction"
+                or not les.rejected.strip()
+                or _norm(les.rejected) == _norm(les.answer)
+            ):
+                continue
+            for view in opts.dpo_views:
+                context = {"context": "documents", "memory": "memory", "bare": "none"}.get(view)
+                if context is None:
+                    continue
+                dpo_rows.append(
+                    {
+                        "prompt": render.messages(
+                            les.question, context, les.history if view != "bare" else ()
+                        ),
+                        "chosen": [{"role": "assistant", "content": les.answer}],
+                        "rejected": [{"role": "assistant", "content": les.rejected}],
+                    }
+                )
+                dpo_lineage.append({"ids": les.ids, "view": view, "origin": origin})
+
+    eval_rows = _eval_rows(lessons, heldout, control, settings, opts, rng)
+    n_sft = _write_jsonl(out / "sft.jsonl", sft_rows)
+    n_dpo = _write_jsonl(out / "dpo.jsonl", dpo_rows)
+    n_eval = _write_jsonl(out / "eval.jsonl", eval_rows)
+    manifest: dict[str, Any] = {
+        "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "since": since.isoformat() if since else None,
+        "options": {k: v for k, v in asdict(opts).items() if k not in ("since", "extra_eval")},
+        "counts": {
+            "lessons": len(lessons),
+            "new": len(new),
+            "trained_new": len(train_new),
+            "replay": len(replay),
+            "sft": n_sft,
+            "dpo": n_dpo,
+            "eval": dict(Counter(r["set"] for r in eval_rows)),
+            "eval_rows": n_eval,
+            "views": dict(Counter(x["view"] for x in sft_lineage)),
+            "excluded": dict(excluded),
+        },
+        "redaction": dict(redaction),
+        "prompt": {
+            "system_prompt_sha256": hashlib.sha256(settings.system_prompt_text.encode()).hexdigest(),
+            "top_k": settings.top_k,
+            "memory_threshold": settings.memory_threshold,
+            "history_turns": settings.history_turns,
+            "kb_chunks": kb.count(),
+        },
+        "files": {name: _sha256(out / name) for name in FILES},
+        "lineage": {"sft": sft_lineage, "dpo": dpo_lineage},
+    }
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=1, ensure_ascii=False), encoding="utf-8")
+    log.info("dataset in %s: %d SFT rows, %d DPO rows, %d eval rows", out, n_sft, n_dpo, n_eval)
+    return manifest
+
+
+def _eval_rows(
+    lessons: Sequence[Lesson],
+    heldout: Sequence[Lesson],
+    control: Sequence[Lesson],
+    settings: Settings,
+    opts: BuildOptions,
+    rng: random.Random,
+) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+
+    def row(set_: str, les: Lesson, question: str, wording: str, history: bool = True) -> dict[str, Any]:
+        return {
+            "set": set_,
+            "question": question,
+            "reference": les.answer,
+            "history": [list(t) for t in les.history] if history else [],
+            "ids": les.ids,
+            "wording": wording,
+        }
+
+    for les in heldout:
+        rows.append(row("heldout", les, les.question, "original"))
+        rows.extend(row("heldout", les, p, "paraphrase", history=False) for p in les.paraphrases)
+    held = {id(les) for les in heldout}
+    past = [les for les in lessons if les.kind == "correction" and id(les) not in held]
+    if opts.max_regression is not None and len(past) > opts.max_regression:
+        past = rng.sample(past, opts.max_regression)
+    rows.extend(row("regression", les, les.question, "original") for les in past)
+    rows.extend(row("control", les, les.question, "original") for les in control)
+    if settings.golden:
+        for g in load_golden(settings.golden):
+            rows.append(
+                {
+                    "set": "control",
+                    "question": redact(g["question"])[0],
+                    "reference": redact(g["reference"])[0],
+                    "history": [],
+                    "ids": [f"golden:{g['id']}"],
+                    "wording": "original",
+                }
+            )
+    for extra in opts.extra_eval:
+        rows.append({"history": [], "ids": [], "wording": "original", **extra})
+    return rows
