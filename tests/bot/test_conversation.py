@@ -1,0 +1,146 @@
+"""The conversation flow read like a chat: persisted first, answered from the KB, corrected by staff."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from bot.conversation import (
+    APOLOGY,
+    BUSY,
+    EMPTY,
+    NON_TEXT,
+    SLOW_DOWN,
+    UNSURE,
+    ConversationService,
+    Inbound,
+    Outbound,
+)
+from knowledge.models import Conversation
+from knowledge.retrieve import KnowledgeBase
+from knowledge.settings import Settings
+from knowledge.store import Store
+from learning.runtime import GenerationTimeout, ModelBusy
+from scripted import ScriptedModel
+
+
+@pytest.fixture
+def flow(tmp_path: Path, demo_kb: KnowledgeBase) -> tuple[ConversationService, ScriptedModel, Store]:
+    settings = Settings(data_dir=tmp_path, rate_limit_per_minute=3, max_input_chars=500)
+    store = Store(settings.database)
+    model = ScriptedModel()
+    service = ConversationService(settings, store, demo_kb, model)
+    yield service, model, store
+    store.close()
+
+
+def msg(text: str | None, chat: str = "c1", kind: str = "text", ext: str = "") -> Inbound:
+    return Inbound("test", chat, f"cust-{chat}", text, external_id=ext, name="Ada", kind=kind)
+
+
+async def test_answer_is_grounded_persisted_and_sourced(flow) -> None:
+    service, model, store = flow
+    model.enqueue("Returns are free within 30 days.")
+    [out] = await service.handle(msg("How do I return a bike I bought?", ext="m1"))
+    assert out.text == "Returns are free within 30 days." and out.feedback_buttons
+    # the prompt carried retrieved passages as data in the user turn, never in the system role
+    system, user = model.prompts[0][0], model.prompts[0][-1]
+    assert system["role"] == "system" and "How do I return" not in system["content"]
+    assert "Reference passages" in user["content"] and "How do I return" in user["content"]
+    answer = store.message(out.message_id)
+    assert answer.role == "bot" and answer.sources and answer.latency_ms is not None
+    question = store.message(answer.reply_to_id)
+    assert question.role == "customer" and question.external_id == "m1"
+
+
+async def test_unrelated_question_is_flagged_not_invented(flow) -> None:
+    service, model, store = flow
+    [out] = await service.handle(msg("zxqv wibble frobnicate quantum chromodynamics lattice"))
+    assert out.text == UNSURE and not model.prompts
+    assert store.message(out.message_id).flagged
+
+
+async def test_bad_input_gets_a_clear_answer_and_is_recorded(flow) -> None:
+    service, model, store = flow
+    [empty] = await service.handle(msg("  \x00\x07 "))
+    [photo] = await service.handle(msg(None, kind="photo"))
+    [huge] = await service.handle(msg("x" * 20_000))
+    assert empty.text == EMPTY and photo.text == NON_TEXT
+    assert "too long" in huge.text and "500" in huge.text
+    assert not model.prompts  # the model was never called
+    history = store.history(huge.conversation_id, 10)
+    assert [m.role for m in history].count("customer") == 3
+
+
+async def test_model_failure_apologises_and_flags(flow) -> None:
+    service, model, store = flow
+    model.enqueue(GenerationTimeout("slow"), ModelBusy("full"))
+    [first] = await service.handle(msg("What payment methods do you accept?"))
+    [second] = await service.handle(msg("Do you accept PayPal?"))
+    assert first.text == APOLOGY and store.message(first.message_id).flagged
+    assert second.text == BUSY
+
+
+async def test_rate_limit_spares_the_model(flow) -> None:
+    service, model, _ = flow
+    outs = [await service.handle(msg(f"What are your opening hours? ({i})")) for i in range(4)]
+    assert [o[0].text for o in outs].count(SLOW_DOWN) == 1 and len(model.prompts) == 3
+
+
+async def test_correction_is_stored_remembered_and_sent(flow) -> None:
+    service, model, store = flow
+    sent: list[tuple[Conversation, Outbound]] = []
+
+    async def deliver(conv: Conversation, out: Outbound) -> None:
+        sent.append((conv, out))
+
+    service.deliverers["test"] = deliver
+    model.enqueue("We are open every day.")
+    [out] = await service.handle(msg("When are you open on Sundays?"))
+    result = await service.correct(out.message_id, "On Sundays we are closed.", staff="u1", request_key="k1")
+    again = await service.correct(out.message_id, "On Sundays we are closed.", staff="u1", request_key="k1")
+    assert result.created and not again.created and again.correction.id == result.correction.id
+    assert [o.text for _, o in sent] == ["On Sundays we are closed."]
+    corr = store.correction(result.correction.id)
+    assert (corr.original, corr.question, corr.staff) == (
+        "We are open every day.", "When are you open on Sundays?", "u1")
+    # the next similar question retrieves the correction first
+    model.enqueue("Closed on Sundays.")
+    await service.handle(msg("Are you open on Sunday?", chat="c2"))
+    assert "Staff-verified answer" in model.prompts[-1][-1]["content"]
+    assert "On Sundays we are closed." in model.prompts[-1][-1]["content"]
+    # revoked: no longer used
+    await service.revoke(result.correction.id, staff="u1")
+    model.enqueue("x")
+    await service.handle(msg("Are you open on Sunday?", chat="c3"))
+    assert "On Sundays we are closed." not in model.prompts[-1][-1]["content"]
+
+
+async def test_taken_over_conversation_is_silent_and_relayed(flow) -> None:
+    service, model, store = flow
+    relayed: list[str] = []
+
+    class Staff:
+        async def answer_posted(self, conv, answer): ...
+        async def customer_flag(self, conv, message_id, why): ...
+        async def correction_stored(self, conv, correction): ...
+        async def relay(self, conv, text):
+            relayed.append(text)
+
+    service.reviewers.append(Staff())
+    model.enqueue("hello")
+    [out] = await service.handle(msg("Do you repair e-bikes?"))
+    await service.take_over(out.conversation_id, "u1")
+    assert await service.handle(msg("Still there?")) == []
+    assert relayed == ["Still there?"]
+    await service.hand_back(out.conversation_id, "u1")
+    assert len(await service.handle(msg("Do you repair e-bikes?"))) == 1
+
+
+async def test_chats_are_served_concurrently(flow) -> None:
+    service, model, _ = flow
+    replies = await asyncio.gather(*(service.handle(msg("What warranty do bikes have?", chat=f"k{i}"))
+                                     for i in range(5)))
+    assert all(len(r) == 1 for r in replies) and len(model.prompts) == 5

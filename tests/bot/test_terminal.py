@@ -1,0 +1,63 @@
+"""The terminal channel: one person plays customer and staff; bad input never ends in a traceback."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+
+from bot.channels.terminal import TerminalChannel
+from bot.conversation import ConversationService
+from knowledge.retrieve import KnowledgeBase
+from knowledge.settings import Settings
+from knowledge.store import Store
+
+from scripted import ScriptedModel
+
+
+async def run_terminal(
+    tmp_path: Path, kb: KnowledgeBase, stdin: bytes, model: ScriptedModel
+) -> tuple[int, str, Store]:
+    settings = Settings(data_dir=tmp_path)
+    store = Store(settings.database)
+    service = ConversationService(settings, store, kb, model)
+    out = io.StringIO()
+    status = await TerminalChannel(service, io.BytesIO(stdin), out).run()
+    return status, out.getvalue(), store
+
+
+async def test_customer_and_staff_commands(tmp_path: Path, demo_kb: KnowledgeBase) -> None:
+    model = ScriptedModel()
+    model.enqueue("Our shop opens at 9.")
+    script = (
+        b"When does the shop open?\n/sources\n/correct We open at 10 on weekdays.\n"
+        b"/approve\n/flag tone\n/quit\n"
+    )
+    status, out, store = await run_terminal(tmp_path, demo_kb, script, model)
+    assert status == 0
+    assert "bot> Our shop opens at 9." in out
+    assert "bot (corrected)> We open at 10 on weekdays." in out
+    assert "correction #1 stored" in out and "(approved)" in out and "(flagged)" in out
+    assert out.count("  0.") + out.count("  1.") >= 1  # /sources printed scored passages
+    [corr] = store.corrections()
+    assert corr.corrected == "We open at 10 on weekdays." and corr.question == "When does the shop open?"
+
+
+async def test_bad_input_on_stdin(tmp_path: Path, demo_kb: KnowledgeBase) -> None:
+    model = ScriptedModel()
+    script = (
+        b"\n   \n"
+        + b"y" * 20_000 + b"\n"
+        + b"\x00\x01\x02\x1b[31m\n"
+        + b"caf\xe9 \xff\xfe opening hours?\n"
+        + b"/correct\n/unknown\n/sources\n"
+    )  # ends without /quit: end of input is a clean exit too
+    status, out, store = await run_terminal(tmp_path, demo_kb, script, model)
+    assert status == 0
+    assert "Traceback" not in out
+    assert "too long" in out
+    assert "Usage: /correct" in out and "Unknown command" in out
+    # the non-UTF-8 line was decoded leniently and answered by the model
+    assert any("opening hours?" in m[-1]["content"] for m in model.prompts)
+
