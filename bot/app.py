@@ -14,13 +14,13 @@ import signal
 from types import TracebackType
 from typing import Protocol
 
-from knowledge.retrieve import KnowledgeBase
-from learning.runtime import Generator, build_runtime
-
 from bot.conversation import ConversationService
 from bot.http import HttpServer
+from bot.metrics import serve_operations
+from knowledge.retrieve import KnowledgeBase
 from knowledge.settings import Settings
 from knowledge.store import Store
+from learning.runtime import Generator, build_runtime
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +77,7 @@ class App:
             self.generator = self._generator
         self._stack.push_async_callback(self.generator.aclose)
         self.service = ConversationService(s, self.store, self.kb, self.generator)
+        serve_operations(self.http, self.store, self.kb, self.generator)  # /readyz and /metrics
 
     async def add_channel(self, channel: Channel) -> None:
         """Start a channel now and stop it (before the runtime and the store) on exit."""

@@ -16,14 +16,14 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from knowledge.retrieve import KnowledgeBase
-from learning.runtime import GenerationTimeout, Generator, ModelBusy
-
+from bot.metrics import METRICS
 from knowledge.models import Conversation, Correction, Message
 from knowledge.passages import Passage, Retrieval
+from knowledge.retrieve import KnowledgeBase
 from knowledge.settings import Settings
 from knowledge.store import Store
 from learning.prompt import build_messages
+from learning.runtime import GenerationTimeout, Generator, ModelBusy
 
 log = logging.getLogger(__name__)
 
@@ -129,8 +129,12 @@ class ConversationService:
         """Answer one customer message. Never raises for bad input; returns what to send."""
         key = (inbound.channel, inbound.chat_id)
         lock = self._chat_locks.setdefault(key, asyncio.Lock())
+        METRICS.messages_in.inc(channel=inbound.channel)
         async with lock:
-            return await self._handle(inbound)
+            outs = await self._handle(inbound)
+        for out in outs:
+            METRICS.messages_out.inc(channel=inbound.channel, kind=out.kind)
+        return outs
 
     async def _handle(self, inbound: Inbound) -> list[Outbound]:
         conv = await asyncio.to_thread(
@@ -173,10 +177,15 @@ class ConversationService:
         retrieval = await asyncio.to_thread(
             self.kb.retrieve, text, self.settings.top_k, self.settings.memory_threshold
         )
+        METRICS.retrieval_latency.observe(time.perf_counter() - started)
         status, flagged = "ok", False
         model: str | None = None
         adapter: str | None = None
-        if retrieval.memory is None and retrieval.best_score < self.settings.relevance_threshold:
+        if retrieval.memory is not None and self.settings.memory_mode == "verbatim":
+            # A staff-verified answer to a near-identical question: reuse it word for word.
+            # A small model paraphrases (and garbles) context, so the verified text is safer.
+            reply, model = retrieval.memory.text, "correction-memory"
+        elif retrieval.memory is None and retrieval.best_score < self.settings.relevance_threshold:
             reply, status, flagged = UNSURE, "unsure", True
         else:
             history = await asyncio.to_thread(self._history, conv.id, question_id)
@@ -192,6 +201,7 @@ class ConversationService:
                 log.warning("generation failed for conversation %s: %s", conv.id, type(exc).__name__)
                 reply, status, flagged = APOLOGY, "error", True
         latency_ms = (time.perf_counter() - started) * 1000
+        METRICS.answer_latency.observe(latency_ms / 1000, status=status)
         sources = [p.as_dict() for p in retrieval.all]
         mid = await self._save(
             conv.id,
@@ -259,6 +269,7 @@ class ConversationService:
         created = await asyncio.to_thread(self.store.add_feedback, message_id, "up" if up else "down", actor)
         if not created:
             return None
+        METRICS.feedback.inc(kind="up" if up else "down")
         if not up:
             conv = await asyncio.to_thread(self.store.conversation, msg.conversation_id)
             await asyncio.to_thread(self.store.set_flagged, msg.conversation_id, True)
@@ -304,6 +315,7 @@ class ConversationService:
         result = CorrectionResult(corr, created)
         if not created:
             return result
+        METRICS.corrections.inc()
         await asyncio.to_thread(
             self.store.audit,
             staff,
@@ -335,6 +347,7 @@ class ConversationService:
             raise ValueError("kind must be approve or flag")
         created = await asyncio.to_thread(self.store.add_feedback, message_id, kind, staff, reason)
         if created:
+            METRICS.feedback.inc(kind=kind)
             await asyncio.to_thread(
                 self.store.audit, staff, kind, f"message:{message_id}", {}, {"reason": reason}
             )
@@ -386,6 +399,7 @@ class ConversationService:
             return False
         try:
             await send(conv, out)
+            METRICS.messages_out.inc(channel=conv.channel, kind=out.kind)
             return True
         except Exception:
             log.exception("delivery to %s failed; message %s kept in the store", conv.channel, out.message_id)

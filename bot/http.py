@@ -1,4 +1,4 @@
-"""The project's one HTTP server (aiohttp): Telegram webhook, Slack events, health and metrics.
+"""The project's one HTTP server (aiohttp): Telegram webhook, Slack events, health, readiness, metrics.
 
 Channels add their routes before `start()`. It binds APPRENTICE_HTTP_HOST (127.0.0.1 by
 default) so nothing is exposed unless an operator says so.
@@ -6,6 +6,7 @@ default) so nothing is exposed unless an operator says so.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
@@ -14,6 +15,9 @@ from aiohttp import web
 log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Check = Callable[[], Awaitable[bool]]
+READY_TIMEOUT_S = 5.0
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class HttpServer:
@@ -23,13 +27,42 @@ class HttpServer:
         self.host, self.port = host, port
         self.app = web.Application(client_max_size=1024 * 1024)
         self._runner: web.AppRunner | None = None
+        # /readyz runs every check (database, vector store, model); the App fills these in.
+        self.ready_checks: dict[str, Check] = {}
+        self.metrics_text: Callable[[], Awaitable[str]] | None = None
         self.add_route("GET", "/healthz", self._healthz)
+        self.add_route("GET", "/readyz", self._readyz)
+        self.add_route("GET", "/metrics", self._metrics)
 
     def add_route(self, method: str, path: str, handler: Handler) -> None:
         self.app.router.add_route(method, path, handler)
 
     async def _healthz(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
+
+    async def _readyz(self, request: web.Request) -> web.Response:
+        """200 when every dependency answers, else 503 naming the ones that did not (load balancers)."""
+
+        async def run(check: Check) -> bool:
+            try:
+                return bool(await asyncio.wait_for(check(), READY_TIMEOUT_S))
+            except Exception as exc:
+                log.warning("readiness check failed: %s", type(exc).__name__)
+                return False
+
+        names = list(self.ready_checks)
+        results = await asyncio.gather(*(run(self.ready_checks[n]) for n in names))
+        checks = {n: "ok" if ok else "failing" for n, ok in zip(names, results, strict=True)}
+        ready = all(results)
+        return web.json_response(
+            {"status": "ready" if ready else "not ready", "checks": checks}, status=200 if ready else 503
+        )
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        if self.metrics_text is None:
+            return web.Response(status=404, text="metrics are not enabled")
+        body = await self.metrics_text()
+        return web.Response(body=body.encode(), headers={"Content-Type": METRICS_CONTENT_TYPE})
 
     async def start(self) -> None:
         self._runner = web.AppRunner(self.app, access_log=None)
