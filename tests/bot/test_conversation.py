@@ -27,8 +27,13 @@ from scripted import ScriptedModel
 
 
 @pytest.fixture
-def flow(tmp_path: Path, demo_kb: KnowledgeBase) -> tuple[ConversationService, ScriptedModel, Store]:
-    settings = Settings(data_dir=tmp_path, rate_limit_per_minute=3, max_input_chars=500)
+def flow(
+    tmp_path: Path, demo_kb: KnowledgeBase, database_url: str
+) -> tuple[ConversationService, ScriptedModel, Store]:
+    """The flow on each store engine (SQLite and a real PostgreSQL server)."""
+    settings = Settings(
+        data_dir=tmp_path, database_url=database_url, rate_limit_per_minute=3, max_input_chars=500
+    )
     store = Store(settings.database)
     model = ScriptedModel()
     service = ConversationService(settings, store, demo_kb, model)
