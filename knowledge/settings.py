@@ -85,6 +85,10 @@ class Settings(BaseSettings):
     memory_threshold: float = Field(
         0.75, description="Cosine similarity at which a stored correction wins over the documents."
     )
+    memory_mode: Literal["verbatim", "prompt"] = Field(
+        "verbatim",
+        description="A winning correction is sent as is (verbatim) or given to the model as its first passage.",
+    )
     history_turns: int = Field(2, description="Earlier turns of the conversation included in the prompt.")
 
     # --- conversation limits ------------------------------------------------

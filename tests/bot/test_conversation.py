@@ -111,15 +111,20 @@ async def test_correction_is_stored_remembered_and_sent(flow) -> None:
     corr = store.correction(result.correction.id)
     assert (corr.original, corr.question, corr.staff) == (
         "We are open every day.", "When are you open on Sundays?", "u1")
-    # the next similar question retrieves the correction first
+    # the next similar question gets the staff-verified answer as is (memory_mode=verbatim)
+    calls = len(model.prompts)
+    [reply] = await service.handle(msg("Are you open on Sunday?", chat="c2"))
+    assert reply.text == "On Sundays we are closed." and len(model.prompts) == calls
+    assert store.message(reply.message_id).sources[0]["correction_id"] == result.correction.id
+    # memory_mode=prompt: the correction is the model's first passage instead
+    service.settings = service.settings.model_copy(update={"memory_mode": "prompt"})
     model.enqueue("Closed on Sundays.")
-    await service.handle(msg("Are you open on Sunday?", chat="c2"))
-    assert "Staff-verified answer" in model.prompts[-1][-1]["content"]
-    assert "On Sundays we are closed." in model.prompts[-1][-1]["content"]
+    await service.handle(msg("Are you open on Sunday?", chat="c3"))
+    assert "[1] Staff-verified answer\nOn Sundays we are closed." in model.prompts[-1][-1]["content"]
     # revoked: no longer used
     await service.revoke(result.correction.id, staff="u1")
     model.enqueue("x")
-    await service.handle(msg("Are you open on Sunday?", chat="c3"))
+    await service.handle(msg("Are you open on Sunday?", chat="c4"))
     assert "On Sundays we are closed." not in model.prompts[-1][-1]["content"]
 
 
