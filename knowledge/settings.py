@@ -87,7 +87,7 @@ class Settings(BaseSettings):
     )
     memory_mode: Literal["verbatim", "prompt"] = Field(
         "verbatim",
-        description="A winning correction is sent as is (verbatim) or given to the model as its first passage.",
+        description="A winning correction is sent as is (verbatim), or given to the model as first passage.",
     )
     history_turns: int = Field(2, description="Earlier turns of the conversation included in the prompt.")
 

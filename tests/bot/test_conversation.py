@@ -6,6 +6,7 @@ import asyncio
 from pathlib import Path
 
 import pytest
+from scripted import ScriptedModel
 
 from bot.conversation import (
     APOLOGY,
@@ -23,7 +24,6 @@ from knowledge.retrieve import KnowledgeBase
 from knowledge.settings import Settings
 from knowledge.store import Store
 from learning.runtime import GenerationTimeout, ModelBusy
-from scripted import ScriptedModel
 
 
 @pytest.fixture
@@ -129,7 +129,7 @@ async def test_correction_is_stored_remembered_and_sent(flow) -> None:
 
 
 async def test_taken_over_conversation_is_silent_and_relayed(flow) -> None:
-    service, model, store = flow
+    service, model, _store = flow
     relayed: list[str] = []
 
     class Staff:

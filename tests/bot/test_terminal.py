@@ -5,15 +5,13 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-import pytest
+from scripted import ScriptedModel
 
 from bot.channels.terminal import TerminalChannel
 from bot.conversation import ConversationService
 from knowledge.retrieve import KnowledgeBase
 from knowledge.settings import Settings
 from knowledge.store import Store
-
-from scripted import ScriptedModel
 
 
 async def run_terminal(
@@ -53,7 +51,7 @@ async def test_bad_input_on_stdin(tmp_path: Path, demo_kb: KnowledgeBase) -> Non
         + b"caf\xe9 \xff\xfe opening hours?\n"
         + b"/correct\n/unknown\n/sources\n"
     )  # ends without /quit: end of input is a clean exit too
-    status, out, store = await run_terminal(tmp_path, demo_kb, script, model)
+    status, out, _store = await run_terminal(tmp_path, demo_kb, script, model)
     assert status == 0
     assert "Traceback" not in out
     assert "too long" in out
