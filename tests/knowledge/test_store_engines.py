@@ -159,3 +159,15 @@ def test_setdefault_kv_gives_racing_replicas_one_value(database_url: str) -> Non
     finally:
         a.close()
         b.close()
+
+
+def test_replicas_starting_together_migrate_once(database_url: str) -> None:
+    """Several processes open a blank database at the same moment: one migrates, none fails."""
+    with ThreadPoolExecutor(4) as pool:
+        stores = list(pool.map(lambda _: Store(database_url), range(4)))
+    try:
+        with stores[0].engine.connect() as conn:
+            assert conn.scalar(sa.text("SELECT version_num FROM alembic_version")) == _head()
+    finally:
+        for s in stores:
+            s.close()
