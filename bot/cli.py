@@ -77,6 +77,49 @@ def cmd_bench_retrieval(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- learning (learning/commands.py does the work) -------------------------------------
+def cmd_datasets_build(args: argparse.Namespace) -> int:
+    from learning.commands import datasets_build
+
+    return datasets_build(_settings(), args)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from learning.commands import train
+
+    return train(_settings(), args)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from learning.commands import evaluate
+
+    return evaluate(_settings(), args)
+
+
+def cmd_adapters_list(args: argparse.Namespace) -> int:
+    from learning.commands import adapters_list
+
+    return adapters_list(_settings(), args)
+
+
+def cmd_adapters_promote(args: argparse.Namespace) -> int:
+    from learning.commands import adapters_promote
+
+    return adapters_promote(_settings(), args)
+
+
+def cmd_adapters_rollback(args: argparse.Namespace) -> int:
+    from learning.commands import adapters_rollback
+
+    return adapters_rollback(_settings(), args)
+
+
+def cmd_retrain(args: argparse.Namespace) -> int:
+    from learning.commands import retrain
+
+    return retrain(_settings(), args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="apprentice",
@@ -113,6 +156,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kb", required=True, help="Folder of markdown documents.")
     p.add_argument("--questions", required=True, help="questions.jsonl with gold_docs.")
     p.add_argument("--out", required=True, help="Output folder for retrieval.json and retrieval.png.")
+
+    from learning.commands import add_train_arguments
+
+    ds = sub.add_parser("datasets", help="Training data from corrections.").add_subparsers(
+        dest="datasets_command", required=True
+    )
+    p = add("build", cmd_datasets_build, "Write sft.jsonl, dpo.jsonl, eval.jsonl and manifest.json.", ds)
+    p.add_argument("--out", required=True, help="Output folder.")
+    p.add_argument("--since", help="New examples since this date (default: since the last promotion).")
+    p.add_argument("--heldout", type=float, help="Share of new corrections held out for evaluation (0.2).")
+    p = add("train", cmd_train, "Train a new LoRA adapter version (SFT, then DPO) in a subprocess.")
+    p.add_argument("--dataset", help="A folder from `apprentice datasets build` (default: build one now).")
+    p.add_argument(
+        "--continue", dest="continue_active", action="store_true", help="Start from the active adapter."
+    )
+    add_train_arguments(p)
+    p = add("eval", cmd_eval, "Score a candidate adapter against the active one (eval.json + PNG).")
+    p.add_argument("--candidate", required=True, help="Adapter version to evaluate.")
+    p.add_argument("--baseline", help="Version to compare with: active (default), base, or a version.")
+    p.add_argument("--dataset", help="Dataset folder (default: the one the candidate was trained on).")
+    p.add_argument("--memory", action="store_true", help="Evaluate with the correction memory on.")
+    p.add_argument("--margin", type=float, default=0.02, help="Relative gain needed on held-out (0.02).")
+    p.add_argument("--tolerance", type=float, default=0.02, help="Relative loss allowed elsewhere (0.02).")
+    p.add_argument("--out", help="Output folder (default: <data_dir>/evals/<version>).")
+    p.add_argument("--promote", action="store_true", help="Promote the candidate if the gate passes.")
+    ad = sub.add_parser("adapters", help="List, promote and roll back adapter versions.").add_subparsers(
+        dest="adapters_command", required=True
+    )
+    add("list", cmd_adapters_list, "List adapter versions; * marks the active one.", ad)
+    p = add("promote", cmd_adapters_promote, "Make an adapter version active (atomic).", ad)
+    p.add_argument("version")
+    add("rollback", cmd_adapters_rollback, "Go back to the previously active adapter.", ad)
+    p = add("retrain", cmd_retrain, "Run the nightly learning job now.")
+    p.add_argument("--force", action="store_true", help="Run even with few new examples.")
+    p.add_argument("--json", action="store_true", help="Also print the full report as JSON.")
+    add_train_arguments(p)
     return parser
 
 

@@ -1,0 +1,303 @@
+"""The evaluation gate: is the candidate adapter better than the active one, and nothing worse?
+
+The score of one answer against its reference is deterministic and documented:
+
+    score = (token_f1 + cosine) / 2
+
+- `token_f1`: SQuAD-style F1 over words (lower-cased, punctuation and articles removed).
+- `cosine`: cosine similarity of the all-MiniLM-L6-v2 embeddings of answer and reference,
+  clipped to [0, 1].
+
+Answers are generated greedily (no sampling) by the same runtime that serves, from prompts built
+the way serving builds them. By default the correction memory is OFF, so the gate measures what
+is in the weights; `memory=True` measures the whole system instead.
+
+The sets (from eval.jsonl): `heldout` (corrections kept out of training, original and paraphrase
+wording), `regression` (every past correction), `control` (approved answers kept out of training
+and the golden file). Promotion needs the candidate to beat the baseline on `heldout` by
+`margin` (relative) and to stay within `tolerance` (relative) of it on the others.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import string
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from learning.prompt import build_messages
+
+if TYPE_CHECKING:
+    from knowledge.retrieve import KnowledgeBase
+    from knowledge.settings import Settings
+    from learning.runtime import LocalRuntime
+
+log = logging.getLogger(__name__)
+
+SETS = ("heldout", "regression", "control")
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCT = str.maketrans("", "", string.punctuation)
+
+
+class EvaluationError(RuntimeError):
+    """The evaluation could not run as asked; the message says what to fix."""
+
+
+# --- scoring ------------------------------------------------------------------------------------
+
+
+def normalize(text: str) -> list[str]:
+    text = _ARTICLES.sub(" ", text.lower().translate(_PUNCT))
+    return text.split()
+
+
+def token_f1(answer: str, reference: str) -> float:
+    """SQuAD-style word-overlap F1 (0..1)."""
+    a, r = normalize(answer), normalize(reference)
+    if not a or not r:
+        return float(a == r)
+    common = sum((Counter(a) & Counter(r)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(a), common / len(r)
+    return 2 * precision * recall / (precision + recall)
+
+
+def score_pairs(answers: Sequence[str], references: Sequence[str]) -> list[dict[str, float]]:
+    """Per pair: f1, cosine and score = (f1 + cosine) / 2."""
+    from knowledge.embed import embed
+
+    vectors = embed([*answers, *references]) if answers else []
+    n = len(answers)
+    out = []
+    for i, (a, r) in enumerate(zip(answers, references, strict=True)):
+        cos = sum(x * y for x, y in zip(vectors[i], vectors[n + i], strict=True)) if a.strip() else 0.0
+        cos = min(1.0, max(0.0, cos))
+        f1 = token_f1(a, r)
+        out.append({"f1": round(f1, 4), "cosine": round(cos, 4), "score": round((f1 + cos) / 2, 4)})
+    return out
+
+
+# --- the gate -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Gate:
+    """Promotion rule: better on heldout by `margin`, not worse than `tolerance` elsewhere (relative)."""
+
+    margin: float = 0.02
+    tolerance: float = 0.02
+
+    def decide(
+        self, candidate: dict[str, float | None], baseline: dict[str, float | None]
+    ) -> tuple[bool, str]:
+        reasons = []
+        key = "heldout" if candidate.get("heldout") is not None else "regression"
+        c, b = candidate.get(key), baseline.get(key)
+        if c is None or b is None:
+            return False, "no held-out or regression questions to judge the candidate on"
+        need = b * (1 + self.margin)
+        better = c > b and c >= need
+        reasons.append(
+            f"{key} {c:.3f} vs {b:.3f} (needs >= {need:.3f}): {'better' if better else 'not better'}"
+        )
+        ok = better
+        for name in SETS:
+            if name == key:
+                continue
+            c2, b2 = candidate.get(name), baseline.get(name)
+            if c2 is None or b2 is None:
+                continue
+            floor = b2 * (1 - self.tolerance)
+            holds = c2 >= floor
+            ok = ok and holds
+            reasons.append(
+                f"{name} {c2:.3f} vs {b2:.3f} (floor {floor:.3f}): {'ok' if holds else 'REGRESSED'}"
+            )
+        return ok, "; ".join(reasons)
+
+
+# --- running ------------------------------------------------------------------------------------
+
+
+def load_eval_rows(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        raise EvaluationError(
+            f"{path} does not exist; build a dataset first: apprentice datasets build --out DIR"
+        )
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def render_prompts(
+    settings: Settings, kb: KnowledgeBase, rows: Sequence[dict[str, Any]], memory: bool
+) -> list[list[dict[str, str]]]:
+    """Serving's prompts for the eval questions; with memory off only documents are retrieved."""
+    prompts = []
+    for row in rows:
+        if memory:
+            passages = kb.retrieve(row["question"], settings.top_k, settings.memory_threshold).all
+        else:
+            passages = kb.search(row["question"], settings.top_k)
+        history = [(str(r), str(t)) for r, t in row.get("history", [])]
+        prompts.append(build_messages(settings.system_prompt_text, passages, row["question"], history))
+    return prompts
+
+
+def generate_with(
+    runtime: LocalRuntime,
+    path: str | None,
+    version: str | None,
+    prompts: Sequence[list[dict[str, str]]],
+    max_new_tokens: int | None = None,
+) -> list[str]:
+    """Answers from one adapter (None: the base model); fails if the runtime could not load it."""
+    runtime.set_adapter(path, version)
+    gens = runtime.generate_batch(prompts, max_new_tokens)
+    wrong = {g.adapter_version for g in gens} - {version}
+    if wrong:
+        raise EvaluationError(
+            f"the runtime answered with adapter {sorted(map(str, wrong))} instead of {version}; "
+            f"check that {path} is a loadable PEFT adapter for this base model."
+        )
+    return [g.text for g in gens]
+
+
+def summarize(rows: Sequence[dict[str, Any]], scores: Sequence[dict[str, float]]) -> dict[str, Any]:
+    """Mean score, f1 and cosine per set (None for an empty set)."""
+    out: dict[str, Any] = {}
+    for name in SETS:
+        picked = [s for r, s in zip(rows, scores, strict=True) if r["set"] == name]
+        if not picked:
+            out[name] = None
+            continue
+        out[name] = {
+            k: round(sum(p[k] for p in picked) / len(picked), 4) for k in ("score", "f1", "cosine")
+        } | {"n": len(picked)}
+    return out
+
+
+def evaluate(
+    settings: Settings,
+    kb: KnowledgeBase,
+    dataset: Path,
+    candidate: tuple[str, str],
+    baseline: tuple[str, str] | None,
+    out: Path,
+    *,
+    memory: bool = False,
+    gate: Gate | None = None,
+    runtime: LocalRuntime | None = None,
+    max_new_tokens: int | None = None,
+) -> dict[str, Any]:
+    """Score candidate (path, version) against baseline (None: base model); write eval.json and eval.png.
+
+    Returns the report: per-set means for both, the gate's decision and reason, per-row answers.
+    """
+    gate = gate or Gate()
+    rows = load_eval_rows(Path(dataset) / "eval.jsonl")
+    rows = [r for r in rows if r.get("set") in SETS]
+    if not rows:
+        raise EvaluationError(f"{dataset}/eval.jsonl has no rows in the sets {SETS}.")
+    started = time.perf_counter()
+    prompts = render_prompts(settings, kb, rows, memory)
+    own = runtime is None
+    rt = runtime if runtime is not None else _runtime(settings)
+    try:
+        cand_answers = generate_with(rt, candidate[0], candidate[1], prompts, max_new_tokens)
+        base_path, base_version = baseline if baseline is not None else (None, None)
+        base_answers = generate_with(rt, base_path, base_version, prompts, max_new_tokens)
+    finally:
+        if own:
+            rt.close()
+    refs = [r["reference"] for r in rows]
+    cand_scores = score_pairs(cand_answers, refs)
+    base_scores = score_pairs(base_answers, refs)
+    cand_sum, base_sum = summarize(rows, cand_scores), summarize(rows, base_scores)
+
+    def means(summary: dict[str, Any]) -> dict[str, float | None]:
+        return {k: (v["score"] if v else None) for k, v in summary.items()}
+
+    promote, reason = gate.decide(means(cand_sum), means(base_sum))
+    report: dict[str, Any] = {
+        "candidate": candidate[1],
+        "baseline": baseline[1] if baseline else None,
+        "memory": memory,
+        "score": "mean of token-F1 and MiniLM cosine similarity to the reference",
+        "gate": asdict(gate),
+        "sets": {"candidate": cand_sum, "baseline": base_sum},
+        "promote": promote,
+        "reason": reason,
+        "wall_time_s": round(time.perf_counter() - started, 1),
+        "rows": [
+            {
+                **{k: r[k] for k in ("set", "question", "reference", "ids", "wording") if k in r},
+                "candidate": ca,
+                "baseline": ba,
+                "candidate_score": cs,
+                "baseline_score": bs,
+            }
+            for r, ca, ba, cs, bs in zip(
+                rows, cand_answers, base_answers, cand_scores, base_scores, strict=True
+            )
+        ],
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval.json").write_text(json.dumps(report, indent=1, ensure_ascii=False), encoding="utf-8")
+    report["chart"] = str(chart(report, out / "eval.png"))
+    return report
+
+
+def _runtime(settings: Settings) -> LocalRuntime:
+    from learning.modelfiles import resolve_model
+    from learning.runtime import LocalRuntime
+
+    return LocalRuntime(
+        resolve_model(settings.model, settings.models_dir),
+        name=settings.model,
+        dtype=settings.dtype,
+        max_batch=settings.max_batch,
+        max_queue=max(settings.max_queue, settings.max_batch),
+        max_new_tokens=settings.max_new_tokens,
+        timeout_s=3600.0,
+    )
+
+
+def chart(report: dict[str, Any], path: Path) -> Path:
+    """A grouped bar chart of the mean score per set, candidate vs baseline (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n in SETS if report["sets"]["candidate"].get(n)]
+    cand = [report["sets"]["candidate"][n]["score"] for n in names]
+    base = [report["sets"]["baseline"][n]["score"] for n in names]
+    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=100)
+    xs = range(len(names))
+    ax.bar(
+        [x - 0.2 for x in xs],
+        base,
+        0.4,
+        label=f"baseline ({report['baseline'] or 'base model'})",
+        color="#9aa5b1",
+    )
+    ax.bar([x + 0.2 for x in xs], cand, 0.4, label=f"candidate ({report['candidate']})", color="#2f80ed")
+    for x, b, c in zip(xs, base, cand, strict=True):
+        ax.text(x - 0.2, b + 0.01, f"{b:.2f}", ha="center", fontsize=8)
+        ax.text(x + 0.2, c + 0.01, f"{c:.2f}", ha="center", fontsize=8)
+    ax.set_xticks(list(xs), [f"{n}\n(n={report['sets']['candidate'][n]['n']})" for n in names])
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("score (F1 + cosine) / 2")
+    verdict = "promote" if report["promote"] else "keep current"
+    ax.set_title(f"Evaluation gate: {verdict} (memory {'on' if report['memory'] else 'off'})", fontsize=10)
+    ax.legend(fontsize=8, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

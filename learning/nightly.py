@@ -1,0 +1,350 @@
+"""The nightly learning job, top to bottom, and its schedule.
+
+    lock -> count new examples -> build datasets -> train (subprocess) -> evaluate -> promote or not
+         -> record the TrainingRun -> report
+
+`run_nightly` is the whole job (also `apprentice retrain`). It holds a database lease while it
+runs, so several replicas sharing one database never train twice at once. `start_scheduler` runs
+it on `APPRENTICE_RETRAIN_CRON` inside `apprentice serve` with APScheduler (the only module that
+imports it): missed runs are coalesced into one and never two run at once.
+
+Every run leaves a folder `<data_dir>/runs/<id>/` with the dataset, the training log, eval.json
+and the chart; the report dict says what happened in words and numbers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import datetime as dt
+import logging
+import os
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from knowledge.models import TrainingRun, utcnow
+from learning import registry
+from learning.datasets import BuildOptions, build_datasets, count_new_examples, last_promotion
+from learning.evaluate import Gate, evaluate
+from learning.train import TrainConfig, TrainingFailed, run_training
+
+if TYPE_CHECKING:
+    from knowledge.retrieve import KnowledgeBase
+    from knowledge.settings import Settings
+    from knowledge.store import Store
+    from learning.runtime import LocalRuntime
+
+log = logging.getLogger(__name__)
+
+LOCK = "nightly"
+LOCK_TTL_S = 3 * 3600.0  # renewed while training prints progress; a dead holder frees it after this
+RENEW_EVERY_S = 60.0
+
+Report = dict[str, Any]
+
+
+def _holder() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def _start_run(store: Store) -> int:
+    with store.session() as s:
+        run = TrainingRun(status="running")
+        s.add(run)
+        s.flush()
+        return run.id
+
+
+def _finish_run(store: Store, run_id: int, report: Report) -> None:
+    with store.session() as s:
+        run = s.get(TrainingRun, run_id)
+        if run is None:
+            return
+        run.status = report["status"]
+        run.reason = report.get("reason", "")
+        run.candidate_version = report.get("candidate")
+        run.examples = int(report.get("examples", {}).get("new", 0))
+        run.report = {k: v for k, v in report.items() if k != "rows"}
+        run.finished_at = utcnow()
+
+
+def run_nightly(
+    settings: Settings,
+    store: Store,
+    kb: KnowledgeBase | None = None,
+    *,
+    force: bool = False,
+    since: dt.datetime | None = None,
+    options: BuildOptions | None = None,
+    train_config: TrainConfig | None = None,
+    gate: Gate | None = None,
+    memory: bool = False,
+    runtime: LocalRuntime | None = None,
+    on_line: Callable[[str, subprocess.Popen[str]], None] | None = None,
+) -> Report:
+    """Run the learning job once and return its report. Never raises for an expected failure.
+
+    `force` ignores APPRENTICE_MIN_NEW_EXAMPLES. `kb` is the serving knowledge base (opened from the
+    settings when None). `runtime` lends an evaluation runtime (tests, benchmarks).
+    """
+    holder = _holder()
+    if not store.acquire_lock(LOCK, holder, LOCK_TTL_S):
+        return {"status": "locked", "reason": "another replica or process is running the nightly job"}
+    own_kb = kb is None
+    if kb is None:
+        from knowledge.retrieve import KnowledgeBase
+
+        kb = KnowledgeBase.from_settings(settings)
+    started = time.perf_counter()
+    run_id = _start_run(store)
+    report: Report = {
+        "run": run_id,
+        "status": "running",
+        "started_at": utcnow().isoformat(timespec="seconds"),
+    }
+    try:
+        report.update(
+            _run(
+                settings,
+                store,
+                kb,
+                run_id,
+                holder,
+                force,
+                since,
+                options,
+                train_config,
+                gate,
+                memory,
+                runtime,
+                on_line,
+            )
+        )
+    except Exception as exc:  # the job must report and release the lock whatever happens
+        log.exception("nightly run %s failed", run_id)
+        report.update(status="failed", reason=f"{type(exc).__name__}: {exc}")
+    finally:
+        report["wall_time_s"] = round(time.perf_counter() - started, 1)
+        _finish_run(store, run_id, report)
+        store.set_kv("nightly:last_run", utcnow().isoformat(timespec="seconds"))
+        store.release_lock(LOCK, holder)
+        if own_kb:
+            kb.close()
+    log.warning("nightly run %s: %s (%s)", run_id, report["status"], report.get("reason", ""))
+    return report
+
+
+def _run(
+    settings: Settings,
+    store: Store,
+    kb: KnowledgeBase,
+    run_id: int,
+    holder: str,
+    force: bool,
+    since: dt.datetime | None,
+    options: BuildOptions | None,
+    train_config: TrainConfig | None,
+    gate: Gate | None,
+    memory: bool,
+    runtime: LocalRuntime | None,
+    on_line: Callable[[str, subprocess.Popen[str]], None] | None,
+) -> Report:
+    timings: dict[str, float] = {}
+    since = since if since is not None else last_promotion(store)
+    new = count_new_examples(store, since)
+    if new < settings.min_new_examples and not force:
+        return {
+            "status": "skipped",
+            "reason": f"{new} new examples since the last promotion; APPRENTICE_MIN_NEW_EXAMPLES is "
+            f"{settings.min_new_examples}",
+            "examples": {"new": new},
+        }
+    run_dir = settings.data_dir / "runs" / f"{run_id:05d}"
+    t = time.perf_counter()
+    opts = dataclasses.replace(options or BuildOptions(), since=since)
+    manifest = build_datasets(settings, store, kb, run_dir / "dataset", opts)
+    timings["datasets_s"] = round(time.perf_counter() - t, 1)
+    counts = manifest["counts"]
+    examples = {
+        "new": new,
+        "sft": counts["sft"],
+        "dpo": counts["dpo"],
+        "replay": counts["replay"],
+        "eval": counts["eval"],
+        "redacted": sum(manifest["redaction"].values()),
+    }
+    if counts["sft"] == 0:
+        return {"status": "skipped", "reason": "no trainable examples after filtering", "examples": examples}
+
+    base_hash = registry.running_base_hash(settings)
+    active = registry.active_adapter(store)
+    warm = active if active is not None and active.base_hash == base_hash else None
+    renewed = [time.monotonic()]
+
+    def progress(line: str, proc: subprocess.Popen[str]) -> None:
+        if time.monotonic() - renewed[0] > RENEW_EVERY_S:
+            store.acquire_lock(LOCK, holder, LOCK_TTL_S)
+            renewed[0] = time.monotonic()
+        if on_line:
+            on_line(line, proc)
+
+    t = time.perf_counter()
+    try:
+        adapter = run_training(
+            settings, store, run_dir / "dataset", train_config,
+            init_version=warm.version if warm else None, log_path=run_dir / "train.log", on_line=progress,
+        )  # fmt: skip
+    except TrainingFailed as exc:
+        return {"status": "failed", "reason": str(exc), "examples": examples, "timings": timings}
+    timings["train_s"] = round(time.perf_counter() - t, 1)
+    store.acquire_lock(LOCK, holder, LOCK_TTL_S)
+
+    t = time.perf_counter()
+    baseline = (active.path, active.version) if active is not None else None
+    result = evaluate(
+        settings, kb, run_dir / "dataset", (adapter.path, adapter.version), baseline, run_dir,
+        memory=memory, gate=gate, runtime=runtime,
+    )  # fmt: skip
+    timings["eval_s"] = round(time.perf_counter() - t, 1)
+    status = "rejected"
+    if result["promote"]:
+        registry.promote(store, adapter.version, base_hash, actor="nightly")
+        status = "promoted"
+    return {
+        "status": status,
+        "reason": result["reason"],
+        "candidate": adapter.version,
+        "baseline": result["baseline"],
+        "warm_start": warm.version if warm else None,
+        "examples": examples,
+        "scores": result["sets"],
+        "losses": adapter.meta.get("final_loss"),
+        "chart": result["chart"],
+        "run_dir": str(run_dir),
+        "timings": timings,
+    }
+
+
+def format_report(report: Report) -> str:
+    """The report in a few lines, for the terminal or the staff channel."""
+    status = report.get("status", "?")
+    head = {
+        "promoted": f"Nightly learning: adapter {report.get('candidate')} promoted.",
+        "rejected": f"Nightly learning: adapter {report.get('candidate')} NOT promoted; "
+        f"still serving {report.get('baseline') or 'the base model'}.",
+        "skipped": "Nightly learning: skipped.",
+        "failed": "Nightly learning: FAILED; the active adapter is unchanged.",
+        "locked": "Nightly learning: already running elsewhere.",
+    }.get(status, f"Nightly learning: {status}.")
+    lines = [head]
+    ex = report.get("examples") or {}
+    if ex:
+        lines.append(
+            f"Examples: {ex.get('new', 0)} new"
+            + (
+                f", {ex['sft']} SFT rows, {ex['dpo']} DPO pairs, {ex['replay']} replayed"
+                if "sft" in ex
+                else ""
+            )
+        )
+    scores = report.get("scores")
+    if scores:
+        for name in ("heldout", "regression", "control"):
+            c, b = scores["candidate"].get(name), scores["baseline"].get(name)
+            if c and b:
+                lines.append(f"  {name:<10} {b['score']:.3f} -> {c['score']:.3f} (n={c['n']})")
+    if report.get("reason"):
+        lines.append(f"Why: {report['reason']}")
+    if report.get("wall_time_s") is not None:
+        lines.append(f"Wall time: {report['wall_time_s']:.0f} s")
+    if report.get("chart"):
+        lines.append(f"Chart: {report['chart']}")
+    return "\n".join(lines)
+
+
+_DAYS = ("sun", "mon", "tue", "wed", "thu", "fri", "sat", "sun")
+
+
+def crontab_weekdays(field: str) -> str:
+    """A crontab weekday field in APScheduler 3's terms: crontab counts from Sunday (0 or 7),
+    APScheduler 3 from Monday (its issue 286), so numbers become day names."""
+    out: list[str] = []
+    for part in field.split(","):
+        body, _, step = part.partition("/")
+        if not any(ch.isdigit() for ch in body) and not (step and body == "*"):
+            out.append(part)  # "*", names, or name ranges mean the same in both
+            continue
+        if body == "*":
+            first, last = 0, 6
+        elif "-" in body:
+            a, b = body.split("-", 1)
+            first, last = int(a), int(b)
+        else:
+            first = last = int(body)
+        if not (0 <= first <= 7 and 0 <= last <= 7 and first <= last):
+            raise ValueError(f"weekday {part!r} is out of range 0-7")
+        out.extend(_DAYS[d] for d in range(first, last + 1, int(step) if step else 1))
+    return ",".join(dict.fromkeys(out))
+
+
+def start_scheduler(
+    settings: Settings,
+    store: Store,
+    kb: KnowledgeBase | None = None,
+    on_report: Callable[[Report], Awaitable[None]] | None = None,
+) -> Any:
+    """Schedule `run_nightly` on APPRENTICE_RETRAIN_CRON (server time zone); call inside the event loop.
+
+    The expression is read as crontab reads it (weekday 0 and 7 are Sunday).
+
+    Returns the started APScheduler; stop it with `scheduler.shutdown(wait=False)`. The job runs in
+    a worker thread (training itself is a subprocess), then `on_report(report)` is awaited; without
+    one, the report is printed.
+    """
+    from apscheduler.schedulers.asyncio import AsyncIOScheduler
+    from apscheduler.triggers.cron import CronTrigger
+
+    try:
+        minute, hour, day, month, weekday = settings.retrain_cron.split()
+        trigger = CronTrigger(
+            minute=minute, hour=hour, day=day, month=month, day_of_week=crontab_weekdays(weekday)
+        )
+    except ValueError as exc:
+        raise ValueError(
+            f"APPRENTICE_RETRAIN_CRON={settings.retrain_cron!r} is not a crontab expression "
+            f"(minute hour day month weekday, e.g. '0 3 * * *'): {exc}"
+        ) from None
+
+    async def job() -> None:
+        report = await asyncio.to_thread(run_nightly, settings, store, kb)
+        if on_report is not None:
+            try:
+                await on_report(report)
+            except Exception:
+                log.exception("posting the nightly report failed")
+        elif report.get("status") != "skipped":
+            print(format_report(report), flush=True)
+
+    scheduler = AsyncIOScheduler()
+    scheduler.add_job(
+        job, trigger, id=LOCK, name="nightly learning", coalesce=True, max_instances=1,
+        misfire_grace_time=6 * 3600, replace_existing=True,
+    )  # fmt: skip
+    scheduler.start()
+    log.info(
+        "nightly learning scheduled: %s (next %s)",
+        settings.retrain_cron,
+        scheduler.get_job(LOCK).next_run_time,
+    )
+    return scheduler
+
+
+def last_run_dir(settings: Settings) -> Path | None:
+    """The newest run folder (for `apprentice eval` defaults)."""
+    runs = sorted((settings.data_dir / "runs").glob("[0-9]*"))
+    return runs[-1] if runs else None

@@ -1,0 +1,380 @@
+"""The nightly loop with the tiny random Llama: training in a subprocess, the gate, the registry,
+hot-swap under load, a killed run, and the lock. Training is kept to a couple of steps."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import shutil
+import signal
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from knowledge.models import TrainingRun
+from knowledge.retrieve import KnowledgeBase
+from knowledge.settings import Settings
+from knowledge.store import Store
+from learning import registry
+from learning.evaluate import Gate, token_f1
+from learning.modelfiles import base_model_hash
+from learning.nightly import crontab_weekdays, format_report, run_nightly, start_scheduler
+from learning.train import TrainConfig, TrainingFailed, build_command, parse_event, run_training
+
+TINY = TrainConfig(
+    rank=4, alpha=8, max_steps=2, batch_size=2, max_length=512, gradient_checkpointing=False, dpo_epochs=1
+)
+DOCS = {
+    "warranty.md": "# Warranty\n\nEvery frame has a two-year warranty. Batteries are covered for one year.\n",
+    "shipping.md": "# Shipping\n\nWe ship within 3 working days by DHL. Shipping is free above 50 euros.\n",
+}
+LESSONS = [
+    ("How long is the frame warranty?", "One year.", "Frames have a two-year warranty."),
+    ("Who delivers parcels?", "UPS.", "DHL delivers within 3 working days."),
+    ("Is shipping free?", "Never.", "Shipping is free above 50 euros."),
+    ("Are batteries covered?", "No.", "Batteries are covered for one year."),
+]
+
+
+def make_world(root: Path, model: Path, **overrides: Any) -> tuple[Settings, Store, KnowledgeBase]:
+    docs = root / "docs"
+    docs.mkdir(parents=True, exist_ok=True)
+    for name, text in DOCS.items():
+        (docs / name).write_text(text, encoding="utf-8")
+    fields: dict[str, Any] = {
+        "data_dir": root / "data", "model": str(model), "max_new_tokens": 8, "min_new_examples": 1,
+        "dtype": "float32", "max_batch": 4, "top_k": 2,
+    } | overrides  # fmt: skip
+    settings = Settings(**fields)
+    store = Store(settings.database)
+    kb = KnowledgeBase.from_settings(settings)
+    kb.ingest([docs])
+    return settings, store, kb
+
+
+def seed(store: Store, kb: KnowledgeBase) -> None:
+    for i, (question, answer, corrected) in enumerate(LESSONS):
+        conv = store.conversation_for("terminal", f"chat{i}", f"cust{i}")
+        q = store.add_message(conv.id, "customer", question)
+        a = store.add_message(conv.id, "bot", answer, reply_to_id=q.id)
+        corr, _ = store.add_correction(
+            message_id=a.id, conversation_id=conv.id, question=question, original=answer, corrected=corrected,
+            staff="staff",
+        )  # fmt: skip
+        kb.remember(corr.id, question, corrected)
+
+
+@pytest.fixture(scope="module")
+def nightly(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Any:
+    """One nightly run whose gate cannot pass (margin 1000%): trains v0001 and keeps the base model."""
+    settings, store, kb = make_world(tmp_path_factory.mktemp("nightly"), tiny_model_dir)
+    seed(store, kb)
+    report = run_nightly(settings, store, kb, train_config=TINY, gate=Gate(margin=10.0))
+    yield settings, store, kb, report
+    kb.close()
+    store.close()
+
+
+@pytest.fixture
+def fresh(tmp_path: Path, tiny_model_dir: Path, nightly: Any) -> Any:
+    """An empty world with the nightly run's adapter registered as v0001 and a copy as v0002."""
+    settings, store, kb = make_world(tmp_path, tiny_model_dir)
+    trained = registry.get_adapter(nightly[1], "v0001")
+    assert trained is not None
+    for version in ("v0001", "v0002"):
+        path = registry.adapters_root(settings) / version
+        shutil.copytree(trained.path, path)
+        registry.register(store, version, path, trained.meta)
+    yield settings, store, kb
+    kb.close()
+    store.close()
+
+
+# --- training ---------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_failing_gate_trains_but_does_not_promote(nightly: Any) -> None:
+    _, store, _, report = nightly
+    assert report["status"] == "rejected", report
+    assert report["candidate"] == "v0001" and report["baseline"] is None
+    assert "heldout" in report["reason"] or "regression" in report["reason"]
+    assert registry.pointer(store).active is None
+    with store.session() as s:
+        [run] = s.query(TrainingRun).all()
+    assert run.status == "rejected" and run.candidate_version == "v0001" and run.finished_at is not None
+    run_dir = Path(report["run_dir"])
+    assert json.loads((run_dir / "eval.json").read_text())["promote"] is False
+    assert (run_dir / "eval.png").read_bytes()[:4] == b"\x89PNG"
+    assert "NOT promoted" in format_report(report)
+
+
+@pytest.mark.slow
+def test_training_writes_a_new_peft_version_with_metadata(nightly: Any, tiny_model_dir: Path) -> None:
+    from safetensors.torch import load_file
+
+    settings, store, _, report = nightly
+    adapter = registry.get_adapter(store, "v0001")
+    assert adapter is not None
+    folder = Path(adapter.path)
+    assert folder == (registry.adapters_root(settings) / "v0001").resolve()
+    config = json.loads((folder / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 4
+    weights = load_file(str(folder / "adapter_model.safetensors"))
+    assert not any(".ref." in k for k in weights), "DPO's reference copy must not be saved"
+    # LoRA B starts at zero: a non-zero B is what training changed.
+    assert any(v.abs().sum() > 0 for k, v in weights.items() if "lora_B" in k)
+    meta = json.loads((folder / "apprentice.json").read_text())
+    manifest = Path(report["run_dir"]) / "dataset" / "manifest.json"
+    assert meta["base_hash"] == base_model_hash(tiny_model_dir) == adapter.base_hash
+    assert meta["dataset_manifest_sha256"] == hashlib.sha256(manifest.read_bytes()).hexdigest()
+    assert len(meta["chat_template_hash"]) == 64
+    assert meta["training_args"]["lr"] == TINY.lr and meta["losses"]["sft"] and meta["losses"]["dpo"]
+    assert meta["wall_time_s"] > 0
+
+
+@pytest.mark.slow
+def test_training_moves_the_adapter_and_leaves_the_base_frozen(
+    nightly: Any, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from learning.train import make_sft_trainer
+
+    rows = [
+        json.loads(x)
+        for x in (Path(nightly[3]["run_dir"]) / "dataset" / "sft.jsonl").read_text().splitlines()
+    ]
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
+    )
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    cfg = TrainConfig(max_steps=2, batch_size=2, max_length=512, gradient_checkpointing=False, lr=1e-2)
+    make_sft_trainer(model, tokenizer, rows, cfg, tmp_path / "work").train()
+    after = dict(model.named_parameters())
+    lora = [k for k in before if "lora_" in k]
+    base = [k for k in before if "lora_" not in k]
+    assert lora and base
+    assert all(torch.equal(before[k], after[k].detach()) for k in base), "a base weight changed"
+    assert all(not after[k].requires_grad for k in base)
+    assert any(not torch.equal(before[k], after[k].detach()) for k in lora), "the adapter did not move"
+
+
+@pytest.mark.slow
+def test_a_killed_training_run_leaves_the_active_adapter_untouched(fresh: Any) -> None:
+    settings, store, kb = fresh
+    seed(store, kb)
+    registry.promote(store, "v0001")
+    from learning.datasets import BuildOptions, build_datasets
+
+    build_datasets(settings, store, kb, settings.data_dir / "ds", BuildOptions())
+    killed: list[int] = []
+
+    def kill_at_first_loss(line: str, proc: subprocess.Popen[str]) -> None:
+        event = parse_event(line)
+        if event and event["event"] == "loss" and not killed:
+            proc.send_signal(signal.SIGKILL)
+            killed.append(proc.pid)
+
+    with pytest.raises(TrainingFailed, match="killed by signal 9"):
+        run_training(settings, store, settings.data_dir / "ds", TINY, on_line=kill_at_first_loss)
+    assert killed
+    assert registry.pointer(store).active == "v0001"
+    assert [a.version for a in registry.list_adapters(store)] == ["v0001", "v0002"]
+    assert sorted(p.name for p in registry.adapters_root(settings).iterdir()) == ["v0001", "v0002"]
+
+
+def test_train_command_template_replaces_the_subprocess(fresh: Any) -> None:
+    settings, store, _ = fresh
+    source = registry.get_adapter(store, "v0001")
+    assert source is not None
+    # A "remote" job: the template only has to leave a finished adapter at {out}.
+    template = f"cp -r {source.path} {{out}} && echo {{dataset}} > {{out}}/dataset.txt"
+    adapter = run_training(
+        settings.model_copy(update={"train_command": template}), store, settings.data_dir / "some dataset"
+    )
+    assert adapter.version == "v0003"
+    assert (Path(adapter.path) / "dataset.txt").read_text().strip() == str(settings.data_dir / "some dataset")
+    failing = settings.model_copy(update={"train_command": "exit 3"})
+    with pytest.raises(TrainingFailed, match="status 3"):
+        run_training(failing, store, settings.data_dir)
+    with pytest.raises(TrainingFailed, match="unknown placeholder"):
+        build_command(run_spec(settings), "{nope}")
+    assert [a.version for a in registry.list_adapters(store)] == ["v0001", "v0002", "v0003"]
+
+
+def run_spec(settings: Settings) -> Any:
+    from learning.train import JobSpec
+
+    return JobSpec("d", "o", "b")
+
+
+# --- registry and hot-swap ----------------------------------------------------------------------
+
+
+def test_promote_and_rollback_move_one_pointer(fresh: Any) -> None:
+    _, store, _ = fresh
+    assert registry.pointer(store) == registry.Pointer(None, None)
+    with pytest.raises(registry.RegistryError, match="Nothing to roll back"):
+        registry.rollback(store)
+    registry.promote(store, "v0001")
+    assert registry.promote(store, "v0002") == registry.Pointer("v0002", "v0001")
+    assert registry.rollback(store) == registry.Pointer("v0001", "v0002")
+    assert registry.rollback(store) == registry.Pointer("v0002", "v0001")
+    with pytest.raises(registry.RegistryError, match="No adapter 'v9'"):
+        registry.promote(store, "v9")
+    assert registry.pointer(store).active == "v0002"
+
+
+def test_an_adapter_for_another_base_is_refused(fresh: Any, tiny_model_dir: Path) -> None:
+    settings, store, _ = fresh
+    v1 = registry.get_adapter(store, "v0001")
+    assert v1 is not None
+    path = registry.adapters_root(settings) / "v0009"
+    shutil.copytree(v1.path, path)
+    registry.register(store, "v0009", path, {**v1.meta, "base_model": "other-7b", "base_hash": "f" * 64})
+    running = registry.running_base_hash(settings)
+    assert running == base_model_hash(tiny_model_dir)
+    with pytest.raises(registry.BaseMismatch, match="trained on other-7b"):
+        registry.promote(store, "v0009", running)
+    assert registry.pointer(store).active is None
+
+
+@pytest.mark.slow
+async def test_hot_swap_while_answers_are_in_flight(fresh: Any, tiny_model_dir: Path) -> None:
+    from learning.runtime import LocalRuntime
+
+    _, store, _ = fresh
+    runtime = await asyncio.to_thread(
+        LocalRuntime, str(tiny_model_dir), dtype="float32", max_batch=2, max_new_tokens=6, timeout_s=600
+    )
+    watcher = registry.AdapterWatcher(store, runtime, interval_s=0.05)
+    try:
+        await watcher.start()
+        assert runtime.adapter_version is None
+        ask = [{"role": "user", "content": "Who delivers parcels?"}]
+
+        async def until(version: str | None) -> None:
+            for _ in range(600):  # the watcher polls every 0.05 s; 30 s at most
+                if runtime.adapter_version == version:
+                    return
+                await asyncio.sleep(0.05)
+            raise AssertionError(f"the watcher did not switch to {version}")
+
+        first = [asyncio.create_task(runtime.generate(ask)) for _ in range(5)]
+        await asyncio.to_thread(registry.promote, store, "v0001")
+        await until("v0001")
+        second = [asyncio.create_task(runtime.generate(ask)) for _ in range(5)]
+        await asyncio.to_thread(registry.promote, store, "v0002")
+        await until("v0002")
+        third = [asyncio.create_task(runtime.generate(ask)) for _ in range(3)]
+        await asyncio.to_thread(registry.rollback, store)
+        await until("v0001")
+        fourth = [asyncio.create_task(runtime.generate(ask)) for _ in range(3)]
+        answers = await asyncio.gather(*first, *second, *third, *fourth)
+    finally:
+        await watcher.stop()
+        await runtime.aclose()
+    assert len(answers) == 16 and all(a.text is not None for a in answers)  # nothing dropped
+    assert {a.adapter_version for a in answers[:5]} <= {None, "v0001"}
+    assert {a.adapter_version for a in answers[5:10]} <= {"v0001", "v0002"}
+    assert {a.adapter_version for a in answers[13:]} == {"v0001"}
+    assert runtime.stats.errors == 0 and runtime.stats.adapter_errors == 0
+
+
+async def test_the_watcher_refuses_a_foreign_base_and_keeps_serving(fresh: Any) -> None:
+    from scripted import ScriptedModel
+
+    settings, store, _ = fresh
+    v1 = registry.get_adapter(store, "v0001")
+    assert v1 is not None
+    path = registry.adapters_root(settings) / "v0007"
+    shutil.copytree(v1.path, path)
+    registry.register(store, "v0007", path, {**v1.meta, "base_hash": "e" * 64})
+    model = ScriptedModel()
+    watcher = registry.AdapterWatcher(store, model, base_hash=v1.base_hash)
+    registry.promote(store, "v0001")
+    assert await watcher.check() and model.adapter_version == "v0001"
+    registry.promote(store, "v0007")  # no running hash given: the pointer moves, the watcher must refuse
+    assert not await watcher.check()
+    assert model.adapter_version == "v0001"
+
+
+# --- the nightly job ---------------------------------------------------------------------------
+
+
+def test_the_lock_prevents_two_runs_and_few_examples_skip(fresh: Any) -> None:
+    settings, store, kb = fresh
+    assert store.acquire_lock("nightly", "replica-b", 600)
+    assert run_nightly(settings, store, kb)["status"] == "locked"
+    with store.session() as s:
+        assert s.query(TrainingRun).count() == 0
+    store.release_lock("nightly", "replica-b")
+    few = settings.model_copy(update={"min_new_examples": 50})
+    seed(store, kb)
+    report = run_nightly(few, store, kb)
+    assert report["status"] == "skipped" and "4 new examples" in report["reason"]
+    assert store.acquire_lock("nightly", "replica-b", 600), "the job released its lock"
+
+
+async def test_scheduler_uses_the_cron_and_never_overlaps(fresh: Any) -> None:
+    settings, store, kb = fresh
+    scheduler = start_scheduler(settings.model_copy(update={"retrain_cron": "30 2 * * 1-5"}), store, kb)
+    try:
+        [job] = scheduler.get_jobs()
+        assert job.coalesce is True and job.max_instances == 1
+        fields = {f.name: str(f) for f in job.trigger.fields}
+        assert (fields["minute"], fields["hour"], fields["day_of_week"]) == ("30", "2", "mon,tue,wed,thu,fri")
+    finally:
+        scheduler.shutdown(wait=False)
+    with pytest.raises(ValueError, match="APPRENTICE_RETRAIN_CRON"):
+        start_scheduler(settings.model_copy(update={"retrain_cron": "every night"}), store, kb)
+
+
+def test_crontab_weekdays_count_from_sunday() -> None:
+    assert crontab_weekdays("0") == "sun" and crontab_weekdays("7") == "sun"
+    assert crontab_weekdays("1-5") == "mon,tue,wed,thu,fri"
+    assert crontab_weekdays("*/3") == "sun,wed,sat"
+    assert crontab_weekdays("*") == "*" and crontab_weekdays("sat,sun") == "sat,sun"
+    with pytest.raises(ValueError):
+        crontab_weekdays("9")
+
+
+def test_gate_rules() -> None:
+    gate = Gate(margin=0.1, tolerance=0.02)
+    ok, why = gate.decide(
+        {"heldout": 0.6, "regression": 0.5, "control": 0.49},
+        {"heldout": 0.5, "regression": 0.5, "control": 0.5},
+    )
+    assert ok, why
+    ok, why = gate.decide({"heldout": 0.52, "control": 0.5}, {"heldout": 0.5, "control": 0.5})
+    assert not ok and "not better" in why
+    ok, why = gate.decide({"heldout": 0.9, "control": 0.4}, {"heldout": 0.5, "control": 0.5})
+    assert not ok and "control" in why and "REGRESSED" in why
+    assert token_f1("The frame has a two-year warranty", "frame: two-year warranty!") == pytest.approx(6 / 7)
+
+
+def test_adapters_cli(
+    fresh: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from bot.cli import main
+
+    settings, store, _ = fresh
+    monkeypatch.setenv("APPRENTICE_DATA_DIR", str(settings.data_dir))
+    monkeypatch.setenv("APPRENTICE_MODEL", settings.model)
+    assert main(["adapters", "promote", "v0002"]) == 0
+    assert registry.pointer(store).active == "v0002"
+    assert main(["adapters", "list"]) == 0
+    out = capsys.readouterr().out
+    assert "* v0002" in out and "  v0001" in out
+    assert main(["adapters", "rollback"]) == 0
+    assert registry.pointer(store) == registry.Pointer(None, "v0002")
+    assert main(["adapters", "promote", "v404"]) == 1
+    assert "No adapter 'v404'" in capsys.readouterr().err
