@@ -126,13 +126,14 @@ class Outbox:
 
     async def _run(self) -> None:
         while True:
+            # cleared BEFORE draining: an item put while the drain runs wakes the next round at once
+            self._wake.clear()
             try:
                 await self.drain_once()
             except asyncio.CancelledError:
                 raise
             except Exception:
                 log.exception("outbox %s drain failed", self.channel)
-            self._wake.clear()
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout=self.poll_s)
             except TimeoutError:

@@ -34,6 +34,32 @@ def clean_env(**settings: str) -> dict[str, str]:
     return env
 
 
+def serve_env(
+    data_dir: Path, port: int, *, db: str, chroma: str, llm: str, telegram: str, token: str, secret: str,
+    kb: str = "", model: str = "", **extra: str,
+) -> dict[str, str]:
+    """Settings of one replica in the scaled-out topology (Telegram webhook mode)."""
+    settings = {
+        "APPRENTICE_DATA_DIR": str(data_dir),
+        "APPRENTICE_DATABASE_URL": db,
+        "APPRENTICE_CHROMA_URL": chroma,
+        "APPRENTICE_LLM_URL": llm,
+        "TELEGRAM_BOT_TOKEN": token,
+        "APPRENTICE_TELEGRAM_API_URL": telegram,
+        "APPRENTICE_TELEGRAM_WEBHOOK_URL": "https://bot.example.com/telegram",
+        "APPRENTICE_TELEGRAM_WEBHOOK_SECRET": secret,
+        "APPRENTICE_HTTP_HOST": "127.0.0.1",
+        "APPRENTICE_HTTP_PORT": str(port),
+        "APPRENTICE_REVIEW": "none",
+    }
+    if kb:
+        settings["APPRENTICE_KB"] = kb
+    if model:
+        settings["APPRENTICE_MODEL"] = model
+    settings.update(extra)
+    return clean_env(**settings)
+
+
 @dataclass
 class Replica:
     """One `apprentice serve` process."""

@@ -19,7 +19,7 @@ from chroma_server import ChromaServer
 from fakes.openai_api import FakeOpenAIServer
 from fakes.telegram_api import TOKEN, FakeTelegramApi
 from pg import PostgresServer, free_port
-from replicas import Replica, clean_env, metric_value
+from replicas import Replica, metric_value, serve_env
 
 from knowledge.store import Store
 
@@ -36,22 +36,11 @@ def replica_env(
     if not kb.exists():
         kb.mkdir()
         (kb / "shipping.md").write_text("# Shipping\n\nWe ship bikes within 3 days.\n", encoding="utf-8")
-    return clean_env(
-        APPRENTICE_DATA_DIR=str(tmp / name / "data"),
-        APPRENTICE_DATABASE_URL=db,
-        APPRENTICE_CHROMA_URL=chroma,
-        APPRENTICE_KB=str(kb),
-        APPRENTICE_LLM_URL=llm,
-        APPRENTICE_MODEL=MODEL,
-        TELEGRAM_BOT_TOKEN=TOKEN,
-        APPRENTICE_TELEGRAM_API_URL=telegram,
-        APPRENTICE_TELEGRAM_WEBHOOK_URL="https://bot.example.com/telegram",
-        APPRENTICE_TELEGRAM_WEBHOOK_SECRET=SECRET,
-        APPRENTICE_HTTP_HOST="127.0.0.1",
-        APPRENTICE_HTTP_PORT=str(port),
+    return serve_env(
+        tmp / name / "data", port, db=db, chroma=chroma, llm=llm, telegram=telegram, token=TOKEN,
+        secret=SECRET, kb=str(kb), model=MODEL,
         APPRENTICE_RELEVANCE_THRESHOLD="-1",  # mechanics: every question reaches the model
         APPRENTICE_RATE_LIMIT_PER_MINUTE="0",
-        APPRENTICE_REVIEW="none",
         APPRENTICE_LOG_LEVEL="INFO",
     )
 
