@@ -60,14 +60,14 @@ def _chart(report: dict[str, Any], path: Path) -> None:
     ax.bar_label(b1, fmt="%.2f")
     ax.bar_label(b5, fmt="%.2f")
     ax.set_xticks(list(xs), modes)
-    ax.set_ylim(0, 1.05)
+    ax.set_ylim(0, 1.15)
     ax.set_ylabel("recall")
     ax.set_title(
         f"Retrieval on {report['questions']} questions, {report['chunks']} chunks "
         f"(hybrid p50 {report['p50_ms']:.0f} ms)",
         fontsize=9,
     )
-    ax.legend(loc="lower right")
+    ax.legend(loc="upper center", ncol=2, frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
