@@ -135,6 +135,9 @@ class Outbox:
             except Exception:
                 log.exception("outbox %s drain failed", self.channel)
             try:
-                await asyncio.wait_for(self._wake.wait(), timeout=self.poll_s)
+                # not asyncio.wait_for: on Python 3.11 it can swallow stop()'s cancel when the
+                # wake-up lands at the same moment, and stop() then waits forever
+                async with asyncio.timeout(self.poll_s):
+                    await self._wake.wait()
             except TimeoutError:
                 pass

@@ -1,0 +1,961 @@
+"""Slack: the staff review channel. Staff watch every answer, correct it, or take the chat over.
+
+The only module that imports `slack_bolt` / `slack_sdk`. It connects through Socket Mode when
+SLACK_APP_TOKEN is set and serves `/slack/events` on the project's HTTP server when
+SLACK_SIGNING_SECRET is set (bolt verifies every signature there).
+
+Two rules shape it:
+- Posting to Slack never delays a customer. Cards, card updates and thread notes go into the
+  durable outbox (keyed by conversation, so each thread stays in order) and a background
+  drainer posts them; a 429 waits its Retry-After, other failures back off, nothing is lost.
+  The drainer creates a conversation's thread parent the first time it needs one.
+- A Slack request is answered fast and handled after. Listeners check who is acting, ack,
+  and hand the work to a task; work on one conversation runs in arrival order. Retried
+  events (same event_id) and double clicks never store anything twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import hashlib
+import json
+import logging
+import re
+import time
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+from slack_bolt.adapter.aiohttp import to_aiohttp_response, to_bolt_request
+from slack_bolt.adapter.socket_mode.aiohttp import AsyncSocketModeHandler
+from slack_bolt.app.async_app import AsyncApp
+from slack_sdk.errors import SlackApiError
+from slack_sdk.web.async_client import AsyncWebClient
+from sqlalchemy import select
+from sqlalchemy.exc import SQLAlchemyError
+
+from bot.conversation import Answer, ConversationService
+from bot.http import HttpServer
+from bot.outbox import Drop, Outbox, Retry
+from knowledge.models import Conversation, Correction, Feedback, Message, RegistryState
+from knowledge.settings import Settings
+from knowledge.store import Store
+
+log = logging.getLogger(__name__)
+
+CHANNEL = "slack"  # outbox channel, staff-id prefix and update-claim namespace
+EVENTS_PATH = "/slack/events"
+STAFF_CACHE_S = 300.0
+MAX_SECTION = 2900  # Slack allows 3000 characters in a section text
+REASONS = [
+    ("wrong_fact", "Wrong fact"),
+    ("missing_info", "Missing information"),
+    ("tone", "Tone"),
+    ("policy", "Policy"),
+    ("other", "Other"),
+]
+SEND, REMEMBER = "send", "remember"
+REFUSAL = (
+    "Only support staff can do this. Ask an admin to add you to APPRENTICE_STAFF "
+    "(or, when it is unset, to the review channel)."
+)
+# Errors that no retry can fix: the item is dropped (and audited by the outbox).
+PERMANENT = {
+    "invalid_blocks",
+    "invalid_blocks_format",
+    "msg_too_long",
+    "no_text",
+    "invalid_arguments",
+    "message_not_found",
+    "cant_update_message",
+    "edit_window_closed",
+}
+AUTH_ERRORS = {"invalid_auth", "not_authed", "account_inactive", "token_revoked", "token_expired"}
+
+
+class SlackChannel:
+    """Mirrors answers into the review channel and turns staff actions into service calls."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        service: ConversationService,
+        store: Store,
+        http: HttpServer,
+        *,
+        poll_s: float = 1.0,
+        base_delay_s: float = 1.0,
+        lease_s: float = 120.0,
+    ) -> None:
+        self.settings, self.service, self.store = settings, service, store
+        self.token = settings.slack_bot_token.get_secret_value()
+        self.app_token = settings.slack_app_token.get_secret_value()
+        self.signing_secret = settings.slack_signing_secret.get_secret_value()
+        if not self.token:
+            raise ValueError(
+                "SLACK_BOT_TOKEN is not set; create a Slack app from ops/slack-manifest.yaml, install it "
+                "and copy its Bot User OAuth Token (xoxb-...)."
+            )
+        if not settings.slack_channel:
+            raise ValueError(
+                "APPRENTICE_SLACK_CHANNEL is not set; invite the app to the review channel and set the "
+                "channel's ID (C..., from the channel's details)."
+            )
+        if not self.app_token and not self.signing_secret:
+            raise ValueError(
+                "Set SLACK_APP_TOKEN (Socket Mode, no public URL needed) or SLACK_SIGNING_SECRET "
+                f"(HTTP mode at {EVENTS_PATH}); see the README section 'Connecting a real Slack app'."
+            )
+        self.channel_id = settings.slack_channel
+        self.client = AsyncWebClient(token=self.token, base_url=_api_url(settings.slack_api_url))
+        self.outbox = Outbox(
+            store, CHANNEL, self._send, poll_s=poll_s, base_delay_s=base_delay_s, lease_s=lease_s
+        )
+        self._app: AsyncApp | None = None
+        self._socket: AsyncSocketModeHandler | None = None
+        self._socket_task: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._chains: dict[str, asyncio.Task[None]] = {}
+        self._names: dict[str, str] = {}
+        self._staff_cache: tuple[float, frozenset[str]] | None = None
+        users, groups = _parse_staff(settings.staff)
+        self._staff_users, self._staff_groups = users, groups
+        if self.signing_secret:
+            http.add_route("POST", EVENTS_PATH, self._http_events)
+
+    # --- lifecycle ----------------------------------------------------------------------
+    async def start(self) -> None:
+        """Check the token, start the outbox drainer, connect Socket Mode, and begin reviewing."""
+        await self._check_token()
+        app = AsyncApp(
+            client=self.client,
+            signing_secret=self.signing_secret,
+            process_before_response=True,  # listeners only ack and schedule, so this stays fast
+            logger=logging.getLogger("slack_bolt"),
+        )
+        app.action(re.compile(r"^apprentice_"))(self._on_action)
+        app.view("apprentice_correct")(self._on_correct_submit)
+        app.view("apprentice_flag")(self._on_flag_submit)
+        app.event("message")(self._on_message)
+        app.command("/apprentice")(self._on_command)
+        self._app = app
+        self.outbox.start()
+        if self.app_token:
+            self._socket = AsyncSocketModeHandler(app, self.app_token)
+            # connect() retries on its own until Slack answers; never hold up start-up for it
+            self._socket_task = asyncio.create_task(self._socket.connect_async(), name="slack-socket")
+        self.service.reviewers.append(self)
+        log.info(
+            "Slack review channel %s (%s)",
+            self.channel_id,
+            "+".join(m for m, on in (("socket", self.app_token), ("http", self.signing_secret)) if on),
+        )
+
+    async def stop(self) -> None:
+        """Stop reviewing; unsent cards stay in the outbox for the next start."""
+        if self in self.service.reviewers:
+            self.service.reviewers.remove(self)
+        if self._socket is not None:
+            with contextlib.suppress(Exception):
+                await self._socket.close_async()
+        if self._socket_task is not None:
+            self._socket_task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._socket_task
+        if self._tasks:
+            _, pending = await asyncio.wait(list(self._tasks), timeout=10)
+            for task in pending:
+                task.cancel()
+        await self.outbox.stop()
+        self._app = None
+
+    async def _check_token(self) -> None:
+        """Fail start-up on a rejected token; only warn when Slack is merely unreachable."""
+        try:
+            await self.client.auth_test()
+        except SlackApiError as exc:
+            if _error_of(exc) in AUTH_ERRORS:
+                raise RuntimeError(
+                    f"Slack rejected SLACK_BOT_TOKEN ({_error_of(exc)}); copy the Bot User OAuth Token "
+                    "(xoxb-...) from the app's 'OAuth & Permissions' page."
+                ) from exc
+            log.warning("Slack auth.test failed (%s); cards wait in the outbox", _error_of(exc))
+        except (OSError, TimeoutError) as exc:
+            log.warning("Slack is unreachable (%s); cards wait in the outbox", type(exc).__name__)
+
+    async def idle(self) -> None:
+        """Wait until every scheduled staff action has finished (tests, shutdown)."""
+        while self._tasks:
+            await asyncio.wait(list(self._tasks))
+
+    def _spawn(self, key: str | None, work: Coroutine[Any, Any, None]) -> None:
+        """Run `work` in the background; work sharing a key runs in the order it was scheduled."""
+        before = self._chains.get(key) if key else None
+
+        async def run() -> None:
+            if before is not None:
+                await asyncio.wait([before])
+            try:
+                await work
+            except Exception:
+                log.exception("Slack action failed")
+
+        task = asyncio.create_task(run())
+        self._tasks.add(task)
+        if key:
+            self._chains[key] = task
+
+        def done(t: asyncio.Task[None]) -> None:
+            self._tasks.discard(t)
+            if key and self._chains.get(key) is t:
+                del self._chains[key]
+
+        task.add_done_callback(done)
+
+    # --- HTTP mode ------------------------------------------------------------------------
+    async def _http_events(self, request: web.Request) -> web.StreamResponse:
+        if self._app is None:
+            return web.Response(status=503, text="The Slack channel is not running.")
+        response = await self._app.async_dispatch(await to_bolt_request(request))
+        return await to_aiohttp_response(response)
+
+    # --- Reviewer (called by the conversation service) -------------------------------------
+    async def answer_posted(self, conv: Conversation, answer: Answer) -> None:
+        review = self.settings.review
+        if review == "all" or (review == "flagged" and answer.flagged):
+            await self._put("card", conv.id, {"message_id": answer.message_id})
+
+    async def customer_flag(self, conv: Conversation, message_id: int | None, why: str) -> None:
+        if self.settings.review == "none":
+            return
+        oncall = f" <!subteam^{self.settings.oncall_group}>" if self.settings.oncall_group else ""
+        if message_id is not None:
+            await self._put("update", conv.id, {"message_id": message_id})
+            if oncall:  # an edited message notifies nobody; a thread reply with the mention does
+                await self._put("note", conv.id, {"text": f"👎 The customer disliked an answer.{oncall}"})
+            return
+        text = f"🙋 *The customer {_esc(why)}.*{oncall} Press *Take over* to reply to them here."
+        await self._put(
+            "note",
+            conv.id,
+            {"text": text, "buttons": ["take_over"], "message_id": 0, "broadcast": True},
+        )
+
+    async def relay(self, conv: Conversation, text: str) -> None:
+        await self._put("note", conv.id, {"text": f"💬 *Customer:*\n{_quote(text)}"})
+
+    async def correction_stored(self, conv: Conversation | None, correction: Correction) -> None:
+        if conv is not None and correction.message_id is not None and self.settings.review != "none":
+            await self._put("update", conv.id, {"message_id": correction.message_id})
+
+    async def _put(self, kind: str, conversation_id: int, payload: dict[str, Any]) -> None:
+        await self.outbox.put(
+            kind, {"conversation_id": conversation_id, **payload}, key=f"conv:{conversation_id}"
+        )
+
+    # --- the outbox sender ----------------------------------------------------------------
+    async def _send(self, kind: str, payload: dict[str, Any]) -> None:
+        try:
+            if kind == "card":
+                await self._post_card(int(payload["message_id"]))
+            elif kind == "update":
+                await self._update_card(int(payload["message_id"]))
+            elif kind == "note":
+                await self._post_note(payload)
+            else:
+                raise Drop(f"unknown Slack outbox item kind {kind!r}")
+        except SlackApiError as exc:
+            error = _error_of(exc)
+            status = getattr(exc.response, "status_code", 0)
+            if status == 429 or error == "ratelimited":
+                after = _retry_after(exc)
+                raise Retry("Slack rate limit", after) from exc
+            if error in PERMANENT:
+                raise Drop(f"Slack refused the {kind}: {error}") from exc
+            if error in AUTH_ERRORS or error in ("channel_not_found", "not_in_channel"):
+                log.error(
+                    "Slack refused a %s (%s): check SLACK_BOT_TOKEN and that the app is in channel %s; "
+                    "it will be retried",
+                    kind,
+                    error,
+                    self.channel_id,
+                )
+            raise Retry(f"Slack error {status} {error}") from exc
+
+    async def _thread(self, conversation_id: int) -> str:
+        """The ts of the conversation's thread parent, posting the parent the first time."""
+        conv = await asyncio.to_thread(self.store.conversation, conversation_id)
+        if conv is None:
+            raise Drop(f"conversation {conversation_id} no longer exists")
+        if conv.review_thread:
+            channel, _, ts = conv.review_thread.rpartition(":")
+            if channel == self.channel_id and ts:
+                return ts
+        customer = await asyncio.to_thread(self.store.customer, conv.customer_id)
+        name = (customer.display_name if customer else "") or "A customer"
+        text = (
+            f"🧑 *{_esc(name)}* on *{_esc(conv.channel)}* (chat `{_esc(conv.chat_id)}`) · "
+            f"conversation #{conv.id}"
+        )
+        blocks: list[dict[str, Any]] = [
+            {"type": "section", "text": {"type": "mrkdwn", "text": text}},
+            {
+                "type": "context",
+                "elements": [
+                    {
+                        "type": "mrkdwn",
+                        "text": "The bot's answers appear in this thread. After *Take over*, "
+                        "replies in this thread go to the customer.",
+                    }
+                ],
+            },
+        ]
+        resp = await self.client.chat_postMessage(
+            channel=self.channel_id, text=f"{name} on {conv.channel}", blocks=blocks
+        )
+        ts = str(resp["ts"])
+        await asyncio.to_thread(self.store.set_review_thread, conv.id, f"{self.channel_id}:{ts}")
+        return ts
+
+    async def _post_card(self, message_id: int) -> None:
+        state = await asyncio.to_thread(self._card_state, message_id)
+        if state is None:
+            raise Drop(f"answer {message_id} no longer exists")
+        thread = await self._thread(state.conversation_id)
+        names = await self._names_for(state.actors())
+        text, blocks = render_card(state, names, self.settings.oncall_group)
+        resp = await self.client.chat_postMessage(
+            channel=self.channel_id, thread_ts=thread, text=text, blocks=blocks
+        )
+        await asyncio.to_thread(self.store.set_kv, _card_key(message_id), f"{self.channel_id}:{resp['ts']}")
+
+    async def _update_card(self, message_id: int) -> None:
+        where = await asyncio.to_thread(self.store.get_kv, _card_key(message_id))
+        channel, _, ts = (where or "").rpartition(":")
+        if not ts or channel != self.channel_id:
+            if self.settings.review != "none":
+                await self._post_card(message_id)  # never posted (review=flagged): post it now
+            return
+        state = await asyncio.to_thread(self._card_state, message_id)
+        if state is None:
+            raise Drop(f"answer {message_id} no longer exists")
+        names = await self._names_for(state.actors())
+        text, blocks = render_card(state, names, self.settings.oncall_group)
+        await self.client.chat_update(channel=channel, ts=ts, text=text, blocks=blocks)
+
+    async def _post_note(self, payload: dict[str, Any]) -> None:
+        thread = await self._thread(int(payload["conversation_id"]))
+        text = str(payload["text"])[:MAX_SECTION]
+        blocks: list[dict[str, Any]] = [{"type": "section", "text": {"type": "mrkdwn", "text": text}}]
+        if payload.get("buttons"):
+            value = f"{payload['conversation_id']}:{payload.get('message_id', 0)}"
+            blocks.append(
+                {
+                    "type": "actions",
+                    "block_id": "actions",
+                    "elements": [_button(b, value) for b in payload["buttons"]],
+                }
+            )
+        await self.client.chat_postMessage(
+            channel=self.channel_id,
+            thread_ts=thread,
+            text=_plain(text),
+            blocks=blocks,
+            reply_broadcast=bool(payload.get("broadcast")),
+        )
+
+    def _card_state(self, message_id: int) -> CardState | None:
+        with self.store.session() as s:
+            msg = s.get(Message, message_id)
+            if msg is None:
+                return None
+            conv = s.get(Conversation, msg.conversation_id)
+            question = s.get(Message, msg.reply_to_id) if msg.reply_to_id else None
+            feedback = s.scalars(
+                select(Feedback).where(Feedback.message_id == message_id).order_by(Feedback.id)
+            ).all()
+            corrections = s.scalars(
+                select(Correction).where(Correction.message_id == message_id).order_by(Correction.id)
+            ).all()
+        return CardState(
+            conversation_id=msg.conversation_id,
+            message_id=msg.id,
+            mode=conv.mode if conv else "bot",
+            question=question.text if question else "",
+            answer=msg.text,
+            status=msg.status,
+            sources=list(msg.sources or []),
+            model=msg.model,
+            adapter_version=msg.adapter_version,
+            latency_ms=msg.latency_ms,
+            feedback=[(f.kind, f.actor, f.reason) for f in feedback],
+            corrections=[(c.id, c.staff, c.corrected, c.reason, c.status) for c in corrections],
+        )
+
+    # --- names and staff ----------------------------------------------------------------
+    async def _names_for(self, actors: set[str]) -> dict[str, str]:
+        return {a: await self._display(a) for a in actors}
+
+    async def _display(self, actor: str) -> str:
+        """`@name` for a Slack staff id ("slack:U123"), the actor itself otherwise."""
+        if not actor.startswith(f"{CHANNEL}:"):
+            return actor
+        user = actor.split(":", 1)[1]
+        if user not in self._names:
+            try:
+                info = (await self.client.users_info(user=user))["user"]
+                profile = info.get("profile") or {}
+                name = profile.get("display_name") or info.get("real_name") or info.get("name") or user
+                self._names[user] = f"@{name}"
+            except (SlackApiError, OSError, TimeoutError, KeyError):
+                return f"<@{user}>"  # Slack itself renders this as @name
+        return self._names[user]
+
+    async def _is_staff(self, user: str) -> bool:
+        return user in await self._staff()
+
+    async def _staff(self) -> frozenset[str]:
+        """APPRENTICE_STAFF users and groups, else the review channel's members (cached a while)."""
+        if not self._staff_groups and self._staff_users:
+            return self._staff_users
+        now = time.monotonic()
+        if self._staff_cache is not None and now - self._staff_cache[0] < STAFF_CACHE_S:
+            return self._staff_cache[1]
+        found: set[str] = set(self._staff_users)
+        try:
+            if self._staff_groups:
+                for group in self._staff_groups:
+                    resp = await self.client.usergroups_users_list(usergroup=group)
+                    found.update(resp.get("users") or [])
+            else:
+                cursor = None
+                while True:
+                    resp = await self.client.conversations_members(
+                        channel=self.channel_id, limit=1000, cursor=cursor
+                    )
+                    found.update(resp.get("members") or [])
+                    cursor = (resp.get("response_metadata") or {}).get("next_cursor")
+                    if not cursor:
+                        break
+        except (SlackApiError, OSError, TimeoutError) as exc:
+            log.warning("could not read the staff list from Slack (%s)", type(exc).__name__)
+            # fail closed, but keep a previous answer while Slack is unreachable
+            return self._staff_cache[1] if self._staff_cache else frozenset(self._staff_users)
+        staff = frozenset(found)
+        self._staff_cache = (now, staff)
+        return staff
+
+    async def _refuse(self, user: str, channel: str | None, thread_ts: str | None = None) -> None:
+        log.info("refused a Slack action by non-staff user %s", user)
+        await self._ephemeral(user, REFUSAL, channel, thread_ts)
+
+    async def _ephemeral(
+        self, user: str, text: str, channel: str | None = None, thread_ts: str | None = None
+    ) -> None:
+        try:
+            await self.client.chat_postEphemeral(
+                channel=channel or self.channel_id, user=user, text=text, thread_ts=thread_ts
+            )
+        except (SlackApiError, OSError, TimeoutError) as exc:
+            log.warning("could not send an ephemeral message to %s (%s)", user, type(exc).__name__)
+
+    # --- listeners: buttons ---------------------------------------------------------------
+    async def _on_action(self, ack: Any, body: dict[str, Any]) -> None:
+        await ack()
+        action = (body.get("actions") or [{}])[0]
+        user = str((body.get("user") or {}).get("id", ""))
+        name = str(action.get("action_id", "")).removeprefix("apprentice_")
+        try:
+            cid, mid = (int(x) for x in str(action.get("value", "")).split(":", 1))
+        except ValueError:
+            log.warning("Slack action %s with an unreadable value", name)
+            return
+        channel = str((body.get("channel") or {}).get("id") or self.channel_id)
+        if name in ("correct", "flag"):  # the trigger id expires in 3 s: open modals at once
+            self._spawn(
+                None, self._open_modal(name, user, channel, cid, mid, str(body.get("trigger_id", "")))
+            )
+        else:
+            self._spawn(f"conv:{cid}", self._button(name, user, channel, cid, mid))
+
+    async def _button(self, name: str, user: str, channel: str, cid: int, mid: int) -> None:
+        if not await self._is_staff(user):
+            await self._refuse(user, channel)
+            return
+        staff = f"{CHANNEL}:{user}"
+        if name == "approve":
+            if await self.service.staff_feedback(mid, "approve", staff):
+                await self._put("update", cid, {"message_id": mid})
+        elif name in ("take_over", "hand_back"):
+            conv = await asyncio.to_thread(self.store.conversation, cid)
+            if conv is None:
+                return
+            if name == "take_over" and conv.mode != "human":
+                await self.service.take_over(cid, staff)
+                note = (
+                    f"🙋 <@{user}> took over. The bot is paused for this conversation; replies in this "
+                    "thread go to the customer."
+                )
+                await self._after_mode_change(cid, mid, note, ["hand_back"])
+            elif name == "hand_back" and conv.mode == "human":
+                await self.service.hand_back(cid, staff)
+                await self._after_mode_change(
+                    cid, mid, f"🤖 <@{user}> handed back; the bot answers again.", []
+                )
+        else:
+            log.warning("unknown Slack action %s", name)
+
+    async def _after_mode_change(self, cid: int, mid: int, note: str, buttons: list[str]) -> None:
+        if mid:
+            await self._put("update", cid, {"message_id": mid})
+        await self._put("note", cid, {"text": note, "buttons": buttons, "message_id": mid})
+
+    async def _open_modal(self, name: str, user: str, channel: str, cid: int, mid: int, trigger: str) -> None:
+        if not await self._is_staff(user):
+            await self._refuse(user, channel)
+            return
+        msg = await asyncio.to_thread(self.store.message, mid)
+        if msg is None:
+            await self._ephemeral(user, f"Answer #{mid} no longer exists.", channel)
+            return
+        meta = json.dumps({"c": cid, "m": mid, "ch": channel})
+        view = correct_modal(msg.text, meta) if name == "correct" else flag_modal(meta)
+        try:
+            await self.client.views_open(trigger_id=trigger, view=view)
+        except SlackApiError as exc:
+            log.warning("could not open the %s modal (%s)", name, _error_of(exc))
+            await self._ephemeral(
+                user, "Slack did not open the form; please press the button again.", channel
+            )
+
+    # --- listeners: modal submissions -------------------------------------------------------
+    async def _on_correct_submit(self, ack: Any, body: dict[str, Any], view: dict[str, Any]) -> None:
+        user = str(body["user"]["id"])
+        meta = json.loads(view.get("private_metadata") or "{}")
+        values = view.get("state", {}).get("values", {})
+        text = str(((values.get("corrected") or {}).get("text") or {}).get("value") or "")
+        selected = ((values.get("reason") or {}).get("reason") or {}).get("selected_option") or {}
+        reason = str(selected.get("value") or "other")
+        chosen = ((values.get("options") or {}).get("options") or {}).get("selected_options") or []
+        options = {str(o.get("value")) for o in chosen}
+        if not await self._is_staff(user):
+            await ack(response_action="errors", errors={"corrected": REFUSAL})
+            self._spawn(None, self._refuse(user, meta.get("ch")))
+            return
+        if not text.strip():
+            await ack(
+                response_action="errors", errors={"corrected": "Type the answer the customer should get."}
+            )
+            return
+        await ack()
+        mid, cid = int(meta["m"]), int(meta["c"])
+        key = request_key(mid, user, text)
+        work = self._correct(
+            user, meta.get("ch"), mid, text, reason, SEND in options, REMEMBER in options, key
+        )
+        self._spawn(f"conv:{cid}", work)
+
+    async def _correct(
+        self,
+        user: str,
+        channel: str | None,
+        mid: int,
+        text: str,
+        reason: str,
+        send: bool,
+        remember: bool,
+        key: str,
+    ) -> None:
+        try:
+            result = await self.service.correct(
+                mid, text, f"{CHANNEL}:{user}", reason=reason, send=send, remember=remember, request_key=key
+            )
+        except (LookupError, ValueError) as exc:
+            await self._ephemeral(user, f"The correction was not stored: {exc}", channel)
+            return
+        if result.created and send and not result.delivered:
+            await self._ephemeral(
+                user,
+                f"Correction #{result.correction.id} is stored but could not be sent to the customer now.",
+                channel,
+            )
+
+    async def _on_flag_submit(self, ack: Any, body: dict[str, Any], view: dict[str, Any]) -> None:
+        user = str(body["user"]["id"])
+        meta = json.loads(view.get("private_metadata") or "{}")
+        values = view.get("state", {}).get("values", {})
+        reason = str(((values.get("reason") or {}).get("reason") or {}).get("value") or "")
+        if not await self._is_staff(user):
+            await ack(response_action="errors", errors={"reason": REFUSAL})
+            self._spawn(None, self._refuse(user, meta.get("ch")))
+            return
+        await ack()
+        mid, cid = int(meta["m"]), int(meta["c"])
+
+        async def flag() -> None:
+            if await self.service.staff_feedback(mid, "flag", f"{CHANNEL}:{user}", reason.strip()):
+                await self._put("update", cid, {"message_id": mid})
+
+        self._spawn(f"conv:{cid}", flag())
+
+    # --- listeners: thread replies ------------------------------------------------------
+    async def _on_message(self, body: dict[str, Any], event: dict[str, Any]) -> None:
+        thread_ts = event.get("thread_ts")
+        if (
+            event.get("channel") != self.channel_id
+            or not thread_ts
+            or thread_ts == event.get("ts")
+            or event.get("bot_id")
+            or event.get("subtype") not in (None, "thread_broadcast")
+        ):
+            return
+        event_id = str(body.get("event_id") or f"{event.get('channel')}:{event.get('ts')}")
+        self._spawn(f"thread:{thread_ts}", self._thread_reply(event_id, event))
+
+    async def _thread_reply(self, event_id: str, event: dict[str, Any]) -> None:
+        if not await asyncio.to_thread(self.store.claim_update, CHANNEL, event_id):
+            log.info("Slack event %s already handled (a retry)", event_id)
+            return
+        thread = f"{self.channel_id}:{event['thread_ts']}"
+        conv = await asyncio.to_thread(self._conversation_by_thread, thread)
+        if conv is None or conv.mode != "human":
+            return  # staff talking among themselves
+        user = str(event.get("user", ""))
+        if not await self._is_staff(user):
+            await self._refuse(user, self.channel_id, str(event["thread_ts"]))
+            return
+        text = slack_to_plain(str(event.get("text", "")))
+        delivered = await self.service.staff_reply(
+            conv.id, text, f"{CHANNEL}:{user}", external_id=f"{CHANNEL}:{event.get('ts')}"
+        )
+        if text.strip() and not delivered:
+            await self._ephemeral(
+                user,
+                "Your reply is stored but could not be sent to the customer now.",
+                self.channel_id,
+                str(event["thread_ts"]),
+            )
+
+    def _conversation_by_thread(self, thread: str) -> Conversation | None:
+        with self.store.session() as s:
+            return s.scalar(select(Conversation).where(Conversation.review_thread == thread).limit(1))
+
+    # --- the /apprentice command --------------------------------------------------------
+    async def _on_command(self, ack: Any, command: dict[str, Any]) -> None:
+        user = str(command.get("user_id", ""))
+        if not await self._is_staff(user):
+            await ack(text=REFUSAL)
+            return
+        await ack(text=await self.command(str(command.get("text", "")), f"{CHANNEL}:{user}"))
+
+    async def command(self, text: str, staff: str) -> str:
+        """`/apprentice status | corrections | revoke ID`: the reply shown to the staff member."""
+        verb, _, arg = text.strip().partition(" ")
+        verb = verb.lower()
+        if verb in ("", "status"):
+            return await asyncio.to_thread(self._status)
+        if verb == "corrections":
+            latest = await asyncio.to_thread(self.store.corrections, limit=10)
+            if not latest:
+                return "No corrections yet."
+            lines = ["*Latest corrections*"]
+            for c in latest:
+                who = await self._display(c.staff)
+                when = c.created_at.strftime("%Y-%m-%d %H:%M")
+                lines.append(
+                    f"#{c.id} · {when} · {who} · {c.reason}\n{_quote(_short(c.question, 150))}\n"
+                    f"→ {_esc(_short(c.corrected, 300))}"
+                )
+            return "\n".join(lines)
+        if verb == "revoke":
+            try:
+                cid = int(arg.strip().lstrip("#"))
+            except ValueError:
+                return "Usage: `/apprentice revoke ID` (the number from `/apprentice corrections`)."
+            corr = await self.service.revoke(cid, staff)
+            if corr is None:
+                return f"There is no correction #{cid}. `/apprentice corrections` lists them."
+            return f"Correction #{cid} revoked: it is no longer used for memory or training."
+        return "Usage: `/apprentice status`, `/apprentice corrections` or `/apprentice revoke ID`."
+
+    def _status(self) -> str:
+        midnight = dt.datetime.now(dt.UTC).replace(hour=0, minute=0, second=0, microsecond=0, tzinfo=None)
+        counts = self.store.counts_since(midnight)
+        adapter = "base"
+        try:
+            with self.store.session() as s:
+                row = s.get(RegistryState, 1)
+                if row is not None and row.active_version:
+                    adapter = row.active_version
+        except SQLAlchemyError:
+            pass
+        waiting = self.store.outbox_depth(CHANNEL)
+        return (
+            f"*Today (UTC):* {counts['conversations']} conversations, {counts['answers']} answers, "
+            f"{counts['corrections']} corrections.\n*Active adapter:* {adapter}"
+            + (f"\n{waiting} Slack posts waiting in the outbox." if waiting else "")
+        )
+
+
+# --- cards and modals (plain functions: easy to read, easy to test) --------------------------
+@dataclass
+class CardState:
+    """Everything a review card shows, read from the store when the card is (re)drawn."""
+
+    conversation_id: int
+    message_id: int
+    mode: str
+    question: str
+    answer: str
+    status: str
+    sources: list[dict[str, Any]]
+    model: str | None
+    adapter_version: str | None
+    latency_ms: float | None
+    feedback: list[tuple[str, str, str]] = field(default_factory=list)  # (kind, actor, reason)
+    corrections: list[tuple[int, str, str, str, str]] = field(default_factory=list)
+
+    def actors(self) -> set[str]:
+        return {a for k, a, _ in self.feedback if k in ("approve", "flag")} | {c[1] for c in self.corrections}
+
+
+def render_card(state: CardState, names: dict[str, str], oncall_group: str = "") -> tuple[str, list[Any]]:
+    """The card's fallback text and Block Kit blocks."""
+    blocks: list[dict[str, Any]] = [
+        _section(f"*Customer:*\n{_quote(_short(state.question, 1400))}"),
+        _section(f"*Bot:*\n{_quote(_short(state.answer, 1400))}"),
+    ]
+    if state.sources:
+        shown = []
+        for s in state.sources[:6]:
+            score = float(s.get("score") or 0.0)
+            if s.get("kind") == "correction":
+                shown.append(f"📌 correction memory #{s.get('correction_id')} ({score:.2f})")
+            else:
+                shown.append(
+                    f"📄 {_esc(_short(str(s.get('title') or s.get('source') or '?'), 80))} ({score:.2f})"
+                )
+        blocks.append(_context("*Sources:* " + " · ".join(shown)))
+    else:
+        blocks.append(_context("*Sources:* none"))
+    latency = f"{state.latency_ms:,.0f} ms" if state.latency_ms is not None else "n/a"
+    blocks.append(
+        _context(
+            f"adapter *{_esc(state.adapter_version or 'base')}* · model {_esc(state.model or 'n/a')} · "
+            f"{latency} · answer #{state.message_id} · conversation #{state.conversation_id}"
+        )
+    )
+    marks = []
+    if state.status in ("unsure", "error", "busy"):
+        marks.append(
+            {
+                "unsure": "❔ The bot was not sure.",
+                "error": "⚠️ The model failed.",
+                "busy": "⏳ The model was busy.",
+            }[state.status]
+        )
+    if any(k == "down" for k, _, _ in state.feedback):
+        mention = f" <!subteam^{oncall_group}>" if oncall_group else ""
+        marks.append(f"👎 *The customer disliked this answer.*{mention}")
+    for kind, actor, reason in state.feedback:
+        who = names.get(actor, actor)
+        if kind == "approve":
+            marks.append(f"✅ Approved by {who}")
+        elif kind == "flag":
+            marks.append(f"🚩 Flagged by {who}" + (f": {_esc(_short(reason, 300))}" if reason else ""))
+    for cid, actor, corrected, reason, status in state.corrections:
+        label = dict(REASONS).get(reason, reason)
+        revoked = " ~(revoked)~" if status == "revoked" else ""
+        marks.append(
+            f"✏️ *Corrected by {names.get(actor, actor)}* ({label}, #{cid}){revoked}:\n"
+            f"{_quote(_short(corrected, 1200))}"
+        )
+    if state.mode == "human":
+        marks.append("🙋 Taken over by staff: the bot is paused.")
+    if marks:
+        blocks.append(_section(_short("\n".join(marks), MAX_SECTION)))
+    value = f"{state.conversation_id}:{state.message_id}"
+    buttons = ["approve", "flag", "correct", "hand_back" if state.mode == "human" else "take_over"]
+    blocks.append(
+        {"type": "actions", "block_id": "actions", "elements": [_button(b, value) for b in buttons]}
+    )
+    corrected = f" (corrected by {names.get(state.corrections[-1][1], '')})" if state.corrections else ""
+    text = f"Answer #{state.message_id}{corrected}: {_short(state.answer, 200)}"
+    return text, blocks
+
+
+_BUTTONS = {
+    "approve": ("Approve", "primary"),
+    "flag": ("Flag", "danger"),
+    "correct": ("Correct", None),
+    "take_over": ("Take over", None),
+    "hand_back": ("Hand back", None),
+}
+
+
+def _button(name: str, value: str) -> dict[str, Any]:
+    label, style = _BUTTONS[name]
+    button: dict[str, Any] = {
+        "type": "button",
+        "action_id": f"apprentice_{name}",
+        "text": {"type": "plain_text", "text": label},
+        "value": value,
+    }
+    if style:
+        button["style"] = style
+    return button
+
+
+def correct_modal(answer: str, private_metadata: str) -> dict[str, Any]:
+    """The Correct form: the answer pre-filled, a reason, and two options that start ticked."""
+    options = [
+        {"text": {"type": "plain_text", "text": "Send to the customer"}, "value": SEND},
+        {"text": {"type": "plain_text", "text": "Remember for similar questions"}, "value": REMEMBER},
+    ]
+    reasons = [{"text": {"type": "plain_text", "text": label}, "value": v} for v, label in REASONS]
+    return {
+        "type": "modal",
+        "callback_id": "apprentice_correct",
+        "private_metadata": private_metadata,
+        "title": {"type": "plain_text", "text": "Correct the answer"},
+        "submit": {"type": "plain_text", "text": "Save"},
+        "close": {"type": "plain_text", "text": "Cancel"},
+        "blocks": [
+            {
+                "type": "input",
+                "block_id": "corrected",
+                "label": {"type": "plain_text", "text": "The answer the customer should get"},
+                "element": {
+                    "type": "plain_text_input",
+                    "action_id": "text",
+                    "multiline": True,
+                    "initial_value": answer[:3000],
+                    "max_length": 3000,
+                },
+            },
+            {
+                "type": "input",
+                "block_id": "reason",
+                "label": {"type": "plain_text", "text": "Reason"},
+                "element": {
+                    "type": "static_select",
+                    "action_id": "reason",
+                    "options": reasons,
+                    "initial_option": reasons[0],
+                },
+            },
+            {
+                "type": "input",
+                "block_id": "options",
+                "optional": True,
+                "label": {"type": "plain_text", "text": "Options"},
+                "element": {
+                    "type": "checkboxes",
+                    "action_id": "options",
+                    "options": options,
+                    "initial_options": options,
+                },
+            },
+        ],
+    }
+
+
+def flag_modal(private_metadata: str) -> dict[str, Any]:
+    return {
+        "type": "modal",
+        "callback_id": "apprentice_flag",
+        "private_metadata": private_metadata,
+        "title": {"type": "plain_text", "text": "Flag the answer"},
+        "submit": {"type": "plain_text", "text": "Flag"},
+        "close": {"type": "plain_text", "text": "Cancel"},
+        "blocks": [
+            {
+                "type": "input",
+                "block_id": "reason",
+                "optional": True,
+                "label": {"type": "plain_text", "text": "Why? (optional)"},
+                "element": {"type": "plain_text_input", "action_id": "reason", "max_length": 500},
+            }
+        ],
+    }
+
+
+def request_key(message_id: int, user: str, text: str) -> str:
+    """The idempotency key of a correction: retries, double submits and a second modal store once."""
+    digest = hashlib.sha256(f"{message_id}\n{user}\n{' '.join(text.split())}".encode()).hexdigest()
+    return f"{CHANNEL}:{digest[:48]}"
+
+
+_LINK = re.compile(r"<([^<>|]+)(?:\|([^<>]*))?>")
+
+
+def slack_to_plain(text: str) -> str:
+    """Slack message markup as plain text for a customer: links unwrapped, mentions dropped."""
+
+    def link(m: re.Match[str]) -> str:
+        target, label = m.group(1), m.group(2)
+        if target[:1] in "@#!":
+            return label or ""
+        target = target.removeprefix("mailto:")
+        return f"{label} ({target})" if label and label != target else target
+
+    out = _LINK.sub(link, text)
+    return out.replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&").strip()
+
+
+def _api_url(url: str) -> str:
+    return url if url.endswith("/") else url + "/"
+
+
+def _card_key(message_id: int) -> str:
+    return f"slack:card:{message_id}"
+
+
+def _error_of(exc: SlackApiError) -> str:
+    data = getattr(exc.response, "data", None)
+    return str(data.get("error", "")) if isinstance(data, dict) else ""
+
+
+def _retry_after(exc: SlackApiError) -> float:
+    headers = getattr(exc.response, "headers", None) or {}
+    try:
+        return max(0.0, float(headers.get("Retry-After", 1)))
+    except (TypeError, ValueError):
+        return 1.0
+
+
+def _parse_staff(value: str) -> tuple[frozenset[str], tuple[str, ...]]:
+    """APPRENTICE_STAFF: user ids (U..., W...) and user group ids (S...)."""
+    items = [x.strip() for x in value.split(",") if x.strip()]
+    return frozenset(x for x in items if not x.startswith("S")), tuple(x for x in items if x.startswith("S"))
+
+
+def _esc(text: str) -> str:
+    """Escape for mrkdwn, so customer text can never mention @channel or fake a link."""
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def _quote(text: str) -> str:
+    return "\n".join(f">{_esc(line)}" for line in (text or " ").splitlines() or [" "])
+
+
+def _plain(mrkdwn: str) -> str:
+    return mrkdwn.replace("*", "")
+
+
+def _short(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _section(text: str) -> dict[str, Any]:
+    return {"type": "section", "text": {"type": "mrkdwn", "text": _short(text, MAX_SECTION)}}
+
+
+def _context(text: str) -> dict[str, Any]:
+    return {"type": "context", "elements": [{"type": "mrkdwn", "text": _short(text, MAX_SECTION)}]}
+
+
+__all__ = ["CardState", "SlackChannel", "correct_modal", "render_card", "request_key", "slack_to_plain"]
