@@ -136,9 +136,9 @@ def test_all_formats_are_ingested_and_searchable(tmp_path: Path, formats: Path) 
 
 
 def test_reingest_costs_nothing_when_unchanged_replaces_changed_and_prunes_deleted(
-    tmp_path: Path, formats: Path
+    tmp_path: Path, formats: Path, chroma_url: str
 ) -> None:
-    kb = KnowledgeBase(tmp_path / "data")
+    kb = KnowledgeBase(tmp_path / "data", chroma_url)
     try:
         kb.ingest([formats])
         total = kb.count()

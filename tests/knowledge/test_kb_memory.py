@@ -14,13 +14,13 @@ THRESHOLD = 0.75
 
 
 @pytest.fixture
-def kb(tmp_path: Path):  # type: ignore[no-untyped-def]
+def kb(tmp_path: Path, chroma_url: str):  # type: ignore[no-untyped-def]
     folder = tmp_path / "kb"
     folder.mkdir()
     (folder / "shipping.md").write_text(
         "# Shipping\n\nStandard shipping takes 3 to 5 business days, free over $100.\n", encoding="utf-8"
     )
-    kb = KnowledgeBase(tmp_path / "data")
+    kb = KnowledgeBase(tmp_path / "data", chroma_url)  # embedded, then a Chroma server
     kb.ingest([folder])
     yield kb
     kb.close()
@@ -52,7 +52,7 @@ def test_retrieve_lets_memory_win_only_above_the_threshold(kb: KnowledgeBase) ->
 
 
 def test_remember_replaces_forget_removes_and_memory_survives_restart(
-    kb: KnowledgeBase, tmp_path: Path
+    kb: KnowledgeBase, tmp_path: Path, chroma_url: str
 ) -> None:
     kb.remember(7, QUESTION, "old answer")
     kb.remember(7, QUESTION, ANSWER)  # a second correction of the same row replaces the first
@@ -60,7 +60,7 @@ def test_remember_replaces_forget_removes_and_memory_survives_restart(
     assert [p.text for p in kb.recall(QUESTION, k=5)] == [ANSWER, "Yes, we accept PayPal."]
     kb.close()
 
-    again = KnowledgeBase(tmp_path / "data")
+    again = KnowledgeBase(tmp_path / "data", chroma_url)
     try:
         assert again.recall("Is PayPal accepted?")[0].correction_id == 8
         again.forget(8)

@@ -37,7 +37,8 @@ def test_passages_carry_their_dense_cosine_and_come_from_distinct_documents(demo
     assert len(passages) == 4
     assert len({p.source for p in passages}) == 4  # one passage per document first
     q = embed.embed_query(question)
-    for p, vec in zip(passages, embed.embed([p.text for p in passages]), strict=True):
+    embedded = [f"{p.title}\n{p.text}" for p in passages]  # chunks are embedded with their title in front
+    for p, vec in zip(passages, embed.embed(embedded), strict=True):
         cosine = sum(a * b for a, b in zip(q, vec, strict=True))
         assert p.score == pytest.approx(max(0.0, cosine), abs=1e-3)
         assert 0.0 <= p.score <= 1.0 and p.kind == "document" and p.title and p.chunk_id
@@ -62,11 +63,13 @@ def _parts_catalogue(folder: Path, models: list[str], seed: int) -> dict[str, st
     return owner
 
 
-def test_exact_part_numbers_are_found_through_bm25_also_after_restart_and_reingest(tmp_path: Path) -> None:
+def test_exact_part_numbers_are_found_through_bm25_also_after_restart_and_reingest(
+    tmp_path: Path, chroma_url: str
+) -> None:
     folder = tmp_path / "kb"
     folder.mkdir()
     owner = _parts_catalogue(folder, ["Metro 3", "Ridgeline 29", "Voltline", "Tempo Road Disc"], seed=7)
-    kb = KnowledgeBase(tmp_path / "data")
+    kb = KnowledgeBase(tmp_path / "data", chroma_url)
     try:
         kb.ingest([folder])
         for number, title in owner.items():
@@ -74,7 +77,7 @@ def test_exact_part_numbers_are_found_through_bm25_also_after_restart_and_reinge
     finally:
         kb.close()
 
-    kb = KnowledgeBase(tmp_path / "data")  # a restart: the BM25 index is rebuilt from Chroma
+    kb = KnowledgeBase(tmp_path / "data", chroma_url)  # a restart: the BM25 index is rebuilt from Chroma
     try:
         number, title = next(iter(owner.items()))
         assert kb.search(f"do you have {number} in stock?", 1)[0].title == title
@@ -86,8 +89,8 @@ def test_exact_part_numbers_are_found_through_bm25_also_after_restart_and_reinge
         kb.close()
 
 
-def test_empty_knowledge_base_and_empty_query_return_nothing(tmp_path: Path) -> None:
-    kb = KnowledgeBase(tmp_path / "data")
+def test_empty_knowledge_base_and_empty_query_return_nothing(tmp_path: Path, chroma_url: str) -> None:
+    kb = KnowledgeBase(tmp_path / "data", chroma_url)
     try:
         assert kb.count() == 0
         assert kb.search("anything at all?", 4) == []
