@@ -12,7 +12,7 @@ import contextlib
 import logging
 import signal
 from types import TracebackType
-from typing import Protocol
+from typing import Any, Protocol
 
 from bot.conversation import ConversationService
 from bot.http import HttpServer
@@ -20,6 +20,7 @@ from bot.metrics import serve_operations
 from knowledge.retrieve import KnowledgeBase
 from knowledge.settings import Settings
 from knowledge.store import Store
+from learning.registry import AdapterWatcher
 from learning.runtime import Generator, build_runtime
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,10 @@ class App:
             self.generator = self._generator
         self._stack.push_async_callback(self.generator.aclose)
         self.service = ConversationService(s, self.store, self.kb, self.generator)
+        # Hot-swap: the nightly job only moves the registry pointer; this picks it up.
+        watcher = AdapterWatcher(self.store, self.generator, interval_s=s.adapter_poll_s)
+        await watcher.start()
+        self._stack.push_async_callback(watcher.stop)
         serve_operations(self.http, self.store, self.kb, self.generator)  # /readyz and /metrics
 
     async def add_channel(self, channel: Channel) -> None:
@@ -84,6 +89,22 @@ class App:
         await channel.start()
         self._stack.push_async_callback(channel.stop)
         self.channels.append(channel)
+
+    def start_scheduler(self) -> None:
+        """Schedule the nightly learning job; its report goes to Slack when connected, else stdout."""
+        from learning.nightly import format_report, start_scheduler
+
+        async def report(result: dict[str, Any]) -> None:
+            for channel in self.channels:
+                post = getattr(channel, "post_report", None)
+                if post is not None:
+                    await post(result)
+                    return
+            if result.get("status") != "skipped":
+                print(format_report(result), flush=True)
+
+        scheduler = start_scheduler(self.settings, self.store, self.kb, report)
+        self._stack.callback(scheduler.shutdown, wait=False)
 
     async def start_http(self) -> None:
         """Start the HTTP server once every channel has added its routes."""
@@ -112,6 +133,7 @@ async def serve(settings: Settings) -> int:
             from bot.channels.slack import SlackChannel
 
             await app.add_channel(SlackChannel(settings, app.service, app.store, app.http))
+        app.start_scheduler()
         if not app.channels:
             from bot.channels.terminal import TerminalChannel
 

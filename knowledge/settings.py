@@ -129,6 +129,7 @@ class Settings(BaseSettings):
     http_port: int = Field(8080, description="Port of the HTTP server.")
 
     # --- learning -----------------------------------------------------------
+    adapter_poll_s: float = Field(10.0, description="Seconds between checks for a newly active adapter.")
     retrain_cron: str = Field("0 3 * * *", description="Cron expression of the nightly learning job.")
     min_new_examples: int = Field(5, description="The nightly job is skipped with fewer new examples.")
     train_command: str = Field(
