@@ -162,12 +162,16 @@ def _load_pdf(path: Path) -> tuple[str, str]:
     return str(meta_title).strip(), text
 
 
+def _unsupported(path: Path) -> str:
+    supported = ", ".join(sorted(SUFFIXES))
+    return f"unsupported file type {path.suffix or '(none)'!r}; convert it to one of {supported}"
+
+
 def load_document(path: Path, source: str) -> Document:
     """Read one supported file into a Document, or raise UnreadableDocument with the reason."""
     kind = SUFFIXES.get(path.suffix.lower())
     if kind is None:
-        supported = ", ".join(sorted(SUFFIXES))
-        raise UnreadableDocument(f"unsupported file type {path.suffix or '(none)'!r}; supported: {supported}")
+        raise UnreadableDocument(_unsupported(path))
     title = ""
     if kind == "pdf":
         title, text = _load_pdf(path)
@@ -333,6 +337,9 @@ def ingest(col: Any, paths: Sequence[Path], prune: bool = False, progress: bool 
     stored = _stored_documents(col)
     for path, source in tqdm(files, desc="ingest", unit="file", disable=not progress):
         key = str(path)
+        if path.suffix.lower() not in SUFFIXES:  # before hashing: a KB folder may hold big media files
+            report.skipped.append((str(path), _unsupported(path)))
+            continue
         try:
             digest = _content_hash(path)
         except OSError as exc:

@@ -196,10 +196,14 @@ class KnowledgeBase:
         passages = []
         for pos, cos in zip(positions, cosines, strict=True):
             meta = index.metas[pos]
+            title = str(meta.get("title", ""))
+            text = index.texts[pos]
+            if title and text.startswith(title + "\n"):  # the prompt shows the title already
+                text = text[len(title) :].lstrip("\n")
             passages.append(
                 Passage(
-                    text=index.texts[pos],
-                    title=str(meta.get("title", "")),
+                    text=text,
+                    title=title,
                     source=str(meta.get("source", "")),
                     score=min(1.0, max(0.0, float(cos))),
                     chunk_id=index.ids[pos],
