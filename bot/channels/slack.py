@@ -251,6 +251,14 @@ class SlackChannel:
         if conv is not None and correction.message_id is not None and self.settings.review != "none":
             await self._put("update", conv.id, {"message_id": correction.message_id})
 
+    async def post_report(self, result: dict[str, Any]) -> None:
+        """The nightly learning report, posted to the review channel (through the outbox, like cards)."""
+        if result.get("status") == "skipped":
+            return
+        from learning.nightly import format_report  # lazy: the learning job's imports are not ours
+
+        await self.outbox.put("report", {"text": format_report(result)}, key="report")
+
     async def _put(self, kind: str, conversation_id: int, payload: dict[str, Any]) -> None:
         await self.outbox.put(
             kind, {"conversation_id": conversation_id, **payload}, key=f"conv:{conversation_id}"
@@ -265,6 +273,11 @@ class SlackChannel:
                 await self._update_card(int(payload["message_id"]))
             elif kind == "note":
                 await self._post_note(payload)
+            elif kind == "report":
+                text = _short(str(payload["text"]), MAX_SECTION - 8)
+                await self.client.chat_postMessage(
+                    channel=self.channel_id, text=text, blocks=[_section(f"```{_esc(text)}```")]
+                )
             else:
                 raise Drop(f"unknown Slack outbox item kind {kind!r}")
         except SlackApiError as exc:

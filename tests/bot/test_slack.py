@@ -561,6 +561,20 @@ async def test_socket_mode_cards_buttons_commands_and_thread_replies(
             await close_rig(rig)
 
 
+async def test_nightly_report_is_posted_to_the_review_channel(rig: Rig) -> None:
+    await rig.channel.post_report({"status": "skipped"})
+    report = {
+        "status": "promoted",
+        "candidate": "v3",
+        "examples": {"new": 7},
+        "reason": "wins & no regressions",
+    }
+    await rig.channel.post_report(report)
+    [call] = await rig.slack.wait_for("chat.postMessage")
+    assert call.params["channel"] == REVIEW and "adapter v3 promoted" in call.params["text"]
+    assert "wins &amp; no regressions" in json.dumps(call.params["blocks"])  # escaped for mrkdwn
+
+
 def test_slack_markup_becomes_plain_text_for_customers() -> None:
     assert slack_to_plain("See <https://shop.example/warranty|our warranty> &amp; ask <@U1>") == (
         "See our warranty (https://shop.example/warranty) & ask"
