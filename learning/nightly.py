@@ -292,6 +292,17 @@ def crontab_weekdays(field: str) -> str:
     return ",".join(dict.fromkeys(out))
 
 
+def scheduled_slot(trigger: Any, now: dt.datetime | None = None) -> str:
+    """The fire time this run belongs to (the latest one not after `now`), the same on every replica."""
+    now = now or dt.datetime.now(trigger.timezone)
+    fire = trigger.get_next_fire_time(None, now - dt.timedelta(hours=7))  # beyond the 6 h misfire grace
+    last = fire
+    while fire is not None and fire <= now:
+        last = fire
+        fire = trigger.get_next_fire_time(fire, fire + dt.timedelta(seconds=1))
+    return (last or now).isoformat(timespec="minutes")
+
+
 def start_scheduler(
     settings: Settings,
     store: Store,
@@ -321,6 +332,12 @@ def start_scheduler(
         ) from None
 
     async def job() -> None:
+        # Every replica's scheduler fires for the same slot. The first to claim it in the database runs
+        # the job; the lock alone would let a replica that fires a moment later run a quick job again.
+        slot = scheduled_slot(trigger)
+        if not await asyncio.to_thread(store.claim_update, LOCK, slot):
+            log.info("nightly run for %s already taken by another replica", slot)
+            return
         report = await asyncio.to_thread(run_nightly, settings, store, kb)
         if on_report is not None:
             try:

@@ -42,6 +42,7 @@ def replica_env(
         APPRENTICE_RELEVANCE_THRESHOLD="-1",  # mechanics: every question reaches the model
         APPRENTICE_RATE_LIMIT_PER_MINUTE="0",
         APPRENTICE_LOG_LEVEL="INFO",
+        APPRENTICE_RETRAIN_CRON="* * * * *",  # every minute: both schedulers fire during the test
     )
 
 
@@ -68,7 +69,7 @@ async def cluster(
         assert codes == [0, 0], "\n".join(r.log_tail() for r in replicas)  # clean shutdown on SIGTERM
 
 
-async def test_each_update_is_answered_once_whichever_replica_gets_it(cluster) -> None:
+async def test_each_update_is_answered_once_and_one_replica_runs_the_nightly_job(cluster) -> None:
     replicas, telegram, db = cluster
     a, b = replicas
     updates = [
@@ -115,3 +116,26 @@ async def test_each_update_is_answered_once_whichever_replica_gets_it(cluster) -
         assert any(question in t for t in telegram.texts(chat))  # to the right customer
     handled = [metric_value(m, "apprentice_messages_in_total", channel="telegram") for m in metrics]
     assert all(n > 0 for n in handled) and sum(handled) == len(updates)  # both replicas answered
+
+    # The nightly job: both schedulers fire every minute; one replica claims the slot and runs it,
+    # the other sees it taken. Wait (bounded) until some slot was declined by a replica.
+    for _ in range(1500):
+        declined = [r for r in replicas if "already taken by another replica" in r.log_tail(100_000)]
+        if declined:
+            break
+        await asyncio.sleep(0.1)
+    assert declined, "no replica saw the nightly slot taken:\n" + "\n".join(r.log_tail() for r in replicas)
+    store = Store(db)
+    try:
+        for _ in range(600):  # the winner records its run right after its claim
+            with store.engine.connect() as conn:
+                runs = conn.scalar(sa.text("SELECT count(*) FROM training_runs"))
+                slots = conn.scalar(
+                    sa.text("SELECT count(*) FROM processed_updates WHERE channel = 'nightly'")
+                )
+            if runs:
+                break
+            await asyncio.sleep(0.1)
+    finally:
+        store.close()
+    assert 1 <= runs <= slots  # one run per slot, however many replicas' schedulers fired for it
