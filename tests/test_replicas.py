@@ -139,3 +139,22 @@ async def test_each_update_is_answered_once_and_one_replica_runs_the_nightly_job
     finally:
         store.close()
     assert 1 <= runs <= slots  # one run per slot, however many replicas' schedulers fired for it
+
+
+def test_every_replica_computes_the_same_nightly_slot() -> None:
+    """Schedulers fire a few milliseconds (or a misfire later) apart; the slot they claim is the same."""
+    import datetime as dt
+
+    from apscheduler.triggers.cron import CronTrigger
+
+    from learning.nightly import scheduled_slot
+
+    nightly = CronTrigger(minute="0", hour="3", timezone="UTC")
+    utc = dt.UTC
+    fired = [
+        dt.datetime(2026, 11, 29, 3, 0, 0, 2000, tzinfo=utc),
+        dt.datetime(2026, 11, 29, 5, 59, tzinfo=utc),
+    ]
+    assert {scheduled_slot(nightly, t) for t in fired} == {"2026-11-29T03:00+00:00"}
+    next_night = dt.datetime(2026, 11, 30, 3, 0, 1, tzinfo=utc)
+    assert scheduled_slot(nightly, next_night) == "2026-11-30T03:00+00:00"
