@@ -75,7 +75,7 @@ class GenerationError(Exception):
 
 @runtime_checkable
 class Generator(Protocol):
-    """What the bot calls to answer. Implementations: `LocalRuntime` (an HTTP/vLLM client will follow).
+    """What the bot calls to answer: `LocalRuntime` here, `learning.llm_http.HttpGenerator` for vLLM.
 
     `generate` is called from the event loop by many conversations at once and must never block it.
     It raises `ModelBusy` when the queue is full, `GenerationTimeout` and `GenerationError`.
@@ -689,11 +689,10 @@ def _hooks() -> _Hooks:
 def build_runtime(settings: Settings) -> Generator:
     """The generator the settings ask for. Blocking (loads the model): call it in a thread."""
     if settings.llm_url:
-        # The HTTP backend (an OpenAI-compatible server such as vLLM with --enable-lora) plugs in here.
-        raise GenerationError(
-            "APPRENTICE_LLM_URL is set, but the HTTP model backend is not available in this version; "
-            "unset APPRENTICE_LLM_URL to use the in-process model."
-        )
+        # An OpenAI-compatible server (vLLM with --enable-lora) does the batching; httpx stays lazy.
+        from learning.llm_http import build_http_generator
+
+        return build_http_generator(settings)
     folder = resolve_model(settings.model, settings.models_dir)
     return LocalRuntime(
         folder,
