@@ -1,0 +1,525 @@
+"""The Telegram channel: python-telegram-bot (v22, async) translated to our own records at the edge.
+
+This is the only module that imports `telegram`. Updates arrive by long polling (default) or by
+webhook on the project's HTTP server (`/telegram`, when APPRENTICE_TELEGRAM_WEBHOOK_URL is set),
+become plain `Inbound` records for `ConversationService`, and the replies leave through the
+durable `Outbox`, so a reply that Telegram refuses for now is kept and retried, never lost.
+
+Delivery guarantees, and why they are shaped this way:
+
+- **Each update once.** `store.claim_update("telegram", update_id)` runs before anything else
+  touches an update, in a table shared by restarts and replicas, so a redelivered update (after
+  a crash, a restart or on another replica) is never answered twice. The price is that an update
+  claimed just before a crash is not answered automatically; the service persists the customer's
+  message first thing, so it is in the store for staff (we chose "never twice" over "at least once"
+  for model answers: a duplicate answer is visible to the customer, a missed one is not lost).
+- **Replies at least once.** Every reply is written to the outbox before it is sent, keyed by the
+  chat so one chat's messages stay in order. 429 waits `retry_after`; 5xx and network errors back
+  off; 403 (the customer blocked the bot) marks the customer unreachable and drops the reply.
+- **One chat in order, chats concurrently.** PTB hands us updates one at a time in arrival order;
+  our handler only starts a task per update and returns. Tasks of one chat queue on that chat's
+  lock in arrival order (an uncontended `asyncio.Lock` is taken without yielding, and waiters are
+  served FIFO), tasks of different chats run side by side.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import hmac
+import logging
+import re
+import secrets
+import weakref
+from collections.abc import AsyncIterator
+from typing import Any
+
+from aiohttp import web
+from telegram import (
+    CallbackQuery,
+    InlineKeyboardButton,
+    InlineKeyboardMarkup,
+    Message,
+    MessageEntity,
+    Update,
+)
+from telegram.constants import ChatAction, ChatType
+from telegram.error import BadRequest, ChatMigrated, Forbidden, InvalidToken, RetryAfter, TelegramError
+from telegram.ext import Application, ApplicationBuilder, ContextTypes, TypeHandler
+
+from bot.conversation import ConversationService, Inbound, Outbound
+from bot.http import HttpServer
+from bot.outbox import Drop, Outbox, Retry
+from knowledge.models import Conversation
+from knowledge.settings import Settings
+from knowledge.store import Store
+
+log = logging.getLogger(__name__)
+
+CHANNEL = "telegram"
+WEBHOOK_PATH = "/telegram"
+SECRET_HEADER = "X-Telegram-Bot-Api-Secret-Token"
+SECRET_KV = "telegram_webhook_secret"
+MAX_MESSAGE = 4096  # Telegram's limit, counted in UTF-16 code units
+ALLOWED_UPDATES = ["message", "edited_message", "callback_query"]
+HELP_TEXT = (
+    "Ask me anything about our products and services and I'll answer from our help pages.\n\n"
+    "Under each answer you can tap 👍 or 👎 to tell us whether it helped.\n"
+    "Send /human to talk to a person."
+)
+ALREADY_RATED = "You already rated this answer. Thanks!"
+# content a customer can send besides text; anything else (members joining, pins…) is not a message to us
+_CONTENT_KINDS = (
+    ("photo", "photo"),
+    ("voice", "voice"),
+    ("sticker", "sticker"),
+    ("document", "document"),
+    ("location", "location"),
+    ("venue", "location"),
+    ("animation", "other"),
+    ("audio", "other"),
+    ("video", "other"),
+    ("video_note", "other"),
+    ("contact", "other"),
+    ("poll", "other"),
+    ("dice", "other"),
+    ("game", "other"),
+    ("story", "other"),
+)
+
+
+class TelegramChannel:
+    """Serves customers on one Telegram bot. `start()` returns once updates are flowing."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        service: ConversationService,
+        store: Store,
+        http: HttpServer,
+        *,
+        poll_timeout_s: float = 30.0,
+        typing_every_s: float = 4.0,
+        outbox_poll_s: float = 1.0,
+        retry_base_s: float = 1.0,
+    ) -> None:
+        token = settings.telegram_bot_token.get_secret_value()
+        if not token:
+            raise ValueError(
+                "TELEGRAM_BOT_TOKEN is not set; create a bot with @BotFather and export its token "
+                "(README: 'Connecting a real Telegram bot')."
+            )
+        self.settings, self.service, self.store, self.http = settings, service, store, http
+        self.webhook_url = settings.telegram_webhook_url.strip()
+        self.poll_timeout_s = poll_timeout_s
+        self.typing_every_s = typing_every_s
+        base_url = settings.telegram_api_url.rstrip("/")
+        builder = ApplicationBuilder().token(token).base_url(base_url)
+        if base_url.endswith("/bot"):
+            builder = builder.base_file_url(base_url[: -len("/bot")] + "/file/bot")
+        if self.webhook_url:
+            builder = builder.updater(None)  # updates come in through our own HTTP server
+        self.application: Application[Any, Any, Any, Any, Any, Any] = builder.build()
+        # One handler, run in arrival order; it only starts a task per update (see module docstring).
+        self.application.add_handler(TypeHandler(Update, self._on_update))
+        self.application.add_error_handler(self._on_error)
+        self.outbox = Outbox(store, CHANNEL, self._send_item, poll_s=outbox_poll_s, base_delay_s=retry_base_s)
+        self._chat_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+        self._secret = ""
+        self._started = False
+        service.deliverers[CHANNEL] = self._deliver
+
+    # --- lifecycle ---------------------------------------------------------------------
+    async def start(self) -> None:
+        """Connect to the Bot API, start the outbox and begin polling (or register the webhook)."""
+        if self.webhook_url:
+            self.http.add_route("POST", WEBHOOK_PATH, self._webhook)
+        try:
+            await self.application.initialize()  # getMe: a bad token fails here, loudly
+        except InvalidToken as exc:
+            raise RuntimeError(
+                "Telegram refused TELEGRAM_BOT_TOKEN; copy the token again from @BotFather (/token)."
+            ) from exc
+        except TelegramError as exc:
+            raise RuntimeError(
+                f"Could not reach the Telegram Bot API at {self.settings.telegram_api_url} ({exc}); "
+                "check the network or APPRENTICE_TELEGRAM_API_URL."
+            ) from exc
+        try:
+            self.outbox.start()
+            await self.application.start()
+            if self.webhook_url:
+                self._secret = await asyncio.to_thread(self._webhook_secret)
+                await self.application.bot.set_webhook(
+                    self.webhook_url, secret_token=self._secret, allowed_updates=ALLOWED_UPDATES
+                )
+                log.info("Telegram webhook registered at %s", self.webhook_url)
+            else:
+                updater = self.application.updater
+                assert updater is not None
+                await updater.start_polling(
+                    timeout=dt.timedelta(seconds=self.poll_timeout_s),
+                    allowed_updates=ALLOWED_UPDATES,
+                    drop_pending_updates=False,
+                )
+                log.info("Telegram long polling as @%s", self.application.bot.username)
+        except BaseException:
+            await self._teardown()
+            raise
+        self._started = True
+
+    async def stop(self) -> None:
+        """Stop taking updates, finish those in hand, stop the outbox (pending replies stay queued)."""
+        await self._teardown()
+        if self.service.deliverers.get(CHANNEL) == self._deliver:
+            del self.service.deliverers[CHANNEL]
+
+    async def _teardown(self) -> None:
+        updater = self.application.updater
+        if updater is not None and updater.running:
+            await updater.stop()
+        if self.application.running:
+            await self.application.stop()  # waits for the update tasks in flight
+        await self.outbox.stop()
+        await self.application.shutdown()
+        self._started = False
+
+    def _webhook_secret(self) -> str:
+        """The configured secret, else the one persisted by an earlier start, else a new one (persisted)."""
+        if self.settings.telegram_webhook_secret:
+            return self.settings.telegram_webhook_secret
+        # A-Z a-z 0-9 _ -, as Telegram requires; replicas starting together agree on one value
+        return self.store.setdefault_kv(SECRET_KV, secrets.token_urlsafe(32))
+
+    # --- updates in --------------------------------------------------------------------
+    async def _webhook(self, request: web.Request) -> web.Response:
+        """POST /telegram: Telegram's update push, accepted only with our secret token."""
+        got = request.headers.get(SECRET_HEADER, "").encode("utf-8", "replace")
+        if not self._secret or not hmac.compare_digest(got, self._secret.encode()):
+            log.warning("refused a %s request without the right secret token", WEBHOOK_PATH)
+            return web.Response(status=403, text="forbidden")
+        try:
+            data = await request.json()
+        except ValueError:
+            return web.Response(status=400, text="body must be a JSON Telegram update")
+        if not isinstance(data, dict) or "update_id" not in data:
+            return web.Response(status=400, text="body must be a JSON Telegram update")
+        update = Update.de_json(data, self.application.bot)
+        await self.application.update_queue.put(update)
+        return web.Response(text="ok")
+
+    async def _on_update(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        """Called by PTB for every update, one at a time: start its task and return at once."""
+        if update.callback_query is not None:  # button presses need no chat order
+            self.application.create_task(self._process(update, None), update=update)
+            return
+        chat = update.effective_chat
+        key = str(chat.id) if chat is not None else f"update:{update.update_id}"
+        lock = self._chat_locks.get(key)
+        if lock is None:
+            lock = self._chat_locks[key] = asyncio.Lock()
+        self.application.create_task(self._process(update, lock), update=update)
+
+    async def _process(self, update: Update, lock: asyncio.Lock | None) -> None:
+        async with lock if lock is not None else contextlib.nullcontext():
+            try:
+                await self._handle(update)
+            except Exception:
+                log.exception("Telegram update %s failed", update.update_id)
+
+    async def _handle(self, update: Update) -> None:
+        query = update.callback_query
+        msg = update.message or update.edited_message
+        if query is None and (msg is None or not self._addressed(msg)):
+            return  # not for us: channel posts, service messages, group chatter
+        if not await asyncio.to_thread(self.store.claim_update, CHANNEL, str(update.update_id)):
+            log.info("Telegram update %s was already processed; skipped", update.update_id)
+            return
+        if query is not None:
+            await self._on_button(query)
+            return
+        assert msg is not None
+        kind = _kind(msg, edited=update.edited_message is not None)
+        if kind is None:
+            return
+        inbound = self._inbound(msg, kind, update.update_id)
+        if kind == "text" and _command_of(msg) is not None:
+            await self._command(msg, inbound)
+            return
+        if kind == "text" and await self._bot_mode(inbound):
+            async with self._typing(inbound.chat_id):
+                outs = await self.service.handle(inbound)
+        else:  # non-text and taken-over conversations: no typing, the service decides
+            outs = await self.service.handle(inbound)
+        for out in outs:
+            await self._enqueue(inbound.chat_id, inbound.customer_id, out)
+
+    def _inbound(self, msg: Message, kind: str, update_id: int) -> Inbound:
+        user = msg.from_user
+        # unique per conversation in the store; an edit keeps the message id, so it gets its own
+        external = str(msg.message_id) if kind != "edited" else f"{msg.message_id}:edit:{update_id}"
+        customer = str(user.id) if user is not None else str(msg.chat.id)
+        text = msg.text if kind == "text" else None
+        if text is not None and msg.chat.type != ChatType.PRIVATE:
+            text = self._strip_mention(text)
+        return Inbound(
+            CHANNEL,
+            str(msg.chat.id),
+            customer,
+            text,
+            external_id=external,
+            name=user.full_name if user is not None else "",
+            kind=kind,
+        )
+
+    async def _bot_mode(self, inbound: Inbound) -> bool:
+        """True when the bot (not staff) answers this chat, so "typing…" is honest."""
+        conv = await asyncio.to_thread(
+            self.store.conversation_for, CHANNEL, inbound.chat_id, inbound.customer_id, inbound.name
+        )
+        return conv.mode != "human"
+
+    # --- groups ------------------------------------------------------------------------
+    def _addressed(self, msg: Message) -> bool:
+        """Private chats always; groups only when mentioned, replied to or commanded (unless mode is all)."""
+        if msg.chat.type == ChatType.PRIVATE:
+            return True
+        if msg.chat.type == ChatType.CHANNEL:
+            return False
+        command = _command_of(msg)
+        if command is not None:
+            return command[1] in ("", self._username())
+        if self.settings.telegram_group_mode == "all":
+            return True
+        bot = self.application.bot
+        reply = msg.reply_to_message
+        if reply is not None and reply.from_user is not None and reply.from_user.id == bot.id:
+            return True
+        for entity, text in {**msg.parse_entities(), **msg.parse_caption_entities()}.items():
+            if entity.type == MessageEntity.MENTION and text[1:].lower() == self._username():
+                return True
+            if (
+                entity.type == MessageEntity.TEXT_MENTION
+                and entity.user is not None
+                and entity.user.id == bot.id
+            ):
+                return True
+        return False
+
+    def _username(self) -> str:
+        return (self.application.bot.username or "").lower()
+
+    def _strip_mention(self, text: str) -> str:
+        name = self._username()
+        if not name:
+            return text
+        return re.sub(rf"@{re.escape(name)}\b", "", text, flags=re.IGNORECASE).strip()
+
+    # --- commands and buttons -------------------------------------------------------------
+    async def _command(self, msg: Message, inbound: Inbound) -> None:
+        command = _command_of(msg)
+        name = command[0] if command is not None else "help"
+        if name == "human":
+            out = await self.service.ask_human(inbound)
+        elif name == "start":
+            out = Outbound(self.settings.start_text, 0, kind="notice")
+        else:  # /help and anything we do not know
+            out = Outbound(HELP_TEXT, 0, kind="notice")
+        await self._enqueue(inbound.chat_id, inbound.customer_id, out)
+
+    async def _on_button(self, query: CallbackQuery) -> None:
+        """👍/👎 on an answer: stored once per customer and answer; every press gets an answer."""
+        thanks: str | None = None
+        parsed = _parse_feedback(query.data)
+        chat = query.message.chat.id if query.message is not None else None
+        valid = parsed is not None and chat is not None and await self._owns(parsed[1], str(chat))
+        if parsed is not None and valid:
+            up, message_id = parsed
+            actor = f"{CHANNEL}:{query.from_user.id}"
+            thanks = await self.service.customer_feedback(message_id, actor, up)
+        try:  # a stale or forged button is answered too (silently), so the client stops its spinner
+            await query.answer(text=thanks or (ALREADY_RATED if valid else None))
+        except TelegramError as exc:  # an old query (>15 min) cannot be answered; nothing else to do
+            log.info("could not answer callback query: %s", exc)
+        if thanks is not None:
+            with contextlib.suppress(TelegramError):  # the buttons go once used; cosmetic
+                await query.edit_message_reply_markup(reply_markup=None)
+
+    async def _owns(self, message_id: int, chat_id: str) -> bool:
+        """The button's answer belongs to this chat (a modified client can send any callback data)."""
+
+        def check() -> bool:
+            msg = self.store.message(message_id)
+            if msg is None:
+                return False
+            conv = self.store.conversation(msg.conversation_id)
+            return conv is not None and conv.channel == CHANNEL and conv.chat_id == chat_id
+
+        return await asyncio.to_thread(check)
+
+    # --- replies out -------------------------------------------------------------------
+    async def _deliver(self, conv: Conversation, out: Outbound) -> None:
+        """The service's deliverer: staff replies and corrections for a Telegram conversation."""
+        customer = await asyncio.to_thread(self.store.customer, conv.customer_id)
+        await self._enqueue(conv.chat_id, customer.external_id if customer else conv.chat_id, out)
+
+    async def _enqueue(self, chat_id: str, customer_id: str, out: Outbound) -> None:
+        """Queue one reply (split into Telegram-sized parts) in the outbox; buttons go on the last part."""
+        parts = split_text(out.text)
+        for i, part in enumerate(parts):
+            buttons = out.message_id if out.feedback_buttons and i == len(parts) - 1 else None
+            payload = {
+                "chat_id": chat_id,
+                "customer_id": customer_id,
+                "text": part,
+                "message_id": out.message_id,
+                "buttons": buttons,
+            }
+            await self.outbox.put("message", payload, key=chat_id)
+
+    async def _send_item(self, kind: str, payload: dict[str, Any]) -> None:
+        """The outbox sender: one sendMessage, its failures translated to Retry/Drop."""
+        if kind != "message":
+            raise Drop(f"unknown Telegram outbox item kind {kind!r}")
+        buttons = payload.get("buttons")
+        try:
+            await self.application.bot.send_message(
+                chat_id=payload["chat_id"],
+                text=payload["text"],  # plain text: no parse_mode, so model output cannot break markup
+                reply_markup=feedback_markup(int(buttons)) if buttons else None,
+            )
+        except RetryAfter as exc:
+            raise Retry("Telegram flood control", after=_seconds(exc.retry_after)) from exc
+        except Forbidden as exc:
+            await asyncio.to_thread(self.store.mark_unreachable, CHANNEL, str(payload["customer_id"]))
+            raise Drop(f"customer unreachable on Telegram: {exc.message}") from exc
+        except (BadRequest, ChatMigrated) as exc:  # will never succeed as sent
+            raise Drop(f"Telegram refused the message: {exc}") from exc
+        except TelegramError as exc:  # 5xx, timeouts, network: back off and try again
+            raise Retry(f"Telegram error: {exc}") from exc
+
+    @contextlib.asynccontextmanager
+    async def _typing(self, chat_id: str) -> AsyncIterator[None]:
+        """Show "typing…" while the body runs (Telegram shows it ~5 s, so it is renewed)."""
+        stop = asyncio.Event()
+        task = asyncio.create_task(self._keep_typing(chat_id, stop), name=f"typing-{chat_id}")
+        try:
+            yield
+        finally:
+            stop.set()
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _keep_typing(self, chat_id: str, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                await self.application.bot.send_chat_action(chat_id=chat_id, action=ChatAction.TYPING)
+            except Forbidden:
+                return
+            except TelegramError as exc:  # cosmetic; never hold up the answer for it
+                log.debug("sendChatAction failed: %s", exc)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.typing_every_s)
+
+    async def _on_error(self, update: object, context: ContextTypes.DEFAULT_TYPE) -> None:
+        log.error("Telegram handler error: %r", context.error, exc_info=context.error)
+
+
+# --- pure helpers (tested directly) ---------------------------------------------------------
+
+
+def feedback_markup(message_id: int) -> InlineKeyboardMarkup:
+    """👍/👎 under an answer; the callback data carries the stored answer's id."""
+    return InlineKeyboardMarkup(
+        [
+            [
+                InlineKeyboardButton("👍", callback_data=f"fb:up:{message_id}"),
+                InlineKeyboardButton("👎", callback_data=f"fb:down:{message_id}"),
+            ]
+        ]
+    )
+
+
+def _parse_feedback(data: str | object | None) -> tuple[bool, int] | None:
+    if not isinstance(data, str):
+        return None
+    m = re.fullmatch(r"fb:(up|down):(\d{1,18})", data)
+    return (m.group(1) == "up", int(m.group(2))) if m else None
+
+
+def _command_of(msg: Message) -> tuple[str, str] | None:
+    """(command, addressed bot) for "/cmd@bot args", lower-cased; None when not a command."""
+    if not msg.text or not msg.entities:
+        return None
+    first = msg.entities[0]
+    if first.type != MessageEntity.BOT_COMMAND or first.offset != 0:
+        return None
+    name, _, target = msg.text[1 : first.length].partition("@")
+    return name.lower(), target.lower()
+
+
+def _kind(msg: Message, edited: bool) -> str | None:
+    """Our Inbound kind for a message; None for service messages (members joining, pins…)."""
+    if edited:
+        return "edited"
+    if msg.text is not None:
+        return "text"
+    for attr, kind in _CONTENT_KINDS:
+        if getattr(msg, attr, None):
+            return kind
+    return None
+
+
+def _seconds(value: int | float | dt.timedelta) -> float:
+    return value.total_seconds() if isinstance(value, dt.timedelta) else float(value)
+
+
+def _units(text: str) -> int:
+    """Length as Telegram counts it (UTF-16 code units)."""
+    return len(text.encode("utf-16-le")) // 2
+
+
+def split_text(text: str, limit: int = MAX_MESSAGE) -> list[str]:
+    """Parts of at most `limit` units, cut between paragraphs, else lines, sentences, words, characters."""
+    if _units(text) <= limit:
+        return [text]
+    pieces: list[str] = []
+    for para in re.split(r"\n[ \t]*\n", text):
+        if para.strip():
+            pieces.extend(_cut(para.strip(), limit))
+    parts: list[str] = []
+    current = ""
+    for piece in pieces:
+        joined = f"{current}\n\n{piece}" if current else piece
+        if _units(joined) <= limit:
+            current = joined
+        else:
+            parts.append(current)
+            current = piece
+    if current:
+        parts.append(current)
+    return parts
+
+
+def _cut(para: str, limit: int) -> list[str]:
+    out = []
+    while _units(para) > limit:
+        end = min(len(para), limit)
+        while _units(para[:end]) > limit:
+            end -= max(1, _units(para[:end]) - limit)
+        window = para[:end]
+        cut = -1
+        for sep in ("\n", ". ", "! ", "? ", " "):
+            at = window.rfind(sep)
+            if at >= end // 2:
+                cut = at + len(sep)
+                break
+        if cut <= 0:
+            cut = end
+        out.append(para[:cut].rstrip())
+        para = para[cut:].lstrip()
+    if para:
+        out.append(para)
+    return out
