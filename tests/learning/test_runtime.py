@@ -11,13 +11,14 @@ import asyncio
 import functools
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from knowledge.passages import Passage
-from knowledge.settings import DEFAULT_SYSTEM_PROMPT
+from knowledge.settings import DEFAULT_SYSTEM_PROMPT, Settings
 from learning.prompt import build_messages
-from learning.runtime import GenerationError, GenerationTimeout, LocalRuntime, ModelBusy
+from learning.runtime import GenerationError, GenerationTimeout, LocalRuntime, ModelBusy, build_runtime
 
 QUESTIONS = [
     "Where is my order?",
@@ -225,6 +226,19 @@ def test_overlong_prompts_keep_their_end(tiny_model_dir: Path) -> None:
         [answer] = rt.generate_batch([long_history])
     assert answer.prompt_tokens == 40
     assert rt.stats.truncated == 1
+
+
+async def test_build_runtime_applies_the_settings(tiny_model_dir: Path, tmp_path: Path) -> None:
+    options: dict[str, Any] = {"model": str(tiny_model_dir), "dtype": "float32", "max_new_tokens": 3}
+    settings = Settings(data_dir=tmp_path, max_batch=2, max_queue=5, **options)
+    rt = build_runtime(settings)
+    try:
+        assert isinstance(rt, LocalRuntime)
+        assert (rt.max_batch, rt.max_queue, rt.timeout_s) == (2, 5, settings.llm_timeout_s)
+        answer = await rt.generate(chat(QUESTIONS[0]))
+        assert answer.model == str(tiny_model_dir) and answer.new_tokens == 3
+    finally:
+        await rt.aclose()
 
 
 @pytest.mark.slow
