@@ -35,8 +35,8 @@ def clean_env(**settings: str) -> dict[str, str]:
 
 
 def serve_env(
-    data_dir: Path, port: int, *, db: str, chroma: str, llm: str, telegram: str, token: str, secret: str,
-    kb: str = "", model: str = "", **extra: str,
+    data_dir: Path, port: int, *, db: str, chroma: str, llm: str, telegram: str, token: str,
+    secret: str = "", kb: str = "", model: str = "", **extra: str,
 ) -> dict[str, str]:
     """Settings of one replica in the scaled-out topology (Telegram webhook mode)."""
     settings = {
@@ -47,11 +47,12 @@ def serve_env(
         "TELEGRAM_BOT_TOKEN": token,
         "APPRENTICE_TELEGRAM_API_URL": telegram,
         "APPRENTICE_TELEGRAM_WEBHOOK_URL": "https://bot.example.com/telegram",
-        "APPRENTICE_TELEGRAM_WEBHOOK_SECRET": secret,
         "APPRENTICE_HTTP_HOST": "127.0.0.1",
         "APPRENTICE_HTTP_PORT": str(port),
         "APPRENTICE_REVIEW": "none",
     }
+    if secret:  # else the first replica generates one into the database and the others read it
+        settings["APPRENTICE_TELEGRAM_WEBHOOK_SECRET"] = secret
     if kb:
         settings["APPRENTICE_KB"] = kb
     if model:

@@ -23,7 +23,6 @@ from replicas import Replica, metric_value, serve_env
 
 from knowledge.store import Store
 
-SECRET = "replica-test-secret"
 MODEL = "shop-model"
 CUSTOMERS = 8
 MESSAGES_EACH = 2
@@ -38,7 +37,7 @@ def replica_env(
         (kb / "shipping.md").write_text("# Shipping\n\nWe ship bikes within 3 days.\n", encoding="utf-8")
     return serve_env(
         tmp / name / "data", port, db=db, chroma=chroma, llm=llm, telegram=telegram, token=TOKEN,
-        secret=SECRET, kb=str(kb), model=MODEL,
+        kb=str(kb), model=MODEL,  # no webhook secret: the replicas generate one and agree on it
         APPRENTICE_RELEVANCE_THRESHOLD="-1",  # mechanics: every question reaches the model
         APPRENTICE_RATE_LIMIT_PER_MINUTE="0",
         APPRENTICE_LOG_LEVEL="INFO",
@@ -72,6 +71,14 @@ async def cluster(
 async def test_each_update_is_answered_once_and_one_replica_runs_the_nightly_job(cluster) -> None:
     replicas, telegram, db = cluster
     a, b = replicas
+    # both replicas registered the webhook with the one secret they agreed on in the database
+    store = Store(db)
+    try:
+        secret = store.get_kv("telegram_webhook_secret")
+    finally:
+        store.close()
+    registered = {c.params.get("secret_token") for c in telegram.find("setWebhook")}
+    assert secret and registered == {secret} and len(telegram.find("setWebhook")) == 2
     updates = [
         telegram.message_update(9000 + c, f"Do you ship bike number {c}-{m} to Oslo?")
         for m in range(MESSAGES_EACH) for c in range(CUSTOMERS)
@@ -87,7 +94,7 @@ async def test_each_update_is_answered_once_and_one_replica_runs_the_nightly_job
         if i % 5 == 0:
             deliveries.append((first, update))
     async with aiohttp.ClientSession() as http:
-        statuses = await asyncio.gather(*(r.post_update(http, u, SECRET) for r, u in deliveries))
+        statuses = await asyncio.gather(*(r.post_update(http, u, secret) for r, u in deliveries))
         assert set(statuses) == {200}
         # the fake Bot API records every reply; wait for one per update
         await telegram.wait_for("sendMessage", count=len(updates), timeout=120)
