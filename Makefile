@@ -29,7 +29,7 @@ services:
 	@bash tests/services.sh
 
 test: $(STAMP) services
-	$(BIN)/python -m pytest -q -ra
+	$(BIN)/python -m pytest -q -ra --durations=30
 
 lint: $(STAMP)
 	$(BIN)/ruff check bot knowledge learning tests
