@@ -77,6 +77,35 @@ def cmd_bench_retrieval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_speed(args: argparse.Namespace) -> int:
+    from learning.bench_speed import run_speed_bench
+
+    kb = Path(args.kb) if args.kb else None
+    report = run_speed_bench(
+        _settings(), Path(args.out), kb_dir=kb, model=args.model, max_new_tokens=args.max_new_tokens
+    )
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def cmd_bench_loop(args: argparse.Namespace) -> int:
+    from bot.conversation import ConversationService, Inbound
+    from learning.bench_loop import LoopOptions, ServingPath, run_loop_bench
+    from learning.commands import train_config
+
+    options = LoopOptions(
+        groups=args.groups, controls=args.controls, seed=args.seed, model=args.model,
+        train=train_config(args), data_dir=Path(args.data_dir) if args.data_dir else None,
+    )  # fmt: skip
+    report = run_loop_bench(
+        _settings(), Path(args.kb), Path(args.questions), Path(args.out),
+        ServingPath(ConversationService, Inbound), options,
+    )  # fmt: skip
+    print(json.dumps({k: report[k] for k in ("scores", "uplift_vs_baseline", "control_change")}, indent=2))
+    print(f"Report: {Path(args.out) / 'report.json'}")
+    return 0
+
+
 # --- learning (learning/commands.py does the work) -------------------------------------
 def cmd_datasets_build(args: argparse.Namespace) -> int:
     from learning.commands import datasets_build
@@ -156,6 +185,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kb", required=True, help="Folder of markdown documents.")
     p.add_argument("--questions", required=True, help="questions.jsonl with gold_docs.")
     p.add_argument("--out", required=True, help="Output folder for retrieval.json and retrieval.png.")
+    p = add("speed", cmd_bench_speed, "Decode, batching, latency, retrieval, ingest, training speed.", bench)
+    p.add_argument("--out", required=True, help="Output folder for speed.json and speed.png.")
+    p.add_argument("--model", help="Base model (default: APPRENTICE_MODEL).")
+    p.add_argument("--kb", help="Folder of documents to retrieve from (default: the configured KB).")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="Tokens per answer when timing (64).")
+    p = add("loop", cmd_bench_loop, "Baseline, correction memory and retraining on a QA set.", bench)
+    p.add_argument("--kb", required=True, help="Folder of markdown documents.")
+    p.add_argument("--questions", required=True, help="questions.jsonl with id, question, answer, group.")
+    p.add_argument("--out", required=True, help="Output folder for report.json, answers.jsonl, report.png.")
+    p.add_argument("--groups", type=int, default=40, help="Question groups to correct (40).")
+    p.add_argument("--controls", type=int, default=40, help="Untouched control questions (40).")
+    p.add_argument("--seed", type=int, default=0, help="Seed of the choice of groups and controls (0).")
+    p.add_argument("--model", help="Base model (default: APPRENTICE_MODEL).")
+    p.add_argument("--data-dir", help="Keep the run's data here (default: a temporary folder).")
+    from learning.commands import add_train_arguments as _train_flags
+
+    _train_flags(p)
 
     from learning.commands import add_train_arguments
 

@@ -288,6 +288,11 @@ class LocalRuntime:
     def queue_depth(self) -> int:
         return len(self._queue)
 
+    @property
+    def base_model(self) -> Any:
+        """The transformers model without adapters (read-only use: weight sizes for the roofline)."""
+        return self._base
+
     async def generate(self, messages: Messages, max_new_tokens: int | None = None) -> Generation:
         """Answer one conversation. Raises ModelBusy at once when the queue is full."""
         request = self._enqueue(messages, max_new_tokens, wait_for_room=False)

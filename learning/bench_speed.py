@@ -1,0 +1,509 @@
+"""The speed benchmark: how fast this machine answers, retrieves, ingests and trains, in one run.
+
+All figures come from one process on one machine at one time, so their ratios hold:
+
+- batch-1 decode tokens/s and time to first token (the runtime's own batch records);
+- aggregate tokens/s with 1, 4 and 8 concurrent conversations through the real serving path
+  (`LocalRuntime.generate` from concurrent asyncio tasks; the runtime's micro-batching does the rest);
+- answer latency with retrieval (retrieve -> prompt -> generate) and without (prompt -> generate);
+- hybrid retrieval p50/p95 at 1k and 10k chunks;
+- ingestion documents/s of the knowledge base;
+- training tokens/s: a few SFT steps of the nightly job's own training subprocess (learning.train);
+- the memory-bandwidth roofline: the measured read bandwidth divided by the bytes of weights one
+  decoded token has to read, and the measured batch-1 decode as a share of it.
+
+Why the 1k/10k collections are synthetic: embedding 10k real chunks with MiniLM takes minutes on two
+shared cores (about 11 chunks/s was measured under load). The synthetic chunks are the KB's real
+chunks with their sentences shuffled (so BM25 sees real vocabulary, in 10k documents) and their real
+embeddings plus a little noise (so the vector index holds 10k distinct, realistically clustered
+vectors). Queries are real sentences, embedded at query time, exactly as serving does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import os
+import random
+import statistics
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from learning.prompt import build_messages
+
+if TYPE_CHECKING:
+    from knowledge.retrieve import KnowledgeBase
+    from knowledge.settings import Settings
+    from learning.runtime import LocalRuntime
+
+log = logging.getLogger(__name__)
+
+CONCURRENCY = (1, 4, 8)
+RETRIEVAL_SIZES = {"1k": 1_000, "10k": 10_000}
+
+
+# --- small shared helpers (also used by the loop benchmark) -----------------------------------------
+
+
+def percentiles(values: Sequence[float], digits: int = 4) -> dict[str, float]:
+    """p50 and p95 (inclusive method; one value is its own percentiles)."""
+    vals = sorted(values)
+    if not vals:
+        return {"p50": float("nan"), "p95": float("nan")}
+    if len(vals) == 1:
+        return {"p50": round(vals[0], digits), "p95": round(vals[0], digits)}
+    q = statistics.quantiles(vals, n=100, method="inclusive")
+    return {"p50": round(q[49], digits), "p95": round(q[94], digits)}
+
+
+def latency_pair(
+    settings: Settings, kb: KnowledgeBase, runtime: LocalRuntime, questions: Sequence[str]
+) -> dict[str, dict[str, float]]:
+    """Seconds per answer, one at a time, with retrieval (as served) and without (the bare question).
+
+    With and without alternate question by question, so load changes hit both alike. Blocking: call
+    it from a plain thread.
+    """
+    rag: list[float] = []
+    bare: list[float] = []
+    for q in questions:
+        t = time.perf_counter()
+        retrieval = kb.retrieve(q, settings.top_k, settings.memory_threshold)
+        runtime.generate_batch([build_messages(settings.system_prompt_text, retrieval.all, q)])
+        rag.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        runtime.generate_batch([build_messages(settings.system_prompt_text, [], q)])
+        bare.append(time.perf_counter() - t)
+    return {"rag": percentiles(rag), "no_retrieval": percentiles(bare)}
+
+
+def _loadavg() -> list[float]:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:  # pragma: no cover - not Unix
+        return []
+
+
+# --- the roofline -----------------------------------------------------------------------------------
+
+
+def measure_bandwidth(threads: int, mib_per_thread: int = 256, repeats: int = 5) -> float:
+    """Memory read bandwidth in GB/s: `threads` numpy sums over arrays far larger than the caches.
+
+    numpy releases the GIL inside the reduction, so the threads read in parallel. The best of
+    `repeats` is kept (the machine's capability, not its worst moment).
+    """
+    import numpy as np
+
+    n = mib_per_thread * 2**20 // 4
+    arrays = [np.ones(n, dtype=np.float32) for _ in range(threads)]
+    best = math.inf
+
+    def read(a: Any, barrier: threading.Barrier) -> None:
+        barrier.wait()
+        a.sum()
+
+    for _ in range(repeats):
+        barrier = threading.Barrier(threads + 1)
+        workers = [threading.Thread(target=read, args=(a, barrier)) for a in arrays]
+        for w in workers:
+            w.start()
+        t = time.perf_counter()
+        barrier.wait()
+        for w in workers:
+            w.join()
+        best = min(best, time.perf_counter() - t)
+    return threads * n * 4 / best / 1e9
+
+
+def weights_bytes_per_token(model: Any) -> int:
+    """Bytes of weights one decoding step reads: every parameter once (a tied embedding is read once,
+    as the output layer); an untied input embedding only contributes one row, so it is left out."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    inp, outp = model.get_input_embeddings(), model.get_output_embeddings()
+    if inp is not None and outp is not None and inp.weight is not outp.weight:
+        total -= inp.weight.numel() * inp.weight.element_size()
+    return int(total)
+
+
+# --- generation ----------------------------------------------------------------------------------
+
+
+def _rag_prompts(
+    settings: Settings, kb: KnowledgeBase, questions: Sequence[str]
+) -> list[list[dict[str, str]]]:
+    return [build_messages(settings.system_prompt_text, kb.search(q, settings.top_k), q) for q in questions]
+
+
+def _decode_batch1(runtime: LocalRuntime, prompts: Sequence[Any], max_new: int) -> dict[str, Any]:
+    """Batch-1 decode tokens/s (after the first token) and time to first token, one prompt at a time."""
+    decode_tokens = 0
+    decode_s = 0.0
+    ttfts: list[float] = []
+    prompt_tokens: list[int] = []
+    for p in prompts:
+        [gen] = runtime.generate_batch([p], max_new)
+        record = runtime.stats.recent[-1]
+        if record.prefill_s is not None and record.new_tokens > 1:
+            decode_tokens += record.new_tokens - 1
+            decode_s += record.seconds - record.prefill_s
+        if gen.ttft_s is not None:
+            ttfts.append(gen.ttft_s)
+        prompt_tokens.append(gen.prompt_tokens)
+    return {
+        "decode_tok_s": round(decode_tokens / decode_s, 2) if decode_s else 0.0,
+        "ttft_s": round(statistics.median(ttfts), 4) if ttfts else None,
+        "prompt_tokens": round(statistics.mean(prompt_tokens), 1),
+        "decoded_tokens": decode_tokens,
+    }
+
+
+async def _concurrent(
+    runtime: LocalRuntime, prompts: Sequence[Any], conversations: int, rounds: int, max_new: int
+) -> dict[str, float]:
+    """`conversations` asyncio tasks, each asking `rounds` questions in turn through runtime.generate."""
+
+    async def customer(k: int) -> int:
+        made = 0
+        for r in range(rounds):
+            gen = await runtime.generate(prompts[(k * rounds + r) % len(prompts)], max_new)
+            made += gen.new_tokens
+        return made
+
+    batches_before = runtime.stats.batches
+    t = time.perf_counter()
+    made = await asyncio.gather(*(customer(k) for k in range(conversations)))
+    wall = time.perf_counter() - t
+    recent = list(runtime.stats.recent)[-(runtime.stats.batches - batches_before) :]
+    sizes = [b.size for b in recent]
+    return {
+        "tok_s": round(sum(made) / wall, 2),
+        "wall_s": round(wall, 2),
+        "tokens": sum(made),
+        "mean_batch": round(statistics.mean(sizes), 2) if sizes else 0.0,
+    }
+
+
+# --- retrieval at scale ----------------------------------------------------------------------------
+
+
+def _synthetic_collection(root: Path, chunks: Sequence[Any], n: int, seed: int) -> None:
+    """Write n synthetic chunks (see the module docstring) into a fresh embedded Chroma at `root`."""
+    import numpy as np
+
+    from knowledge import vectors
+    from knowledge.retrieve import DOCUMENTS
+
+    rng = random.Random(seed)
+    noise = np.random.default_rng(seed)
+    ids: list[str] = []
+    texts: list[str] = []
+    metas: list[dict[str, str | int | float | bool]] = []
+    embs: list[list[float]] = []
+    for i in range(n):
+        src = chunks[i % len(chunks)]
+        sentences = [s for s in src.text.replace("\n", " ").split(". ") if s.strip()]
+        rng.shuffle(sentences)
+        vec = np.asarray(src.embedding, dtype=np.float32)
+        vec = vec + noise.normal(0.0, 0.35 / math.sqrt(vec.size), vec.size).astype(np.float32)
+        vec /= np.linalg.norm(vec)
+        ids.append(f"synthetic-{i}")
+        texts.append(". ".join(sentences))
+        metas.append(
+            {
+                "doc": f"synthetic/{i // 5}.md",
+                "source": f"synthetic/{i // 5}.md",
+                "title": str(src.metadata.get("title", "")),
+                "chunk": i % 5,
+                "hash": "synthetic",
+            }
+        )
+        embs.append(vec.tolist())
+    client = vectors.open_client(root)
+    try:
+        vectors.upsert(vectors.collection(client, DOCUMENTS), ids, texts, metas, embs)
+    finally:
+        vectors.close_client(client)
+
+
+def _retrieval_latency(root: Path, chunks: Sequence[Any], queries: Sequence[str], n: int) -> dict[str, float]:
+    from knowledge.retrieve import KnowledgeBase
+
+    _synthetic_collection(root, chunks, n, seed=n)
+    kb = KnowledgeBase(root)
+    try:
+        if kb.count() != n:
+            raise RuntimeError(f"the synthetic collection holds {kb.count()} chunks, not {n}")
+        kb.search("warm up the index", 4)  # builds BM25 over the n chunks outside the timings
+        times = []
+        for q in queries:
+            t = time.perf_counter()
+            kb.search(q, 4)
+            times.append((time.perf_counter() - t) * 1000)
+    finally:
+        kb.close()
+    return percentiles(times, digits=2)
+
+
+def _query_sentences(chunks: Sequence[Any], count: int, seed: int) -> list[str]:
+    """Distinct real sentences from the KB, used as queries (never embedded before: no cache hits)."""
+    rng = random.Random(seed)
+    found: list[str] = []
+    for c in chunks:
+        for s in c.text.replace("\n", " ").split(". "):
+            words = s.split()
+            if 6 <= len(words) <= 25:
+                found.append(" ".join(words))
+    found = sorted(set(found))
+    rng.shuffle(found)
+    return found[:count]
+
+
+# --- training ------------------------------------------------------------------------------------
+
+
+def _train_tokens_per_s(
+    settings: Settings, prompts: Sequence[Any], answers: Sequence[str], work: Path, steps: int
+) -> dict[str, Any]:
+    """A few SFT steps of the nightly job's training subprocess; tokens/s from its own log."""
+    from learning.modelfiles import resolve_model
+    from learning.train import LOG_FILE, JobSpec, TrainConfig, build_command, run_subprocess
+
+    dataset = work / "dataset"
+    dataset.mkdir(parents=True)
+    with (dataset / "sft.jsonl").open("w", encoding="utf-8") as fh:
+        for p, a in zip(prompts, answers, strict=True):
+            fh.write(json.dumps({"prompt": p, "completion": [{"role": "assistant", "content": a}]}) + "\n")
+    cfg = TrainConfig(max_steps=steps, dpo=False)
+    spec = JobSpec(
+        str(dataset),
+        str(work / "adapter"),
+        resolve_model(settings.model, settings.models_dir),
+        settings.model,
+        None,
+        cfg,
+    )
+    t = time.perf_counter()
+    code = run_subprocess(build_command(spec), work / "train.out")
+    wall = time.perf_counter() - t
+    log_file = work / "adapter" / LOG_FILE
+    if code != 0 or not log_file.is_file():
+        tail = (work / "train.out").read_text(encoding="utf-8", errors="replace")[-2000:]
+        raise RuntimeError(f"the training steps failed (exit {code}):\n{tail}")
+    rows = [json.loads(line) for line in log_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    tokens = max((r.get("num_tokens", 0.0) for r in rows), default=0.0)
+    seconds = max((r.get("train_runtime", 0.0) for r in rows), default=0.0)
+    return {
+        "tokens_per_s": round(tokens / seconds, 1) if tokens and seconds else None,
+        "tokens": int(tokens),
+        "trainer_s": round(seconds, 1),
+        "wall_s": round(wall, 1),
+        "steps": steps,
+        "batch_size": cfg.batch_size,
+    }
+
+
+# --- the report ----------------------------------------------------------------------------------
+
+
+def _chart(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 4, figsize=(15, 3.8))
+    ax = axes[0]
+    bars = ax.bar(
+        ["batch-1\ndecode", f"roofline\n({report['dtype']})"],
+        [report["decode_tok_s_batch1"], report["roofline_tok_s"]],
+        color=["#2f80ed", "#9aa5b1"],
+    )
+    ax.bar_label(bars, fmt="%.1f", fontsize=8)
+    ax.set_ylabel("tokens/s")
+    ax.set_title(
+        f"Decode: {report['roofline_ratio']:.0%} of roofline ({report['bandwidth_gb_s']:.1f} GB/s)",
+        fontsize=9,
+    )
+    ax = axes[1]
+    keys = list(report["throughput_tok_s"])
+    bars = ax.bar(
+        [f"{k} conv." for k in keys], [report["throughput_tok_s"][k] for k in keys], color="#2f80ed"
+    )
+    ax.bar_label(bars, fmt="%.1f", fontsize=8)
+    ax.set_ylabel("aggregate tokens/s")
+    ax.set_title("Concurrent conversations (micro-batching)", fontsize=9)
+    ax = axes[2]
+    lat = report["latency_s"]
+    xs = range(2)
+    for off, q, color in ((-0.2, "p50", "#2f80ed"), (0.2, "p95", "#9aa5b1")):
+        bars = ax.bar(
+            [x + off for x in xs], [lat["rag"][q], lat["no_retrieval"][q]], 0.4, label=q, color=color
+        )
+        ax.bar_label(bars, fmt="%.2f", fontsize=8)
+    ax.set_xticks(list(xs), ["with retrieval", "without"])
+    ax.set_ylabel("seconds per answer")
+    ax.set_title("Answer latency (batch 1)", fontsize=9)
+    ax.legend(fontsize=8)
+    ax = axes[3]
+    ret = report["retrieval_ms"]
+    xs = range(len(ret))
+    for off, q, color in ((-0.2, "p50", "#2f80ed"), (0.2, "p95", "#9aa5b1")):
+        bars = ax.bar([x + off for x in xs], [ret[k][q] for k in ret], 0.4, label=q, color=color)
+        ax.bar_label(bars, fmt="%.1f", fontsize=8)
+    ax.set_xticks(list(xs), [f"{k} chunks" for k in ret])
+    ax.set_ylabel("ms per hybrid search")
+    ax.set_title("Retrieval", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.suptitle(
+        f"{report['model']} ({report['dtype']}) on {report['conditions']['cpus']} CPUs; "
+        f"ingest {report['ingest_docs_per_s']:.1f} docs/s, "
+        f"training {report['train_tokens_per_s'] or 0:.0f} tok/s",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run_speed_bench(
+    settings: Settings,
+    out_dir: Path,
+    *,
+    kb_dir: Path | None = None,
+    model: str | None = None,
+    max_new_tokens: int = 64,
+    samples: int = 6,
+    rounds: int = 2,
+    retrieval_queries: int = 50,
+    train_steps: int = 4,
+    sizes: dict[str, int] | None = None,
+) -> dict[str, Any]:
+    """Measure everything (module docstring) and write speed.json and speed.png into `out_dir`."""
+    from knowledge import embed, vectors
+    from knowledge.retrieve import DOCUMENTS, KnowledgeBase
+    from learning.bench_loop import bench_settings
+    from learning.runtime import cpu_budget
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    load_before = _loadavg()
+    report: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="apprentice-speed-") as tmp:
+        root = Path(tmp)
+        s = bench_settings(settings, root / "data", kb_dir or settings.kb_path, model)
+        s.data_dir.mkdir(parents=True)
+        embed.embed(["load the embedding model before the clock starts"])
+        kb = KnowledgeBase.from_settings(s)
+        runtime: Any = None
+        try:
+            t = time.perf_counter()
+            ingested = kb.ingest([s.kb_path])
+            ingest_s = time.perf_counter() - t
+            docs = len(ingested.added) + len(ingested.updated)
+            kb.close()
+            client = vectors.open_client(s.data_dir)  # the stored chunks with their embeddings
+            try:
+                chunks = vectors.get(
+                    vectors.collection(client, DOCUMENTS), with_text=True, with_embeddings=True
+                )
+            finally:
+                vectors.close_client(client)
+            kb = KnowledgeBase.from_settings(s)
+            if not chunks:
+                raise ValueError(f"{s.kb_path} holds no documents to benchmark with.")
+            questions = _query_sentences(chunks, samples * 8 + 2 * retrieval_queries, seed=0)
+            gen_questions = questions[: samples * 8]
+            prompts = _rag_prompts(s, kb, gen_questions)
+
+            runtime = _runtime(s)
+            runtime.generate_batch([prompts[0]], 8)  # warm-up: first-call allocations
+            batch1 = _decode_batch1(runtime, prompts[:samples], max_new_tokens)
+            throughput: dict[str, Any] = {}
+            for c in CONCURRENCY:
+                throughput[str(c)] = asyncio.run(_concurrent(runtime, prompts, c, rounds, max_new_tokens))
+            latency = latency_pair(s, kb, runtime, gen_questions[samples : samples * 2])
+            model_obj = runtime.base_model
+            bytes_per_token = weights_bytes_per_token(model_obj)
+            params = sum(p.numel() for p in model_obj.parameters())
+            dtype = str(runtime.dtype).replace("torch.", "")
+            decode_path = getattr(runtime, "decode_path", "transformers generate")
+            runtime.close()
+            runtime = None
+
+            threads = cpu_budget()
+            bandwidth = measure_bandwidth(threads)
+            roofline = bandwidth * 1e9 / bytes_per_token
+
+            retrieval: dict[str, Any] = {}
+            queries = questions[samples * 8 :]
+            for i, (label, n) in enumerate((sizes or RETRIEVAL_SIZES).items()):
+                part = queries[i * retrieval_queries : (i + 1) * retrieval_queries] or queries
+                retrieval[label] = _retrieval_latency(root / f"chroma-{label}", chunks, part, n)
+
+            answers = [c.text[:400] for c in chunks[: len(prompts)]]
+            train = _train_tokens_per_s(s, prompts[: len(answers)], answers, root / "train", train_steps)
+        finally:
+            if runtime is not None:
+                runtime.close()
+            kb.close()
+
+    report = {
+        "model": s.model,
+        "dtype": dtype,
+        "decode_tok_s_batch1": batch1["decode_tok_s"],
+        "ttft_s": batch1["ttft_s"],
+        "bandwidth_gb_s": round(bandwidth, 2),
+        "roofline_tok_s": round(roofline, 1),
+        "roofline_ratio": round(batch1["decode_tok_s"] / roofline, 4),
+        "throughput_tok_s": {k: v["tok_s"] for k, v in throughput.items()},
+        "latency_s": latency,
+        "retrieval_ms": retrieval,
+        "ingest_docs_per_s": round(docs / ingest_s, 2) if ingest_s else None,
+        "train_tokens_per_s": train["tokens_per_s"],
+        # beyond the issue's schema: how the figures were taken
+        "decode_path": decode_path,
+        "params": int(params),
+        "weights_bytes_per_token": bytes_per_token,
+        "max_new_tokens": max_new_tokens,
+        "prompt_tokens_mean": batch1["prompt_tokens"],
+        "throughput_detail": throughput,
+        "scaling_8_vs_1": round(throughput["8"]["tok_s"] / throughput["1"]["tok_s"], 2)
+        if throughput.get("1", {}).get("tok_s")
+        else None,
+        "ingest": {"documents": docs, "chunks": ingested.chunks, "seconds": round(ingest_s, 2)},
+        "train": train,
+        "kb": str(s.kb_path),
+        "conditions": {
+            "cpus": cpu_budget(),
+            "bandwidth_threads": threads,
+            "loadavg_before": load_before,
+            "loadavg_after": _loadavg(),
+        },
+        "wall_s": round(time.perf_counter() - started, 1),
+    }
+    (out_dir / "speed.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    _chart(report, out_dir / "speed.png")
+    return report
+
+
+def _runtime(settings: Settings) -> LocalRuntime:
+    from learning.modelfiles import resolve_model
+    from learning.runtime import LocalRuntime
+
+    return LocalRuntime(
+        resolve_model(settings.model, settings.models_dir),
+        name=settings.model,
+        dtype=settings.dtype,
+        max_batch=max(CONCURRENCY),
+        max_queue=256,
+        max_new_tokens=settings.max_new_tokens,
+        timeout_s=3600.0,
+    )

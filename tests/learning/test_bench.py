@@ -1,0 +1,131 @@
+"""Both benchmarks end to end on a tiny slice (tiny random Llama, 2 corrected groups), so their
+reports cannot silently rot. The figures mean nothing here; the schema and the mechanics do."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bot.conversation import ConversationService, Inbound
+from knowledge.settings import Settings
+from learning.bench_loop import STAGES, LoopOptions, ServingPath, run_loop_bench, select
+from learning.bench_speed import run_speed_bench
+from learning.train import TrainConfig
+
+BENCH = Path(__file__).parents[2].parent / "shared" / "bench" / "emanual"
+TINY = TrainConfig(
+    rank=4, alpha=8, max_steps=2, batch_size=2, max_length=512, gradient_checkpointing=False, dpo_epochs=1
+)
+
+
+@pytest.fixture(scope="module")
+def emanual_slice(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A few groups of the emanual set and the documents that ground them, copied to a tmp folder."""
+    if not (BENCH / "questions.jsonl").is_file():
+        pytest.skip(f"SKIPPED LOUDLY: the bench data is missing at {BENCH} (see ../shared/bench/README.md)")
+    rows = [json.loads(x) for x in (BENCH / "questions.jsonl").read_text().splitlines() if x.strip()]
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault(r["group"], []).append(r)
+    multi = [g for g, m in groups.items() if len(m) >= 2][:3]
+    single = [g for g, m in groups.items() if len(m) == 1][:3]
+    picked = [r for g in multi + single for r in groups[g]]
+    root = tmp_path_factory.mktemp("emanual-slice")
+    kb = root / "kb"
+    kb.mkdir()
+    for doc in sorted({d for r in picked for d in r["gold_docs"]})[:6]:
+        shutil.copy(BENCH / "kb" / f"{doc}.md", kb / f"{doc}.md")
+    questions = root / "questions.jsonl"
+    questions.write_text("".join(json.dumps(r) + "\n" for r in picked))
+    return kb, questions
+
+
+def _settings(tmp: Path, model: Path) -> Settings:
+    return Settings(data_dir=tmp / "data", model=str(model), dtype="float32", max_new_tokens=8, top_k=2,
+                    max_batch=4)  # fmt: skip
+
+
+def test_selection_is_deterministic_and_prefers_paraphrased_groups() -> None:
+    rows = [
+        {"id": "a1", "question": "qa1", "answer": "A", "group": "a"},
+        {"id": "a2", "question": "qa2", "answer": "A2", "group": "a"},
+        {"id": "b1", "question": "qb1", "answer": "B", "group": "b"},
+        {"id": "c1", "question": "qc1", "answer": "C", "group": "c"},
+        {"id": "c2", "question": "qc2", "answer": "C", "group": "c"},
+        {"id": "d1", "question": "qd1", "answer": "D", "group": "d"},
+    ]
+    sel = select(rows, groups=3, controls=1, seed=7)
+    assert sel == select(rows, groups=3, controls=1, seed=7)
+    assert {it.group for it in sel.feedback[:2]} == {"a", "c"}  # two phrasings first
+    by_group = {it.group: it for it in sel.heldout}
+    assert by_group["a"].question == "qa2" and by_group["a"].reference == "A"  # taught answer is the reference
+    single = sel.feedback[2]
+    assert by_group[single.group].question == single.question  # a singleton is asked again
+    assert len(sel.control) == 1 and sel.control[0].group not in {it.group for it in sel.feedback}
+
+
+@pytest.mark.slow
+def test_loop_bench_writes_the_report(
+    emanual_slice: tuple[Path, Path], tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    kb, questions = emanual_slice
+    out = tmp_path / "out"
+    report = run_loop_bench(
+        _settings(tmp_path, tiny_model_dir), kb, questions, out,
+        ServingPath(ConversationService, Inbound), LoopOptions(groups=2, controls=2, seed=1, train=TINY),
+    )  # fmt: skip
+    assert report == json.loads((out / "report.json").read_text())
+    assert {"dataset", "model", "groups", "controls", "seed", "scores", "uplift_vs_baseline", "control_change",
+            "latency_s", "train", "gate", "answers"} <= set(report)  # fmt: skip
+    assert report["groups"] == 2 and report["controls"] == 2 and report["seed"] == 1
+    for stage in STAGES:
+        assert set(report["scores"][stage]) == {"heldout", "control"}, stage
+        assert all(0.0 <= v <= 1.0 for v in report["scores"][stage].values())
+    assert set(report["uplift_vs_baseline"]) == set(report["control_change"]) == {"memory", "weights", "both"}
+    for kind in ("rag", "no_retrieval"):
+        assert set(report["latency_s"][kind]) == {"p50", "p95"}
+    assert {"examples", "wall_s", "tokens_per_s"} <= set(report["train"]) and report["train"]["examples"] > 0
+    assert report["train"]["tokens_per_s"] > 0
+    assert report["gate"]["candidate"] == "v0001" and report["gate"]["status"] in ("promoted", "rejected")
+    # The corrections went through the same path as Slack's, and the memory answers the repeated question.
+    assert report["corrections"] == 2
+    assert report["memory_answered_heldout"]["memory"] > 0 and report["memory_answered_heldout"]["baseline"] == 0
+    assert report["memory_answered_heldout"]["weights"] == 0  # memory off
+    lines = [json.loads(x) for x in (out / "answers.jsonl").read_text().splitlines()]
+    stages = {r["stage"] for r in lines}
+    assert stages == {*STAGES, "feedback"}
+    n = report["heldout_questions"] + report["controls"]
+    assert sum(r["stage"] == "baseline" for r in lines) == n
+    assert all(r["adapter_version"] == "v0001" for r in lines if r["stage"] == "weights")
+    assert all(r["adapter_version"] is None for r in lines if r["stage"] == "baseline")
+    assert (out / "report.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+def test_speed_bench_writes_the_report(emanual_slice: tuple[Path, Path], tiny_model_dir: Path,
+                                       tmp_path: Path) -> None:  # fmt: skip
+    kb, _ = emanual_slice
+    out = tmp_path / "out"
+    report = run_speed_bench(
+        _settings(tmp_path, tiny_model_dir), out, kb_dir=kb, max_new_tokens=8, samples=2, rounds=1,
+        retrieval_queries=5, train_steps=1, sizes={"1k": 100, "10k": 300},
+    )  # fmt: skip
+    assert report == json.loads((out / "speed.json").read_text())
+    numbers = ["decode_tok_s_batch1", "ttft_s", "bandwidth_gb_s", "roofline_tok_s", "roofline_ratio",
+               "ingest_docs_per_s", "train_tokens_per_s"]  # fmt: skip
+    for key in numbers:
+        assert isinstance(report[key], float) and report[key] > 0 and math.isfinite(report[key]), key
+    assert report["model"] == str(tiny_model_dir) and report["dtype"] == "float32"
+    assert set(report["throughput_tok_s"]) == {"1", "4", "8"}
+    assert report["throughput_detail"]["8"]["mean_batch"] > 1  # concurrent requests were batched
+    assert set(report["latency_s"]) == {"rag", "no_retrieval"}
+    assert set(report["retrieval_ms"]) == {"1k", "10k"}
+    assert all(set(v) == {"p50", "p95"} for v in report["retrieval_ms"].values())
+    assert report["roofline_ratio"] == pytest.approx(report["decode_tok_s_batch1"] / report["roofline_tok_s"],
+                                                     rel=0.01)  # fmt: skip
+    assert (out / "speed.png").read_bytes()[:4] == b"\x89PNG"
