@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from bot.guard import BLOCKED, OutputGuard, Verdict
 from bot.metrics import METRICS
 from knowledge.models import Conversation, Correction, Message
 from knowledge.passages import Passage, Retrieval
@@ -123,6 +124,8 @@ class ConversationService:
         self.deliverers: dict[str, Deliver] = {}
         self._chat_locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._rates: dict[str, _RateWindow] = collections.defaultdict(_RateWindow)
+        # Every reply passes the output guard (prompt, secrets, other customers' data): bot/guard.py.
+        self.guard = OutputGuard(settings, store)
 
     # --- customers -------------------------------------------------------------------
     async def handle(self, inbound: Inbound) -> list[Outbound]:
@@ -200,6 +203,11 @@ class ConversationService:
             except (GenerationTimeout, Exception) as exc:  # the customer gets an apology, staff a flag
                 log.warning("generation failed for conversation %s: %s", conv.id, type(exc).__name__)
                 reply, status, flagged = APOLOGY, "error", True
+        if status == "ok":
+            verdict = await asyncio.to_thread(self._guard, conv, reply, retrieval.all)
+            if not verdict.ok:  # never stored or logged: it may hold the very secret it leaked
+                log.warning("output guard blocked a reply in conversation %s: %s", conv.id, verdict.reason)
+                reply, status, flagged = BLOCKED, "blocked", True
         latency_ms = (time.perf_counter() - started) * 1000
         METRICS.answer_latency.observe(latency_ms / 1000, status=status)
         sources = [p.as_dict() for p in retrieval.all]
@@ -221,6 +229,10 @@ class ConversationService:
         return Answer(
             conv.id, question_id, mid, text, reply, sources, status, model, adapter, latency_ms, flagged
         )
+
+    def _guard(self, conv: Conversation, reply: str, passages: list[Passage]) -> Verdict:
+        own = [m.text for m in self.store.history(conv.id, 200)]
+        return self.guard.check(reply, own, passages, conv.customer_id)
 
     def _history(self, conversation_id: int, question_id: int) -> list[tuple[str, str]]:
         turns = self.settings.history_turns

@@ -108,8 +108,8 @@ class Settings(BaseSettings):
     slack_signing_secret: SecretStr = _token("SLACK_SIGNING_SECRET", "Slack signing secret for HTTP mode.")
     telegram_api_url: str = Field("https://api.telegram.org/bot", description="Telegram Bot API base URL.")
     telegram_webhook_url: str = Field("", description="Public URL of /telegram. Empty: long polling.")
-    telegram_webhook_secret: str = Field(
-        "", description="Webhook secret token. Empty: generated and persisted in the data dir."
+    telegram_webhook_secret: SecretStr = Field(
+        SecretStr(""), description="Webhook secret token. Empty: generated and persisted in the database."
     )
     telegram_group_mode: Literal["mention", "all"] = Field(
         "mention", description="In group chats answer only when mentioned or replied to (mention), or always."
@@ -137,6 +137,11 @@ class Settings(BaseSettings):
     )
     log_level: str = Field("WARNING", description="Logging level (DEBUG, INFO, WARNING, ERROR).")
     golden: str = Field("", description="Optional JSONL of golden question/answer pairs for the control set.")
+    two_person_rule: Literal["on", "off"] = Field(
+        "on",
+        description="on: a correction that contradicts the documents or another correction waits for a "
+        "second staff member's approval before memory and training use it (docs/security.md).",
+    )
 
     @cached_property
     def database(self) -> str:

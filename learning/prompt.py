@@ -7,19 +7,34 @@ retrieved passages are fenced as data inside the user turn, never the system rol
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 from knowledge.passages import Passage
 
 MAX_PASSAGE_CHARS = 900
+_FENCES = re.compile(r"<{3,}|>{3,}")
+# Chat-template control tokens spelled out in text (<|im_start|>, <|eot_id|>, [INST], <s>, </s>):
+# a tokenizer turns them into the real special tokens, so a customer could open a system turn.
+_CONTROL = re.compile(r"<\|[^|<>\s]{0,32}\|>|\[/?INST\]|</?s>", re.IGNORECASE)
+
+
+def defang(text: str) -> str:
+    """Text that can neither leave its place in the prompt nor fake a chat-template turn.
+
+    Runs of 3+ fence brackets shrink to two, so a passage or a question holding ">>>" cannot end
+    the data block early; chat-template control tokens lose their brackets.
+    """
+    text = _FENCES.sub(lambda m: m.group()[:2], text)
+    return _CONTROL.sub(lambda m: m.group().strip("<>[]").replace("|", ""), text)
 
 
 def render_passages(passages: Sequence[Passage]) -> str:
     """Passages as a numbered, delimited block; a staff correction comes first and says so."""
     parts = []
     for i, p in enumerate(passages, 1):
-        label = "Staff-verified answer" if p.kind == "correction" else p.title
-        body = p.text.strip()[:MAX_PASSAGE_CHARS]
+        label = "Staff-verified answer" if p.kind == "correction" else defang(p.title)
+        body = defang(p.text.strip()[:MAX_PASSAGE_CHARS])
         parts.append(f"[{i}] {label}\n{body}")
     return "\n\n".join(parts)
 
@@ -36,7 +51,8 @@ def build_messages(
     """
     messages: list[dict[str, str]] = [{"role": "system", "content": system_prompt}]
     for role, text in history:
-        messages.append({"role": "user" if role == "user" else "assistant", "content": text})
+        messages.append({"role": "user" if role == "user" else "assistant", "content": defang(text)})
+    question = defang(question)
     if passages:
         context = render_passages(passages)
         user = (

@@ -762,12 +762,13 @@ def render_card(state: CardState, names: dict[str, str], oncall_group: str = "")
         )
     )
     marks = []
-    if state.status in ("unsure", "error", "busy"):
+    if state.status in ("unsure", "error", "busy", "blocked"):
         marks.append(
             {
                 "unsure": "❔ The bot was not sure.",
                 "error": "⚠️ The model failed.",
                 "busy": "⏳ The model was busy.",
+                "blocked": "🛡️ The output guard withheld the model's reply (it would have leaked data).",
             }[state.status]
         )
     if any(k == "down" for k, _, _ in state.feedback):

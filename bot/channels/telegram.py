@@ -187,8 +187,9 @@ class TelegramChannel:
 
     def _webhook_secret(self) -> str:
         """The configured secret, else the one persisted by an earlier start, else a new one (persisted)."""
-        if self.settings.telegram_webhook_secret:
-            return self.settings.telegram_webhook_secret
+        configured = self.settings.telegram_webhook_secret.get_secret_value()
+        if configured:
+            return configured
         # A-Z a-z 0-9 _ -, as Telegram requires; replicas starting together agree on one value
         return self.store.setdefault_kv(SECRET_KV, secrets.token_urlsafe(32))
 
