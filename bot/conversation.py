@@ -25,6 +25,7 @@ from knowledge.settings import Settings
 from knowledge.store import Store
 from learning.prompt import build_messages
 from learning.runtime import GenerationTimeout, Generator, ModelBusy
+from learning.trust import review_correction
 
 log = logging.getLogger(__name__)
 
@@ -312,8 +313,15 @@ class ConversationService:
         if answer is None or answer.role != "bot":
             raise LookupError(f"No bot answer with id {message_id}.")
         question = await asyncio.to_thread(self._question_of, answer)
+        status, review = "active", ""
+        if self.settings.two_person_rule == "on":
+            verdict = await asyncio.to_thread(
+                review_correction, self.kb, self.store, question, corrected, self.settings.memory_threshold
+            )
+            status, review = ("pending" if verdict.needs_second else "active"), verdict.reason
         corr, created = await asyncio.to_thread(
             self.store.add_correction,
+            audit={"reason": reason, "status": status, "review": review},
             message_id=message_id,
             conversation_id=answer.conversation_id,
             request_key=request_key,
@@ -323,21 +331,15 @@ class ConversationService:
             staff=staff,
             reason=reason,
             remember=remember,
+            status=status,
         )
         result = CorrectionResult(corr, created)
+        if corr.status == "active" and corr.remember and question:
+            # idempotent (an upsert): a retry after a crash between storing and remembering completes it
+            await asyncio.to_thread(self.kb.remember, corr.id, question, corr.corrected)
         if not created:
             return result
         METRICS.corrections.inc()
-        await asyncio.to_thread(
-            self.store.audit,
-            staff,
-            "correct",
-            f"message:{message_id}",
-            {"text": answer.text},
-            {"text": corrected, "correction_id": corr.id, "reason": reason},
-        )
-        if remember and question:
-            await asyncio.to_thread(self.kb.remember, corr.id, question, corrected)
         conv = await asyncio.to_thread(self.store.conversation, answer.conversation_id)
         if send and conv is not None:
             mid = await self._save(
@@ -364,6 +366,16 @@ class ConversationService:
                 self.store.audit, staff, kind, f"message:{message_id}", {}, {"reason": reason}
             )
         return created
+
+    async def approve_correction(self, correction_id: int, staff: str) -> tuple[Correction | None, str]:
+        """The second approval of a pending correction; then memory and training may use it.
+
+        Returns the correction and "approved", "missing", "not pending" or "same person".
+        """
+        corr, outcome = await asyncio.to_thread(self.store.approve_correction, correction_id, staff)
+        if outcome == "approved" and corr is not None and corr.remember and corr.question:
+            await asyncio.to_thread(self.kb.remember, corr.id, corr.question, corr.corrected)
+        return corr, outcome
 
     async def revoke(self, correction_id: int, staff: str) -> Correction | None:
         """Stop using a correction for memory and training."""

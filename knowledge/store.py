@@ -225,14 +225,30 @@ class Store:
             return False
 
     # --- corrections ------------------------------------------------------------------
-    def add_correction(self, **fields: Any) -> tuple[Correction, bool]:
-        """Store a correction; with a `request_key` a retry returns the first one and False."""
+    def add_correction(
+        self, *, audit: dict[str, Any] | None = None, **fields: Any
+    ) -> tuple[Correction, bool]:
+        """Store a correction; with a `request_key` a retry returns the first one and False.
+
+        With `audit`, the "correct" audit entry is written in the same transaction, so a crash can
+        leave neither a correction without its audit entry nor the reverse.
+        """
         key = fields.get("request_key")
         try:
             with self.session() as s:
                 corr = Correction(**fields)
                 s.add(corr)
                 s.flush()
+                if audit is not None:
+                    s.add(
+                        AuditEntry(
+                            actor=corr.staff,
+                            action="correct",
+                            target=f"message:{corr.message_id}",
+                            before={"text": corr.original},
+                            after={**audit, "text": corr.corrected, "correction_id": corr.id},
+                        )
+                    )
                 return corr, True
         except IntegrityError:
             with self.session() as s:
@@ -253,6 +269,32 @@ class Store:
             if limit:
                 q = q.limit(limit)
             return list(s.scalars(q).all())
+
+    def approve_correction(self, correction_id: int, staff: str) -> tuple[Correction | None, str]:
+        """A second staff member approves a pending correction (the two-person rule).
+
+        Returns the correction and "approved", or the reason it was not: "missing", "not pending"
+        or "same person" (the author cannot be the second person).
+        """
+        with self.session() as s:
+            corr = s.get(Correction, correction_id, with_for_update=True)
+            if corr is None:
+                return None, "missing"
+            if corr.status != "pending":
+                return corr, "not pending"
+            if corr.staff == staff:
+                return corr, "same person"
+            corr.status, corr.approved_by = "active", staff
+            s.add(
+                AuditEntry(
+                    actor=staff,
+                    action="approve_correction",
+                    target=f"correction:{correction_id}",
+                    before={"status": "pending", "author": corr.staff},
+                    after={"status": "active"},
+                )
+            )
+            return corr, "approved"
 
     def revoke_correction(self, correction_id: int) -> Correction | None:
         with self.session() as s:

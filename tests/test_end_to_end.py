@@ -48,6 +48,7 @@ async def test_customer_question_staff_correction_and_paraphrase(
             slack_channel=REVIEW,
             slack_api_url=slack.api_url,
             staff=STAFF,
+            two_person_rule="off",  # FACT contradicts the demo page on purpose; one staff member teaches it
         )
         async with App(settings) as app:
             telegram = TelegramChannel(

@@ -665,7 +665,7 @@ class SlackChannel:
         await ack(text=await self.command(str(command.get("text", "")), f"{CHANNEL}:{user}"))
 
     async def command(self, text: str, staff: str) -> str:
-        """`/apprentice status | corrections | revoke ID`: the reply shown to the staff member."""
+        """`/apprentice status | corrections | pending | approve ID | revoke ID`: the reply shown to staff."""
         verb, _, arg = text.strip().partition(" ")
         verb = verb.lower()
         if verb in ("", "status"):
@@ -678,11 +678,39 @@ class SlackChannel:
             for c in latest:
                 who = await self._display(c.staff)
                 when = c.created_at.strftime("%Y-%m-%d %H:%M")
+                state = "" if c.status == "active" else f" · *{c.status}*"
                 lines.append(
-                    f"#{c.id} · {when} · {who} · {c.reason}\n{_quote(_short(c.question, 150))}\n"
+                    f"#{c.id} · {when} · {who} · {c.reason}{state}\n{_quote(_short(c.question, 150))}\n"
                     f"→ {_esc(_short(c.corrected, 300))}"
                 )
             return "\n".join(lines)
+        if verb == "pending":
+            waiting = [c for c in await asyncio.to_thread(self.store.corrections) if c.status == "pending"]
+            if not waiting:
+                return "No corrections wait for a second approval."
+            lines = ["*Corrections waiting for a second approval* (`/apprentice approve ID`)"]
+            for c in waiting[:20]:
+                who = await self._display(c.staff)
+                lines.append(
+                    f"#{c.id} · by {who}\n{_quote(_short(c.question, 150))}\n"
+                    f"→ {_esc(_short(c.corrected, 300))}"
+                )
+            return "\n".join(lines)
+        if verb == "approve":
+            try:
+                cid = int(arg.strip().lstrip("#"))
+            except ValueError:
+                return "Usage: `/apprentice approve ID` (the number from `/apprentice pending`)."
+            corr, outcome = await self.service.approve_correction(cid, staff)
+            if outcome == "approved" and corr is not None:
+                if corr.conversation_id is not None and corr.message_id is not None:
+                    await self._put("update", corr.conversation_id, {"message_id": corr.message_id})
+                return f"Correction #{cid} approved: memory and training now use it."
+            return {
+                "missing": f"There is no correction #{cid}. `/apprentice pending` lists those waiting.",
+                "not pending": f"Correction #{cid} does not wait for an approval.",
+                "same person": f"Correction #{cid} is yours; a second staff member must approve it.",
+            }[outcome]
         if verb == "revoke":
             try:
                 cid = int(arg.strip().lstrip("#"))
@@ -692,7 +720,10 @@ class SlackChannel:
             if corr is None:
                 return f"There is no correction #{cid}. `/apprentice corrections` lists them."
             return f"Correction #{cid} revoked: it is no longer used for memory or training."
-        return "Usage: `/apprentice status`, `/apprentice corrections` or `/apprentice revoke ID`."
+        return (
+            "Usage: `/apprentice status`, `/apprentice corrections`, `/apprentice pending`, "
+            "`/apprentice approve ID` or `/apprentice revoke ID`."
+        )
 
     def _status(self) -> str:
         midnight = dt.datetime.now(dt.UTC).replace(hour=0, minute=0, second=0, microsecond=0, tzinfo=None)
@@ -782,7 +813,10 @@ def render_card(state: CardState, names: dict[str, str], oncall_group: str = "")
             marks.append(f"🚩 Flagged by {who}" + (f": {_esc(_short(reason, 300))}" if reason else ""))
     for cid, actor, corrected, reason, status in state.corrections:
         label = dict(REASONS).get(reason, reason)
-        revoked = " ~(revoked)~" if status == "revoked" else ""
+        revoked = {
+            "revoked": " ~(revoked)~",
+            "pending": f" (waits for a second staff approval: `/apprentice approve {cid}`)",
+        }.get(status, "")
         marks.append(
             f"✏️ *Corrected by {names.get(actor, actor)}* ({label}, #{cid}){revoked}:\n"
             f"{_quote(_short(corrected, 1200))}"

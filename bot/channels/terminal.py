@@ -115,7 +115,14 @@ class TerminalChannel:
                 self._print("Usage: /correct THE RIGHT ANSWER")
                 return True
             result = await svc.correct(self.last_answer, arg, staff=f"{CHANNEL}:{self.user}")
-            self._print(f"(correction #{result.correction.id} stored and remembered)")
+            if result.correction.status == "pending":
+                self._print(
+                    f"(correction #{result.correction.id} stored and sent; it disagrees with the documents "
+                    "or another correction, so it is remembered and trained on only after a second staff "
+                    "member approves it: /apprentice approve in Slack, or APPRENTICE_TWO_PERSON_RULE=off)"
+                )
+            else:
+                self._print(f"(correction #{result.correction.id} stored and remembered)")
         elif cmd in ("/approve", "/flag"):
             kind = cmd[1:]
             created = await svc.staff_feedback(self.last_answer, kind, f"{CHANNEL}:{self.user}", arg)

@@ -86,6 +86,8 @@ def flow(tmp_path: Path, demo_kb: KnowledgeBase) -> tuple[ConversationService, O
     store = Store(settings.database)
     model = ObeyingModel()
     yield ConversationService(settings, store, demo_kb, model), model, store
+    for corr in store.corrections(include_revoked=True):  # the demo KB is shared by the session
+        demo_kb.forget(corr.id)
     store.close()
 
 

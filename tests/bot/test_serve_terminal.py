@@ -25,6 +25,7 @@ def test_piped_session_learns_a_correction(tmp_path: Path, smollm2_dir: Path) ->
         "APPRENTICE_DATA_DIR": str(tmp_path / "data"),
         "APPRENTICE_MODEL_CACHE": str(smollm2_dir.parent),
         "APPRENTICE_MAX_NEW_TOKENS": "48",
+        "APPRENTICE_TWO_PERSON_RULE": "off",  # the taught fact contradicts the demo page on purpose
         "HF_HUB_OFFLINE": "1",
     }
     proc = subprocess.run(
