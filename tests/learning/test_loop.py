@@ -210,6 +210,39 @@ def test_train_command_template_replaces_the_subprocess(fresh: Any) -> None:
     assert [a.version for a in registry.list_adapters(store)] == ["v0001", "v0002", "v0003"]
 
 
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state not in ("Z", "X")
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
+def test_the_training_job_dies_with_the_server() -> None:
+    import sys
+    import time
+
+    root = Path(__file__).resolve().parents[2]
+    job = "import os, time; print(os.getpid(), flush=True); time.sleep(600)"
+    server = (
+        f"import sys; sys.path.insert(0, {str(root)!r})\n"
+        "from learning.train import run_subprocess\n"
+        f"run_subprocess([sys.executable, '-c', {job!r}], on_line=lambda line, p: print(line, flush=True))\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", server], stdout=subprocess.PIPE, text=True)
+    assert parent.stdout is not None
+    child = int(parent.stdout.readline())
+    assert _alive(child)
+    parent.kill()  # the server dies without any cleanup
+    parent.wait()
+    for _ in range(400):  # the kernel delivers the parent-death signal at once; allow 20 s
+        if not _alive(child):
+            break
+        time.sleep(0.05)
+    assert not _alive(child), "the training job outlived the server"
+
+
 def run_spec(settings: Settings) -> Any:
     from learning.train import JobSpec
 
