@@ -164,6 +164,17 @@ def cpu_budget() -> int:
     return max(1, n)
 
 
+def default_threads() -> int:
+    """Intra-op threads for the model on CPU: one core fewer than the process may use.
+
+    Decoding is memory-bound (1 thread is within 5% of 2 on an idle 2-core box, notes.md), but when
+    the cores are oversubscribed (embeddings, Chroma, the event loop, other processes) OpenMP threads
+    spin at every barrier: measured on 2 busy cores, 2 threads fell to 0.5-1.8 tok/s while 1 thread
+    kept 7.5-8.7 tok/s. OMP_NUM_THREADS, when set, wins.
+    """
+    return max(1, cpu_budget() - 1)
+
+
 def _resolve_dtype(dtype: str, device: str) -> Any:
     import torch
 
@@ -217,10 +228,10 @@ class LocalRuntime:
         self.repetition_penalty = repetition_penalty
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.dtype = _resolve_dtype(dtype, self.device)
-        if self.device == "cpu":
-            wanted = num_threads or cpu_budget()
-            if num_threads or torch.get_num_threads() > wanted:
-                torch.set_num_threads(wanted)
+        self._threads: int | None = None
+        if self.device == "cpu" and (num_threads or "OMP_NUM_THREADS" not in os.environ):
+            self._threads = num_threads or default_threads()
+            torch.set_num_threads(self._threads)
 
         started = time.perf_counter()
         tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -425,6 +436,10 @@ class LocalRuntime:
             _settle(request, error=GenerationError("the model runtime shut down before answering."))
 
     def _work(self) -> None:
+        if self._threads:
+            import torch
+
+            torch.set_num_threads(self._threads)  # OpenMP settings are per thread; this one does the work
         while True:
             work = self._take()
             if work is None:
