@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 from bot.conversation import ConversationService
 from bot.http import HttpServer
+from bot.logsafe import quiet_http_clients
 from bot.metrics import serve_operations
 from knowledge.retrieve import KnowledgeBase
 from knowledge.settings import Settings
@@ -48,6 +49,7 @@ class App:
         self.service: ConversationService
         self.channels: list[Channel] = []
         self.http = HttpServer(settings.http_host, settings.http_port)
+        quiet_http_clients()  # httpx logs request URLs, and Telegram's carry the bot token
 
     async def __aenter__(self) -> App:
         try:

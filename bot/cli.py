@@ -106,6 +106,70 @@ def cmd_bench_loop(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_redaction(args: argparse.Namespace) -> int:
+    from learning.redact import measure
+
+    path = Path(args.labelled)
+    if not path.is_file():
+        print(f"No labelled file at {path}; pass --labelled PATH (JSONL, text + spans).", file=sys.stderr)
+        return 2
+    report = measure(path)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    report = {"labelled": str(path), **report}
+    (out / "redaction.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    print(
+        f"PII redaction on {report['examples']} examples ({report['gold_spans']} labelled spans): "
+        f"precision {report['precision']:.4f}, recall {report['recall']:.4f}\n"
+        f"Report: {out / 'redaction.json'}"
+    )
+    return 0
+
+
+# --- privacy -------------------------------------------------------------------------
+def cmd_forget(args: argparse.Namespace) -> int:
+    from knowledge.retrieve import KnowledgeBase
+    from knowledge.store import Store
+    from learning.privacy import CustomerNotFound, forget_customer
+
+    settings = _settings()
+    store = Store(settings.database)
+    kb = None if args.dry_run else KnowledgeBase.from_settings(settings)
+    try:
+        report = forget_customer(store, kb, args.customer, actor=args.actor, dry_run=args.dry_run)
+    except CustomerNotFound as exc:
+        print(str(exc), file=sys.stderr)
+        return 1
+    finally:
+        if kb is not None:
+            kb.close()
+        store.close()
+    if args.json:
+        print(json.dumps(report.as_dict(), indent=1))
+        return 0
+    verb = "Would erase" if report.dry_run else "Erased"
+    print(
+        f"{verb} {', '.join(report.customers)}: {len(report.conversations)} conversation(s), "
+        f"{report.messages_erased} message(s), {len(report.corrections_revoked)} correction(s)."
+    )
+    if report.adapters_trained_on_them:
+        active = " (including the ACTIVE one)" if report.active_adapter_affected else ""
+        print(
+            f"Adapters trained on their data{active}: {', '.join(report.adapters_trained_on_them)}.\n"
+            "Weights cannot forget: roll back past them (apprentice adapters promote VERSION) or retrain "
+            "(apprentice retrain --force); new datasets leave this customer out."
+        )
+    else:
+        print("No adapter was trained on their data.")
+    if report.datasets_with_their_data:
+        print("Dataset folders holding their (redacted) text: " + ", ".join(report.datasets_with_their_data))
+    if report.manifests_unreadable:
+        print("Lineage unknown (manifest missing) for: " + ", ".join(report.manifests_unreadable))
+    if report.slack_threads:
+        print("Slack review threads to delete in Slack: " + ", ".join(report.slack_threads))
+    return 0
+
+
 # --- learning (learning/commands.py does the work) -------------------------------------
 def cmd_datasets_build(args: argparse.Namespace) -> int:
     from learning.commands import datasets_build
@@ -202,6 +266,20 @@ def build_parser() -> argparse.ArgumentParser:
     from learning.commands import add_train_arguments as _train_flags
 
     _train_flags(p)
+    p = add("redaction", cmd_bench_redaction, "PII redaction precision and recall on a labelled file.", bench)
+    p.add_argument("--out", required=True, help="Output folder for redaction.json.")
+    p.add_argument(
+        "--labelled", default="tests/data/pii_labelled.jsonl", help="Labelled JSONL (text + spans)."
+    )
+
+    p = add(
+        "forget", cmd_forget,
+        "Erase a customer's conversations and list the adapters trained on their data.",
+    )  # fmt: skip
+    p.add_argument("customer", help="CHANNEL:ID as the bot sees it (e.g. telegram:12345), or #ROW.")
+    p.add_argument("--dry-run", action="store_true", help="Only report what would be erased.")
+    p.add_argument("--json", action="store_true", help="Print the report as JSON.")
+    p.add_argument("--actor", default="cli", help="Who asked (recorded in the audit log).")
 
     from learning.commands import add_train_arguments
 
@@ -255,6 +333,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     _setup_logging(settings.log_level)
+    from bot.logsafe import install
+
+    install(settings)  # no tokens in request logs or exception text
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

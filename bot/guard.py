@@ -35,9 +35,7 @@ from knowledge.settings import Settings
 from knowledge.store import Store
 from learning.redact import find_pii
 
-BLOCKED = (
-    "Sorry, I can't share that. I've passed your message to a colleague who will follow up shortly."
-)
+BLOCKED = "Sorry, I can't share that. I've passed your message to a colleague who will follow up shortly."
 # A verbatim leak of the system prompt: this many consecutive words copied from it.
 PROMPT_SPAN_WORDS = 8
 # Identifier kinds that point at a person (addresses are too fuzzy to match reliably).
@@ -49,7 +47,7 @@ MIN_SECRET_CHARS = 8  # shorter configured "secrets" are test placeholders, not 
 TOKEN_PATTERNS = (
     re.compile(r"\bxox[abposr]-[A-Za-z0-9-]{8,}"),  # Slack bot/user/legacy tokens
     re.compile(r"\bxapp-\d-[A-Za-z0-9-]{8,}"),  # Slack app-level tokens
-    re.compile(r"\b\d{6,12}:[A-Za-z0-9_-]{30,}\b"),  # Telegram bot tokens (id:secret)
+    re.compile(r"(?<![0-9])\d{6,12}:[A-Za-z0-9_-]{30,}"),  # Telegram bot tokens (id:secret), also in URLs
     re.compile(r"\bsk-[A-Za-z0-9_-]{20,}"),  # OpenAI-style API keys
     re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----"),
 )
@@ -158,9 +156,7 @@ class OutputGuard:
                 select(Customer.id, Customer.display_name).where(Customer.erased_at.is_(None))
             ).all()
         names = {
-            int(cid): " ".join(name.lower().split())
-            for cid, name in rows
-            if name and len(name.split()) >= 2
+            int(cid): " ".join(name.lower().split()) for cid, name in rows if name and len(name.split()) >= 2
         }
         self._names = (now, names)
         return names

@@ -83,6 +83,12 @@ class Lesson:
     conversation_id: int | None = None
     created_at: dt.datetime = field(default_factory=lambda: dt.datetime(1970, 1, 1))
     paraphrases: list[str] = field(default_factory=list)
+    # every conversation whose text this lesson holds (its own, its paraphrases', merged lessons'):
+    # written into the manifest's lineage, so `apprentice forget` finds the adapters trained on it
+    sources: set[int] = field(default_factory=set)
+
+    def conversations(self) -> list[int]:
+        return sorted(self.sources | ({self.conversation_id} if self.conversation_id is not None else set()))
 
 
 # --- collecting -------------------------------------------------------------------------------
@@ -216,6 +222,7 @@ def collect_lessons(store: Store, history_turns: int = 2) -> tuple[list[Lesson],
             lesson = by_correction[cid]
             if q is not None and _norm(q.text) != _norm(lesson.question) and q.text not in lesson.paraphrases:
                 lesson.paraphrases.append(q.text)
+                lesson.sources.add(m.conversation_id)
     return lessons, excluded
 
 
@@ -317,6 +324,7 @@ def collapse_duplicates(lessons: list[Lesson], threshold: float) -> tuple[list[L
         if target is not None:
             winner = kept[target][0]
             winner.ids.extend(i for i in les.ids if i not in winner.ids)
+            winner.sources.update(les.conversations())
             for p in [les.question, *les.paraphrases]:
                 if _norm(p) != _norm(winner.question) and p not in winner.paraphrases:
                     winner.paraphrases.append(p)
@@ -527,7 +535,9 @@ def build_datasets(
                 sft_rows.append(
                     {"prompt": prompt, "completion": [{"role": "assistant", "content": les.answer}]}
                 )
-                sft_lineage.append({"ids": les.ids, "view": view, "origin": origin})
+                sft_lineage.append(
+                    {"ids": les.ids, "view": view, "origin": origin, "conversations": les.conversations()}
+                )
             if (
                 les.kind != "correction"
                 or not les.rejected.strip()
@@ -547,7 +557,9 @@ def build_datasets(
                         "rejected": [{"role": "assistant", "content": les.rejected}],
                     }
                 )
-                dpo_lineage.append({"ids": les.ids, "view": view, "origin": origin})
+                dpo_lineage.append(
+                    {"ids": les.ids, "view": view, "origin": origin, "conversations": les.conversations()}
+                )
 
     eval_rows = _eval_rows(lessons, heldout, control, settings, opts, rng)
     n_sft = _write_jsonl(out / "sft.jsonl", sft_rows)

@@ -45,7 +45,9 @@ def env(tmp_path: Path) -> Any:
     for name, text in DOCS.items():
         (docs / name).write_text(text, encoding="utf-8")
     settings = Settings(
-        _env_file=None, data_dir=tmp_path / "data", rate_limit_per_minute=0  # type: ignore[call-arg]
+        _env_file=None,
+        data_dir=tmp_path / "data",
+        rate_limit_per_minute=0,  # type: ignore[call-arg]
     )
     store = Store(settings.database)
     kb = KnowledgeBase.from_settings(settings)
@@ -241,9 +243,11 @@ async def test_slack_pending_list_and_approve_by_a_second_staff_member(env: Any)
     async with FakeSlack(users={"UADA": "ada", "UBOB": "bob"}) as slack:
         settings = service.settings.model_copy(
             update={
-                "slack_bot_token": SecretStr("xoxb-poison"), "slack_signing_secret": SecretStr(SECRET),
+                "slack_bot_token": SecretStr("xoxb-poison"),
+                "slack_signing_secret": SecretStr(SECRET),
                 "slack_channel": REVIEW,
-                "slack_api_url": slack.api_url, "staff": "UADA,UBOB",
+                "slack_api_url": slack.api_url,
+                "staff": "UADA,UBOB",
             }
         )
         http = HttpServer("127.0.0.1", 0)
