@@ -276,6 +276,9 @@ def make_sft_trainer(
     args = SFTConfig(
         **_common_args(cfg, output_dir), num_train_epochs=cfg.epochs, learning_rate=cfg.lr,
         completion_only_loss=True,
+        # Rows with retrieved passages are ~5x longer than bare ones; batching similar lengths
+        # avoids computing mostly padding (on the CPU, mixed batches ran at a quarter of the speed).
+        train_sampling_strategy="group_by_length",
     )  # fmt: skip
     return SFTTrainer(
         model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
