@@ -9,7 +9,8 @@ fresh temporary data directory:
    from other groups, deterministically from the seed;
 3. **baseline**: answer the held-out phrasings of the corrected groups and the controls;
 4. **feedback**: answer each corrected group's first phrasing and submit its reference answer as a
-   staff correction through `ConversationService.correct`, the code path a Slack correction takes;
+   staff correction through `ConversationService.correct`, the code path a Slack correction takes
+   (one the two-person rule holds back gets its second approval, as `/apprentice approve` gives it);
 5. **memory**: answer the held-out phrasings and controls again (correction memory on, base model);
 6. **retrain**: run the nightly job (datasets -> SFT + DPO -> gate) and, whatever the gate says,
    answer with the candidate adapter with the memory off (**weights**) and on (**both**).
@@ -160,7 +161,8 @@ class ServingPath:
 
     `learning` may not import `bot` (layering), so the caller hands it in: bot/cli.py passes
     `ConversationService` and `Inbound`. `service(settings, store, kb, generator)` must return an
-    object with `handle(inbound)`, `correct(message_id, text, staff)`, `reviewers` and `deliverers`.
+    object with `handle(inbound)`, `correct(message_id, text, staff)`, `approve_correction(id, staff)`,
+    `reviewers` and `deliverers`.
     """
 
     service: Callable[[Settings, Any, Any, Any], Any]
@@ -432,13 +434,18 @@ async def _run(
         # 4. feedback: the first phrasing is answered, then corrected by staff as in Slack
         t0 = time.perf_counter()
         first = await _ask(serving, front, sel.feedback, "feedback", width)
-        corrections = 0
+        corrections = second_approvals = 0
         for it, answer in zip(sel.feedback, first, strict=True):
             if answer is None:
                 log.warning("loop bench: no answer to correct for %s", it.id)
                 continue
             result = await front.correct(answer.message_id, it.reference, "bench:staff")
             corrections += int(bool(result.created))
+            if result.created and getattr(result.correction, "status", "active") == "pending":
+                # The two-person rule held it back (it contradicts a document or another correction):
+                # a second staff member approves it, as /apprentice approve would.
+                await front.approve_correction(result.correction.id, "bench:second-staff")
+                second_approvals += 1
         walls["feedback"] = round(time.perf_counter() - t0, 1)
 
         # 5. memory: the correction memory on, the base model
@@ -559,6 +566,7 @@ async def _run(
         # beyond the issue's schema: what a reader needs to trust the figures
         "heldout_questions": len(sel.heldout),
         "corrections": corrections,
+        "second_approvals": second_approvals,  # corrections the two-person rule held for a second approval
         "memory_answered_heldout": memory_hits,
         "stage_latency_s": stage_latency,
         "score": "mean of token F1 and all-MiniLM-L6-v2 cosine to the reference (learning.evaluate)",

@@ -147,6 +147,7 @@ def _decode_batch1(runtime: LocalRuntime, prompts: Sequence[Any], max_new: int) 
     decode_s = 0.0
     ttfts: list[float] = []
     prompt_tokens: list[int] = []
+    wall, cpu = time.perf_counter(), time.process_time()
     for p in prompts:
         [gen] = runtime.generate_batch([p], max_new)
         record = runtime.stats.recent[-1]
@@ -156,7 +157,9 @@ def _decode_batch1(runtime: LocalRuntime, prompts: Sequence[Any], max_new: int) 
         if gen.ttft_s is not None:
             ttfts.append(gen.ttft_s)
         prompt_tokens.append(gen.prompt_tokens)
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     return {
+        "cpu_share": round(cpu / wall, 3) if wall else None,
         "decode_tok_s": round(decode_tokens / decode_s, 2) if decode_s else 0.0,
         "ttft_s": round(statistics.median(ttfts), 4) if ttfts else None,
         "prompt_tokens": round(statistics.mean(prompt_tokens), 1),
@@ -435,6 +438,7 @@ def run_speed_bench(
             params = sum(p.numel() for p in model_obj.parameters())
             dtype = str(runtime.dtype).replace("torch.", "")
             decode_path = getattr(runtime, "decode_path", "transformers generate")
+            model_threads = getattr(runtime, "_threads", None)  # None: OMP_NUM_THREADS decided
             runtime.close()
             runtime = None
 
@@ -483,6 +487,10 @@ def run_speed_bench(
         "kb": str(s.kb_path),
         "conditions": {
             "cpus": cpu_budget(),
+            # CPU seconds this process got per wall second while decoding at batch 1: on a busy machine
+            # below the model's thread count, and decode_tok_s_batch1 / cpu_share estimates an idle one.
+            "cpu_share_batch1": batch1["cpu_share"],
+            "model_threads": model_threads,
             "bandwidth_threads": threads,
             "loadavg_before": load_before,
             "loadavg_after": _loadavg(),
