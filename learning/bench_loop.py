@@ -224,6 +224,7 @@ def _runtime(settings: Settings) -> LocalRuntime:
         max_queue=max(settings.max_queue, 256),
         max_new_tokens=settings.max_new_tokens,
         timeout_s=3600.0,  # a benchmark waits; it never tells a customer to come back later
+        weights=settings.weights,
     )
 
 

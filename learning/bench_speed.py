@@ -438,9 +438,22 @@ def run_speed_bench(
             params = sum(p.numel() for p in model_obj.parameters())
             dtype = str(runtime.dtype).replace("torch.", "")
             decode_path = getattr(runtime, "decode_path", "transformers generate")
-            model_threads = getattr(runtime, "_threads", None)  # None: OMP_NUM_THREADS decided
+            model_threads = getattr(runtime, "_threads", None)
+            runtime_device = runtime.device  # None: OMP_NUM_THREADS decided
             runtime.close()
             runtime = None
+
+            # The other CPU decoding path on the same prompts, so the two compare in one run.
+            keys = ("decode_tok_s", "ttft_s", "cpu_share")
+            paths: dict[str, dict[str, Any]] = {str(s.weights): {k: batch1[k] for k in keys}}
+            if runtime_device == "cpu":
+                other = "int8" if s.weights == "native" else "native"
+                runtime = _runtime(s, other)
+                runtime.generate_batch([prompts[0]], 8)
+                alt = _decode_batch1(runtime, prompts[:samples], max_new_tokens)
+                paths[other] = {k: alt[k] for k in keys}
+                runtime.close()
+                runtime = None
 
             threads = cpu_budget()
             bandwidth = measure_bandwidth(threads)
@@ -474,6 +487,7 @@ def run_speed_bench(
         "train_tokens_per_s": train["tokens_per_s"],
         # beyond the schema: how the figures were taken
         "decode_path": decode_path,
+        "decode_paths": paths,  # APPRENTICE_WEIGHTS=native|int8, batch 1, same prompts
         "params": int(params),
         "weights_bytes_per_token": bytes_per_token,
         "max_new_tokens": max_new_tokens,
@@ -502,7 +516,7 @@ def run_speed_bench(
     return report
 
 
-def _runtime(settings: Settings) -> LocalRuntime:
+def _runtime(settings: Settings, weights: str | None = None) -> LocalRuntime:
     from learning.modelfiles import resolve_model
     from learning.runtime import LocalRuntime
 
@@ -514,4 +528,5 @@ def _runtime(settings: Settings) -> LocalRuntime:
         max_queue=256,
         max_new_tokens=settings.max_new_tokens,
         timeout_s=3600.0,
+        weights=weights or settings.weights,
     )

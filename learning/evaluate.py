@@ -265,6 +265,7 @@ def _runtime(settings: Settings) -> LocalRuntime:
         max_queue=max(settings.max_queue, settings.max_batch),
         max_new_tokens=settings.max_new_tokens,
         timeout_s=3600.0,
+        weights=settings.weights,  # the gate judges the answers serving would give
     )
 
 
