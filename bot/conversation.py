@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+
+from sqlalchemy.exc import IntegrityError
 
 from bot.guard import BLOCKED, OutputGuard, Verdict
 from bot.metrics import METRICS
@@ -66,6 +69,9 @@ class Outbound:
     message_id: int | None = None
     kind: str = "answer"  # answer | notice | correction | staff
     feedback_buttons: bool = False
+    # The stored reply to a message seen before (a redelivery, or a retry after a crash): a channel
+    # with a durable outbox sends it only if it has not queued it already.
+    repeat: bool = False
 
 
 @dataclass
@@ -83,6 +89,7 @@ class Answer:
     adapter_version: str | None
     latency_ms: float
     flagged: bool = False
+    repeat: bool = False  # posted before (see Outbound.repeat): reviewers skip what they already have
 
 
 class Reviewer(Protocol):
@@ -131,6 +138,7 @@ class ConversationService:
     # --- customers -------------------------------------------------------------------
     async def handle(self, inbound: Inbound) -> list[Outbound]:
         """Answer one customer message. Never raises for bad input; returns what to send."""
+        inbound = _safe_ids(inbound)
         key = (inbound.channel, inbound.chat_id)
         lock = self._chat_locks.setdefault(key, asyncio.Lock())
         METRICS.messages_in.inc(channel=inbound.channel)
@@ -144,26 +152,32 @@ class ConversationService:
         conv = await asyncio.to_thread(
             self.store.conversation_for, inbound.channel, inbound.chat_id, inbound.customer_id, inbound.name
         )
+        # The same channel message again (a redelivery, or a retry after a crash mid-answer): never a
+        # second answer. Its stored reply is returned for the channel to send if it has not yet.
+        seen = await asyncio.to_thread(self._seen, conv.id, inbound.external_id)
+        if seen is not None:
+            again = await self._again(conv, seen)
+            if again is not None:
+                return again
         text = clean_text(inbound.text or "")
         if inbound.kind != "text" or inbound.text is None:
-            q = await self._save(
-                conv.id, "customer", f"[{inbound.kind}]", inbound.external_id, status="refused"
-            )
+            q = await self._question(conv, inbound, seen, f"[{inbound.kind}]"[:64], status="refused")
             return [await self._notice(conv, NON_TEXT, q)]
         if not text:
-            q = await self._save(conv.id, "customer", "", inbound.external_id, status="refused")
+            q = await self._question(conv, inbound, seen, "", status="refused")
             return [await self._notice(conv, EMPTY, q)]
         if len(text) > self.settings.max_input_chars:
             stored = text[: self.settings.max_input_chars * 5]
-            q = await self._save(conv.id, "customer", stored, inbound.external_id, status="refused")
+            q = await self._question(conv, inbound, seen, stored, status="refused")
             msg = TOO_LONG.format(n=f"{len(text):,}", limit=f"{self.settings.max_input_chars:,}")
             return [await self._notice(conv, msg, q)]
-        q = await self._save(conv.id, "customer", text, inbound.external_id)
+        q = await self._question(conv, inbound, seen, text)
         if conv.mode == "human":
-            await asyncio.to_thread(self.store.update_message, q, status="relayed")
-            await self._each_reviewer("relay", conv, text)
+            if seen is None or seen.status != "relayed":
+                await asyncio.to_thread(self.store.update_message, q, status="relayed")
+                await self._each_reviewer("relay", conv, text)
             return []
-        if not self._allow(f"{inbound.channel}:{inbound.customer_id}"):
+        if seen is None and not self._allow(f"{inbound.channel}:{inbound.customer_id}"):
             await asyncio.to_thread(self.store.update_message, q, status="refused")
             return [await self._notice(conv, SLOW_DOWN, q)]
         answer = await self._answer(conv, q, text)
@@ -175,6 +189,44 @@ class ConversationService:
                 answer.text, conv.id, answer.message_id, kind="answer", feedback_buttons=answer.status == "ok"
             )
         ]
+
+    def _seen(self, conversation_id: int, external_id: str) -> Message | None:
+        if not external_id:
+            return None
+        return self.store.message_by_external(conversation_id, external_id)
+
+    async def _question(
+        self, conv: Conversation, inbound: Inbound, seen: Message | None, text: str, **fields: Any
+    ) -> int:
+        """The stored customer message: the one seen before, else a new row (a racing insert is reused)."""
+        if seen is not None:
+            return seen.id
+        try:
+            return await self._save(conv.id, "customer", text, inbound.external_id, **fields)
+        except IntegrityError:  # the same message stored a moment ago by another replica
+            again = await asyncio.to_thread(self._seen, conv.id, inbound.external_id)
+            if again is None:
+                raise
+            return again.id
+
+    async def _again(self, conv: Conversation, seen: Message) -> list[Outbound] | None:
+        """The stored reply to a message seen before, as a repeat; None when it was never answered."""
+        if seen.role != "customer":
+            return [await self._notice(conv, EMPTY, seen.id)]  # an id clash with a reply; nothing to do
+        if seen.status == "relayed":
+            return []
+        reply = await asyncio.to_thread(self.store.first_reply, seen.id)
+        if reply is None:
+            return None  # stored, then the process died before the answer: answer it now
+        if reply.role == "bot":
+            answer = Answer(
+                conv.id, seen.id, reply.id, seen.text, reply.text, list(reply.sources or []), reply.status,
+                reply.model, reply.adapter_version, reply.latency_ms or 0.0, reply.flagged, repeat=True,
+            )  # fmt: skip
+            await self._each_reviewer("answer_posted", conv, answer)
+        ok = reply.role == "bot" and reply.status == "ok"
+        kind = "answer" if reply.role == "bot" else "notice"
+        return [Outbound(reply.text, conv.id, reply.id, kind=kind, feedback_buttons=ok, repeat=True)]
 
     async def _answer(self, conv: Conversation, question_id: int, text: str) -> Answer | None:
         started = time.perf_counter()
@@ -196,7 +248,8 @@ class ConversationService:
             messages = build_messages(self.settings.system_prompt_text, retrieval.all, text, history)
             try:
                 gen = await self.generator.generate(messages, self.settings.max_new_tokens)
-                reply, model, adapter = gen.text.strip(), gen.model, gen.adapter_version
+                # model text is untrusted too: no control characters or lone surrogates into the store
+                reply, model, adapter = clean_text(gen.text), gen.model, gen.adapter_version
                 if not reply:
                     reply, status, flagged = UNSURE, "unsure", True
             except ModelBusy:
@@ -266,10 +319,16 @@ class ConversationService:
 
     async def ask_human(self, inbound: Inbound) -> Outbound:
         """The customer asked for a person (/human): flag the conversation and tell staff."""
+        inbound = _safe_ids(inbound)
         conv = await asyncio.to_thread(
             self.store.conversation_for, inbound.channel, inbound.chat_id, inbound.customer_id, inbound.name
         )
-        q = await self._save(conv.id, "customer", "/human", inbound.external_id, status="refused")
+        seen = await asyncio.to_thread(self._seen, conv.id, inbound.external_id)
+        if seen is not None:
+            again = await self._again(conv, seen)
+            if again:
+                return again[0]
+        q = await self._question(conv, inbound, seen, "/human", status="refused")
         await asyncio.to_thread(self.store.set_flagged, conv.id, True)
         await self._each_reviewer("customer_flag", conv, None, "asked for a human")
         return await self._notice(conv, HUMAN, q)
@@ -445,6 +504,19 @@ def clean_text(text: str) -> str:
     """Text safe to store and prompt with: control characters and lone surrogates removed, trimmed."""
     text = text.encode("utf-8", "replace").decode("utf-8", "replace")
     return text.translate(_CONTROL).replace("\x00", "").strip()
+
+
+def _safe_ids(inbound: Inbound) -> Inbound:
+    """Names and ids as the store can hold them: clean text, cut to the column sizes."""
+    return dataclasses.replace(
+        inbound,
+        channel=clean_text(str(inbound.channel or ""))[:32],
+        chat_id=clean_text(str(inbound.chat_id or ""))[:128],
+        customer_id=clean_text(str(inbound.customer_id or ""))[:128],
+        external_id=clean_text(str(inbound.external_id or ""))[:128],
+        name=clean_text(str(inbound.name or ""))[:256],
+        text=inbound.text if isinstance(inbound.text, str) else None,
+    )
 
 
 def passages_from_sources(sources: list[dict[str, Any]]) -> list[Passage]:

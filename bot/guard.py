@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 from sqlalchemy import select
 
+from bot.logsafe import TOKEN_PATTERNS
 from knowledge.models import Customer
 from knowledge.passages import Passage
 from knowledge.settings import Settings
@@ -43,14 +44,6 @@ IDENTIFIERS = ("EMAIL", "PHONE", "CARD", "IBAN")
 NAMES_TTL_S = 30.0
 MIN_SECRET_CHARS = 8  # shorter configured "secrets" are test placeholders, not worth matching
 
-# Shapes of credentials, whether or not they are ours.
-TOKEN_PATTERNS = (
-    re.compile(r"\bxox[abposr]-[A-Za-z0-9-]{8,}"),  # Slack bot/user/legacy tokens
-    re.compile(r"\bxapp-\d-[A-Za-z0-9-]{8,}"),  # Slack app-level tokens
-    re.compile(r"(?<![0-9])\d{6,12}:[A-Za-z0-9_-]{30,}"),  # Telegram bot tokens (id:secret), also in URLs
-    re.compile(r"\bsk-[A-Za-z0-9_-]{20,}"),  # OpenAI-style API keys
-    re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----"),
-)
 
 
 @dataclass(frozen=True)

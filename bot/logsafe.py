@@ -10,11 +10,21 @@ Our own modules log ids and counts, never message text, at INFO and above.
 from __future__ import annotations
 
 import logging
+import re
 
 from knowledge.settings import Settings
 
 NOISY_HTTP_LOGGERS = ("httpx", "httpcore", "hpack")
 MASK = "[secret]"
+
+# Shapes of credentials, whether or not they are ours.
+TOKEN_PATTERNS = (
+    re.compile(r"\bxox[abposr]-[A-Za-z0-9-]{8,}"),  # Slack bot/user/legacy tokens
+    re.compile(r"\bxapp-\d-[A-Za-z0-9-]{8,}"),  # Slack app-level tokens
+    re.compile(r"(?<![0-9])\d{6,12}:[A-Za-z0-9_-]{30,}"),  # Telegram bot tokens (id:secret), also in URLs
+    re.compile(r"\bsk-[A-Za-z0-9_-]{20,}"),  # OpenAI-style API keys
+    re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----"),
+)
 
 
 def quiet_http_clients() -> None:
@@ -45,8 +55,6 @@ class SecretFilter(logging.Filter):
         self.secrets = secrets
 
     def mask(self, text: str) -> str:
-        from bot.guard import TOKEN_PATTERNS
-
         for secret in self.secrets:
             text = text.replace(secret, MASK)
         for pattern in TOKEN_PATTERNS:

@@ -146,6 +146,24 @@ class ProcessedUpdate(Base):
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
 
 
+class InboxItem(Base):
+    """A channel update received but not yet fully handled (its replies not yet in the outbox).
+
+    `lease_until` is set while a process works on it; a row whose lease ran out (the process died)
+    is taken up again. Done rows move to `processed_updates`.
+    """
+
+    __tablename__ = "inbox"
+    __table_args__ = (UniqueConstraint("channel", "update_id"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    channel: Mapped[str] = mapped_column(String(32), index=True)
+    update_id: Mapped[str] = mapped_column(String(128))
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    lease_until: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
+
+
 class OutboxItem(Base):
     """A message owed to a channel (customer reply, Slack card). Deleted only once delivered."""
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import create_engine, event, func, select, text, update
+from sqlalchemy import create_engine, delete, event, func, select, text, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
@@ -28,6 +28,7 @@ from knowledge.models import (
     Correction,
     Customer,
     Feedback,
+    InboxItem,
     KvState,
     Lock,
     Message,
@@ -207,6 +208,25 @@ class Store:
             ).all()
         return list(reversed(rows))
 
+    def message_by_external(self, conversation_id: int, external_id: str) -> Message | None:
+        """The message a channel delivered with this id in this conversation (redeliveries are found)."""
+        with self.session() as s:
+            return s.scalar(
+                select(Message)
+                .where(Message.conversation_id == conversation_id, Message.external_id == external_id)
+                .limit(1)
+            )
+
+    def first_reply(self, message_id: int) -> Message | None:
+        """The bot's answer or the notice sent in reply to a customer message (the first one)."""
+        with self.session() as s:
+            return s.scalar(
+                select(Message)
+                .where(Message.reply_to_id == message_id, Message.role.in_(("bot", "system")))
+                .order_by(Message.id)
+                .limit(1)
+            )
+
     def reply_to(self, message_id: int) -> Message | None:
         """The bot's answer to a customer message, if one was stored."""
         with self.session() as s:
@@ -319,6 +339,104 @@ class Store:
         except IntegrityError:
             return False
 
+    # --- inbox: updates received, not yet handled ------------------------------------------
+    def inbox_put(self, channel: str, update_id: str, payload: dict[str, Any]) -> bool:
+        """Keep a received update until it is handled. False when it was handled or is already kept."""
+        try:
+            with self.session() as s:
+                done = s.scalar(
+                    select(ProcessedUpdate.id).where(
+                        ProcessedUpdate.channel == channel, ProcessedUpdate.update_id == update_id
+                    )
+                )
+                if done is not None:
+                    return False
+                s.add(InboxItem(channel=channel, update_id=update_id, payload=payload))
+            return True
+        except IntegrityError:
+            return False
+
+    def inbox_claim(
+        self, channel: str, update_id: str, lease_s: float, payload: dict[str, Any] | None = None
+    ) -> int | None:
+        """Take an update for handling: its attempt number for exactly one caller, None for the others.
+
+        None also when it was handled already (in `processed_updates`). An update not in the inbox
+        yet (long polling) is added, claimed. A claim lasts `lease_s`; after that, a process that
+        died while handling it has lost it, and the update is handled again.
+        """
+        now = utcnow()
+        until = now + dt.timedelta(seconds=lease_s)
+        try:
+            with self.session() as s:
+                done = s.scalar(
+                    select(ProcessedUpdate.id).where(
+                        ProcessedUpdate.channel == channel, ProcessedUpdate.update_id == update_id
+                    )
+                )
+                if done is not None:
+                    return None
+                result = s.execute(
+                    update(InboxItem)
+                    .where(
+                        InboxItem.channel == channel,
+                        InboxItem.update_id == update_id,
+                        (InboxItem.lease_until.is_(None)) | (InboxItem.lease_until < now),
+                    )
+                    .values(lease_until=until, attempts=InboxItem.attempts + 1)
+                    .returning(InboxItem.attempts)
+                )
+                attempts = result.scalar()
+                if attempts is not None:
+                    return int(attempts)
+                exists = s.scalar(
+                    select(InboxItem.id).where(InboxItem.channel == channel, InboxItem.update_id == update_id)
+                )
+                if exists is not None or payload is None:
+                    return None  # another process holds it
+                s.add(
+                    InboxItem(
+                        channel=channel, update_id=update_id, payload=payload, lease_until=until, attempts=1
+                    )
+                )
+            return 1
+        except IntegrityError:
+            return None
+
+    def inbox_done(self, channel: str, update_id: str) -> None:
+        """The update is handled: out of the inbox, into `processed_updates`, in one transaction."""
+        try:
+            with self.session() as s:
+                s.execute(
+                    delete(InboxItem).where(InboxItem.channel == channel, InboxItem.update_id == update_id)
+                )
+                s.add(ProcessedUpdate(channel=channel, update_id=update_id))
+        except IntegrityError:  # two holders (an expired lease) finished it; once is recorded
+            with self.session() as s:
+                s.execute(
+                    delete(InboxItem).where(InboxItem.channel == channel, InboxItem.update_id == update_id)
+                )
+
+    def inbox_due(self, channel: str, older_than_s: float, limit: int = 100) -> list[InboxItem]:
+        """Updates nobody handles: never claimed for `older_than_s`, or whose claim ran out. Oldest first."""
+        now = utcnow()
+        with self.session() as s:
+            return list(
+                s.scalars(
+                    select(InboxItem)
+                    .where(
+                        InboxItem.channel == channel,
+                        (
+                            InboxItem.lease_until.is_(None)
+                            & (InboxItem.created_at < now - dt.timedelta(seconds=older_than_s))
+                        )
+                        | (InboxItem.lease_until < now),
+                    )
+                    .order_by(InboxItem.id)
+                    .limit(limit)
+                ).all()
+            )
+
     def enqueue(self, channel: str, kind: str, payload: dict[str, Any], key: str = "") -> int:
         with self.session() as s:
             item = OutboxItem(channel=channel, kind=kind, payload=payload, key=key)
@@ -373,6 +491,17 @@ class Store:
                     last_error=error[:500],
                 )
             )
+
+    def outbox_has(self, channel: str, message_id: int, kind: str | None = None) -> bool:
+        """Whether an item (queued or sent) for this stored message exists, so a resumed answer is
+        not queued twice. Scans JSON payloads: for the rare resume path only."""
+        with self.session() as s:
+            q = select(OutboxItem.id).where(
+                OutboxItem.channel == channel, OutboxItem.payload["message_id"].as_integer() == message_id
+            )
+            if kind is not None:
+                q = q.where(OutboxItem.kind == kind)
+            return s.scalar(q.limit(1)) is not None
 
     def outbox_depth(self, channel: str | None = None) -> int:
         with self.session() as s:

@@ -20,10 +20,12 @@ import asyncio
 import contextlib
 import datetime as dt
 import hashlib
+import hmac
 import json
 import logging
 import re
 import time
+import urllib.parse
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,6 +50,7 @@ log = logging.getLogger(__name__)
 
 CHANNEL = "slack"  # outbox channel, staff-id prefix and update-claim namespace
 EVENTS_PATH = "/slack/events"
+SIGNATURE_MAX_AGE_S = 300  # Slack's own rule: older (or future) timestamps are replays
 STAFF_CACHE_S = 300.0
 MAX_SECTION = 2900  # Slack allows 3000 characters in a section text
 REASONS = [
@@ -58,6 +61,7 @@ REASONS = [
     ("other", "Other"),
 ]
 SEND, REMEMBER = "send", "remember"
+STALE_FORM = "This form no longer matches an answer; press the button on the card again."
 REFUSAL = (
     "Only support staff can do this. Ask an admin to add you to APPRENTICE_STAFF "
     "(or, when it is unset, to the review channel)."
@@ -219,14 +223,46 @@ class SlackChannel:
     async def _http_events(self, request: web.Request) -> web.StreamResponse:
         if self._app is None:
             return web.Response(status=503, text="The Slack channel is not running.")
-        response = await self._app.async_dispatch(await to_bolt_request(request))
+        raw = await request.read()
+        # Bolt parses the body before it checks the signature, and raises (a 500) on bodies that are
+        # not UTF-8 or not an object. Check the signature on the raw bytes first, then the shape.
+        if not self._signed(request, raw):
+            return web.Response(status=401, text="invalid signature")
+        problem = _malformed(raw, request.content_type)
+        if problem:
+            return web.Response(status=400, text=problem)
+        try:
+            response = await self._app.async_dispatch(await to_bolt_request(request))
+        except Exception:  # an authenticated but odd request must not become a 500 loop on Slack's side
+            log.exception("Slack request could not be handled")
+            return web.Response(status=400, text="malformed Slack request")
         return await to_aiohttp_response(response)
+
+    def _signed(self, request: web.Request, raw: bytes) -> bool:
+        """Slack's v0 signature over the raw body, compared in constant time; stale timestamps fail."""
+        stamp = request.headers.get("X-Slack-Request-Timestamp", "")
+        given = request.headers.get("X-Slack-Signature", "")
+        try:
+            if abs(time.time() - int(stamp)) > SIGNATURE_MAX_AGE_S:
+                return False
+        except ValueError:
+            return False
+        base = b"v0:" + stamp.encode() + b":" + raw
+        expected = "v0=" + hmac.new(self.signing_secret.encode(), base, hashlib.sha256).hexdigest()
+        return hmac.compare_digest(expected.encode(), given.encode("utf-8", "replace"))
 
     # --- Reviewer (called by the conversation service) -------------------------------------
     async def answer_posted(self, conv: Conversation, answer: Answer) -> None:
         review = self.settings.review
+        if answer.repeat and await asyncio.to_thread(self._carded, answer.message_id):
+            return  # a redelivered message whose card is already posted or queued
         if review == "all" or (review == "flagged" and answer.flagged):
             await self._put("card", conv.id, {"message_id": answer.message_id})
+
+    def _carded(self, message_id: int) -> bool:
+        if self.store.get_kv(_card_key(message_id)):
+            return True
+        return self.store.outbox_has(CHANNEL, message_id, "card")
 
     async def customer_flag(self, conv: Conversation, message_id: int | None, why: str) -> None:
         if self.settings.review == "none":
@@ -546,9 +582,9 @@ class SlackChannel:
 
     # --- listeners: modal submissions -------------------------------------------------------
     async def _on_correct_submit(self, ack: Any, body: dict[str, Any], view: dict[str, Any]) -> None:
-        user = str(body["user"]["id"])
-        meta = json.loads(view.get("private_metadata") or "{}")
-        values = view.get("state", {}).get("values", {})
+        user = str((body.get("user") or {}).get("id", ""))
+        meta = _metadata(view)
+        values = _values(view)
         text = str(((values.get("corrected") or {}).get("text") or {}).get("value") or "")
         selected = ((values.get("reason") or {}).get("reason") or {}).get("selected_option") or {}
         reason = str(selected.get("value") or "other")
@@ -556,15 +592,18 @@ class SlackChannel:
         options = {str(o.get("value")) for o in chosen}
         if not await self._is_staff(user):
             await ack(response_action="errors", errors={"corrected": REFUSAL})
-            self._spawn(None, self._refuse(user, meta.get("ch")))
+            self._spawn(None, self._refuse(user, (meta or {}).get("ch")))
             return
         if not text.strip():
             await ack(
                 response_action="errors", errors={"corrected": "Type the answer the customer should get."}
             )
             return
+        if meta is None:
+            await ack(response_action="errors", errors={"corrected": STALE_FORM})
+            return
         await ack()
-        mid, cid = int(meta["m"]), int(meta["c"])
+        mid, cid = meta["m"], meta["c"]
         key = request_key(mid, user, text)
         work = self._correct(
             user, meta.get("ch"), mid, text, reason, SEND in options, REMEMBER in options, key
@@ -597,16 +636,19 @@ class SlackChannel:
             )
 
     async def _on_flag_submit(self, ack: Any, body: dict[str, Any], view: dict[str, Any]) -> None:
-        user = str(body["user"]["id"])
-        meta = json.loads(view.get("private_metadata") or "{}")
-        values = view.get("state", {}).get("values", {})
+        user = str((body.get("user") or {}).get("id", ""))
+        meta = _metadata(view)
+        values = _values(view)
         reason = str(((values.get("reason") or {}).get("reason") or {}).get("value") or "")
         if not await self._is_staff(user):
             await ack(response_action="errors", errors={"reason": REFUSAL})
-            self._spawn(None, self._refuse(user, meta.get("ch")))
+            self._spawn(None, self._refuse(user, (meta or {}).get("ch")))
+            return
+        if meta is None:
+            await ack(response_action="errors", errors={"reason": STALE_FORM})
             return
         await ack()
-        mid, cid = int(meta["m"]), int(meta["c"])
+        mid, cid = meta["m"], meta["c"]
 
         async def flag() -> None:
             if await self.service.staff_feedback(mid, "flag", f"{CHANNEL}:{user}", reason.strip()):
@@ -952,6 +994,109 @@ def slack_to_plain(text: str) -> str:
 
     out = _LINK.sub(link, text)
     return out.replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&").strip()
+
+
+def _malformed(raw: bytes, content_type: str) -> str:
+    """Why a signed body is not a Slack request ("" when it may be one)."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return "body is not UTF-8"
+    if content_type == "application/json":
+        try:
+            body = json.loads(text)
+        except ValueError:
+            return "body is not JSON"
+        if not isinstance(body, dict):
+            return "body is not a JSON object"
+        return _odd_shape(body, EVENT_SHAPE)
+    form = urllib.parse.parse_qs(text, keep_blank_values=True)
+    if "payload" in form:
+        try:
+            payload = json.loads(form["payload"][0])
+        except ValueError:
+            return "payload is not JSON"
+        if not isinstance(payload, dict):
+            return "payload is not a JSON object"
+        problem = _odd_shape(payload, PAYLOAD_SHAPE)
+        if problem:
+            return problem
+        if payload.get("type") == "block_actions" and not (
+            payload.get("actions") and all(isinstance(a.get("action_id"), str) for a in payload["actions"])
+        ):
+            return "block_actions without actions"
+        view = payload.get("view")
+        if payload.get("type") in ("view_submission", "view_closed") and not (
+            isinstance(view, dict)
+            and isinstance(view.get("type"), str)
+            and isinstance(view.get("callback_id"), str)
+        ):
+            return "a view payload without a view type and callback_id"
+    return ""
+
+
+# The types bolt and our listeners rely on, checked before either reads the body: field -> type,
+# or field -> nested shape (a dict), or field -> (list, item shape). Absent fields are fine.
+EVENT_SHAPE: dict[str, Any] = {
+    "type": str,
+    "team_id": str,
+    "api_app_id": str,
+    "event_id": str,
+    "event": {"type": str},  # lenient: other event types carry objects where messages carry ids
+    "authorizations": (list, dict),
+}
+PAYLOAD_SHAPE: dict[str, Any] = {
+    "type": str,
+    "user": {"id": str},
+    "team": dict,
+    "channel": {"id": str},
+    "container": dict,
+    "message": dict,
+    "enterprise": dict,
+    "trigger_id": str,
+    "actions": (list, {"action_id": str}),
+    "view": {"type": str, "callback_id": str, "private_metadata": str, "state": {"values": dict}},
+}
+
+
+def _odd_shape(body: dict[str, Any], shape: dict[str, Any]) -> str:
+    """The first field of `body` whose type is not what `shape` says ("" when all fit)."""
+    for name, want in shape.items():
+        if name not in body or (body[name] is None and name in ("enterprise", "team", "channel")):
+            continue
+        value = body[name]
+        if isinstance(want, dict):
+            if not isinstance(value, dict):
+                return f"{name} is not an object"
+            inner = _odd_shape(value, want)
+            if inner:
+                return f"{name}.{inner}"
+        elif isinstance(want, tuple):
+            kind, item = want
+            if not isinstance(value, kind):
+                return f"{name} is not a list"
+            for element in value:
+                if not isinstance(element, dict):
+                    return f"{name} holds a non-object"
+                if isinstance(item, dict) and _odd_shape(element, item):
+                    return f"{name} holds an odd object"
+        elif not isinstance(value, want):
+            return f"{name} is not a {want.__name__}"
+    return ""
+
+
+def _metadata(view: dict[str, Any]) -> dict[str, Any] | None:
+    """The answer a modal is about ({"m", "c", "ch"}), or None when the metadata is unreadable."""
+    try:
+        meta = json.loads(view.get("private_metadata") or "{}")
+        return {"m": int(meta["m"]), "c": int(meta["c"]), "ch": meta.get("ch")}
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return None
+
+
+def _values(view: dict[str, Any]) -> dict[str, Any]:
+    values = (view.get("state") or {}).get("values") or {}
+    return {k: v for k, v in values.items() if isinstance(v, dict)} if isinstance(values, dict) else {}
 
 
 def _api_url(url: str) -> str:

@@ -7,12 +7,15 @@ durable `Outbox`, so a reply that Telegram refuses for now is kept and retried, 
 
 Delivery guarantees, and why they are shaped this way:
 
-- **Each update once.** `store.claim_update("telegram", update_id)` runs before anything else
-  touches an update, in a table shared by restarts and replicas, so a redelivered update (after
-  a crash, a restart or on another replica) is never answered twice. The price is that an update
-  claimed just before a crash is not answered automatically; the service persists the customer's
-  message first thing, so it is in the store for staff (we chose "never twice" over "at least once"
-  for model answers: a duplicate answer is visible to the customer, a missed one is not lost).
+- **Each update once, none lost.** A webhook update is written to the database inbox before
+  Telegram gets its 200 (Telegram redelivers anything else). Handling claims the update with a
+  lease (`store.inbox_claim`, shared by restarts and replicas) and moves it to `processed_updates`
+  only once its replies are in the outbox. A process killed in between leaves the claim to run
+  out; then the sweeper hands the update in again, and the conversation service finds the stored
+  message (and answer, if there is one) instead of answering twice. A redelivered update that is
+  done is skipped. Long polling records each update when it is handled; an update fetched but not
+  yet recorded when the process dies is lost (python-telegram-bot confirms updates on its next
+  fetch), so deployments that must lose nothing use the webhook.
 - **Replies at least once.** Every reply is written to the outbox before it is sent, keyed by the
   chat so one chat's messages stay in order. 429 waits `retry_after`; 5xx and network errors back
   off; 403 (the customer blocked the bot) marks the customer unreachable and drops the reply.
@@ -28,6 +31,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import hmac
+import json
 import logging
 import re
 import secrets
@@ -48,7 +52,7 @@ from telegram.constants import ChatAction, ChatType
 from telegram.error import BadRequest, ChatMigrated, Forbidden, InvalidToken, RetryAfter, TelegramError
 from telegram.ext import Application, ApplicationBuilder, ContextTypes, TypeHandler
 
-from bot.conversation import ConversationService, Inbound, Outbound
+from bot.conversation import ConversationService, Inbound, Outbound, clean_text
 from bot.http import HttpServer
 from bot.outbox import Drop, Outbox, Retry
 from knowledge.models import Conversation
@@ -69,6 +73,7 @@ HELP_TEXT = (
     "Send /human to talk to a person."
 )
 ALREADY_RATED = "You already rated this answer. Thanks!"
+MAX_ATTEMPTS = 3  # an update whose handling failed this often is given up (logged), not retried forever
 # content a customer can send besides text; anything else (members joining, pins…) is not a message to us
 _CONTENT_KINDS = (
     ("photo", "photo"),
@@ -103,6 +108,7 @@ class TelegramChannel:
         typing_every_s: float = 4.0,
         outbox_poll_s: float = 1.0,
         retry_base_s: float = 1.0,
+        sweep_s: float = 5.0,
     ) -> None:
         token = settings.telegram_bot_token.get_secret_value()
         if not token:
@@ -128,6 +134,11 @@ class TelegramChannel:
         self._chat_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
         self._secret = ""
         self._started = False
+        # a claim outlives the slowest answer (the generation timeout) with room to spare
+        self.lease_s = settings.llm_timeout_s * 2 + 30
+        self.sweep_s = sweep_s
+        self._sweeper: asyncio.Task[None] | None = None
+        self._swept: set[str] = set()  # update ids handed in by the sweeper, not yet handled
         service.deliverers[CHANNEL] = self._deliver
 
     # --- lifecycle ---------------------------------------------------------------------
@@ -149,6 +160,8 @@ class TelegramChannel:
         try:
             self.outbox.start()
             await self.application.start()
+            await self._sweep(older_than_s=0.0)  # updates a killed process received but never handled
+            self._sweeper = asyncio.create_task(self._sweep_loop(), name="telegram-inbox")
             if self.webhook_url:
                 self._secret = await asyncio.to_thread(self._webhook_secret)
                 await self.application.bot.set_webhook(
@@ -176,6 +189,11 @@ class TelegramChannel:
             del self.service.deliverers[CHANNEL]
 
     async def _teardown(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+            self._sweeper = None
         updater = self.application.updater
         if updater is not None and updater.running:
             await updater.stop()
@@ -204,11 +222,35 @@ class TelegramChannel:
             data = await request.json()
         except ValueError:
             return web.Response(status=400, text="body must be a JSON Telegram update")
-        if not isinstance(data, dict) or "update_id" not in data:
+        update = parse_update(data, self.application.bot)
+        if update is None:
             return web.Response(status=400, text="body must be a JSON Telegram update")
-        update = Update.de_json(data, self.application.bot)
-        await self.application.update_queue.put(update)
+        # kept in the database before the 200: a crash from here on is resumed, never lost
+        fresh = await asyncio.to_thread(self.store.inbox_put, CHANNEL, str(update.update_id), data)
+        if fresh:  # a redelivery of an update kept or handled already needs nothing more
+            await self.application.update_queue.put(update)
         return web.Response(text="ok")
+
+    async def _sweep_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.sweep_s)
+            try:
+                await self._sweep(older_than_s=2 * self.sweep_s)
+            except Exception:
+                log.exception("Telegram inbox sweep failed")
+
+    async def _sweep(self, older_than_s: float) -> None:
+        """Hand in updates nobody handles: received before a crash, or whose handler's claim ran out."""
+        for item in await asyncio.to_thread(self.store.inbox_due, CHANNEL, older_than_s):
+            if item.update_id in self._swept:
+                continue
+            update = parse_update(item.payload, self.application.bot)
+            if update is None:
+                await asyncio.to_thread(self.store.inbox_done, CHANNEL, item.update_id)
+                continue
+            log.info("Telegram update %s handed in again (not handled before)", item.update_id)
+            self._swept.add(item.update_id)
+            await self.application.update_queue.put(update)
 
     async def _on_update(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         """Called by PTB for every update, one at a time: start its task and return at once."""
@@ -230,17 +272,36 @@ class TelegramChannel:
                 log.exception("Telegram update %s failed", update.update_id)
 
     async def _handle(self, update: Update) -> None:
+        uid = str(update.update_id)
+        try:
+            await self._handle_claimed(update, uid)
+        finally:
+            self._swept.discard(uid)
+
+    async def _handle_claimed(self, update: Update, uid: str) -> None:
         query = update.callback_query
         msg = update.message or update.edited_message
-        if query is None and (msg is None or not self._addressed(msg)):
+        if query is None and (msg is None or getattr(msg, "chat", None) is None or not self._addressed(msg)):
+            await asyncio.to_thread(self.store.inbox_done, CHANNEL, uid)
             return  # not for us: channel posts, service messages, group chatter
-        if not await asyncio.to_thread(self.store.claim_update, CHANNEL, str(update.update_id)):
-            log.info("Telegram update %s was already processed; skipped", update.update_id)
+        payload = json.loads(update.to_json())
+        attempt = await asyncio.to_thread(self.store.inbox_claim, CHANNEL, uid, self.lease_s, payload)
+        if attempt is None:
+            log.info("Telegram update %s was already handled or is in hand; skipped", uid)
+            return
+        if attempt > MAX_ATTEMPTS:
+            log.error("Telegram update %s failed %d times; giving up on it", uid, attempt - 1)
+            await asyncio.to_thread(self.store.inbox_done, CHANNEL, uid)
             return
         if query is not None:
             await self._on_button(query)
-            return
-        assert msg is not None
+        else:
+            assert msg is not None
+            await self._on_message(msg, update)
+        # the replies are in the outbox: only now is the update done
+        await asyncio.to_thread(self.store.inbox_done, CHANNEL, uid)
+
+    async def _on_message(self, msg: Message, update: Update) -> None:
         kind = _kind(msg, edited=update.edited_message is not None)
         if kind is None:
             return
@@ -261,7 +322,7 @@ class TelegramChannel:
         # unique per conversation in the store; an edit keeps the message id, so it gets its own
         external = str(msg.message_id) if kind != "edited" else f"{msg.message_id}:edit:{update_id}"
         customer = str(user.id) if user is not None else str(msg.chat.id)
-        text = msg.text if kind == "text" else None
+        text = msg.text if kind == "text" and isinstance(msg.text, str) else None
         if text is not None and msg.chat.type != ChatType.PRIVATE:
             text = self._strip_mention(text)
         return Inbound(
@@ -270,7 +331,7 @@ class TelegramChannel:
             customer,
             text,
             external_id=external,
-            name=user.full_name if user is not None else "",
+            name=clean_text(str(user.full_name or ""))[:256] if user is not None else "",
             kind=kind,
         )
 
@@ -367,6 +428,12 @@ class TelegramChannel:
 
     async def _enqueue(self, chat_id: str, customer_id: str, out: Outbound) -> None:
         """Queue one reply (split into Telegram-sized parts) in the outbox; buttons go on the last part."""
+        if (
+            out.repeat
+            and out.message_id is not None
+            and await asyncio.to_thread(self.store.outbox_has, CHANNEL, out.message_id)
+        ):
+            return  # queued before the crash (or sent): once is enough
         parts = split_text(out.text)
         for i, part in enumerate(parts):
             buttons = out.message_id if out.feedback_buttons and i == len(parts) - 1 else None
@@ -431,6 +498,19 @@ class TelegramChannel:
 # --- pure helpers (tested directly) ---------------------------------------------------------
 
 
+def parse_update(data: object, bot: Any) -> Update | None:
+    """The Update in a webhook body, or None when it is not one (odd types, fields out of range)."""
+    if not isinstance(data, dict):
+        return None
+    uid = data.get("update_id")
+    if not isinstance(uid, int) or isinstance(uid, bool) or not 0 <= uid < 2**63:
+        return None
+    try:
+        return Update.de_json(data, bot)
+    except Exception:  # python-telegram-bot raises whatever the field parsers raise
+        return None
+
+
 def feedback_markup(message_id: int) -> InlineKeyboardMarkup:
     """👍/👎 under an answer; the callback data carries the stored answer's id."""
     return InlineKeyboardMarkup(
@@ -452,10 +532,10 @@ def _parse_feedback(data: str | object | None) -> tuple[bool, int] | None:
 
 def _command_of(msg: Message) -> tuple[str, str] | None:
     """(command, addressed bot) for "/cmd@bot args", lower-cased; None when not a command."""
-    if not msg.text or not msg.entities:
+    if not msg.text or not isinstance(msg.text, str) or not msg.entities:
         return None
     first = msg.entities[0]
-    if first.type != MessageEntity.BOT_COMMAND or first.offset != 0:
+    if first.type != MessageEntity.BOT_COMMAND or first.offset != 0 or not isinstance(first.length, int):
         return None
     name, _, target = msg.text[1 : first.length].partition("@")
     return name.lower(), target.lower()
