@@ -7,9 +7,8 @@ Create Date: 2026-11-29 12:00:00
 A webhook answers 200 only after the update is in this table, and a row leaves it (for
 `processed_updates`) only once the replies are in the outbox: a crash in between is resumed.
 """
-from alembic import op
 import sqlalchemy as sa
-
+from alembic import op
 
 revision = '0002'
 down_revision = '0001'
