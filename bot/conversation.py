@@ -130,6 +130,9 @@ class ConversationService:
         self.reviewers: list[Reviewer] = []
         # channel name -> how to send to a customer on that channel (a dict is enough)
         self.deliverers: dict[str, Deliver] = {}
+        # channels whose deliverer drops an Outbound(repeat=True) it has queued before (a durable
+        # outbox): a correction retried after a crash is delivered through them, never twice
+        self.dedup_channels: set[str] = set()
         self._chat_locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._rates: dict[str, _RateWindow] = collections.defaultdict(_RateWindow)
         # Every reply passes the output guard (prompt, secrets, other customers' data): bot/guard.py.
@@ -397,6 +400,8 @@ class ConversationService:
             # idempotent (an upsert): a retry after a crash between storing and remembering completes it
             await asyncio.to_thread(self.kb.remember, corr.id, question, corr.corrected)
         if not created:
+            if send:
+                result.delivered = await self._resume_followup(answer, corr)
             return result
         METRICS.corrections.inc()
         conv = await asyncio.to_thread(self.store.conversation, answer.conversation_id)
@@ -407,6 +412,20 @@ class ConversationService:
             result.delivered = await self._deliver(conv, Outbound(corrected, conv.id, mid, kind="correction"))
         await self._each_reviewer("correction_stored", conv, corr)
         return result
+
+    async def _resume_followup(self, answer: Message, corr: Correction) -> bool:
+        """A retried correction: send the customer's follow-up if a crash stopped it (never twice)."""
+        conv = await asyncio.to_thread(self.store.conversation, answer.conversation_id)
+        if conv is None or conv.channel not in self.dedup_channels:
+            return False  # no way to know whether it went out: do not risk a duplicate
+        sent = await asyncio.to_thread(self.store.followup_of, answer, corr.corrected)
+        mid = sent.id if sent is not None else None
+        if mid is None:
+            mid = await self._save(
+                conv.id, "staff", corr.corrected, None, reply_to_id=answer.reply_to_id, status="correction"
+            )
+        out = Outbound(corr.corrected, conv.id, mid, kind="correction", repeat=True)
+        return await self._deliver(conv, out)
 
     def _question_of(self, answer: Message) -> str:
         if answer.reply_to_id is None:

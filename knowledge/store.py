@@ -227,6 +227,21 @@ class Store:
                 .limit(1)
             )
 
+    def followup_of(self, answer: Message, text: str) -> Message | None:
+        """The staff follow-up that sent a correction of `answer` to the customer, if one was stored."""
+        with self.session() as s:
+            return s.scalar(
+                select(Message)
+                .where(
+                    Message.conversation_id == answer.conversation_id,
+                    Message.role == "staff",
+                    Message.status == "correction",
+                    Message.reply_to_id == answer.reply_to_id,
+                    Message.text == text,
+                )
+                .limit(1)
+            )
+
     def reply_to(self, message_id: int) -> Message | None:
         """The bot's answer to a customer message, if one was stored."""
         with self.session() as s:

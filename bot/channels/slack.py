@@ -61,6 +61,7 @@ REASONS = [
     ("other", "Other"),
 ]
 SEND, REMEMBER = "send", "remember"
+CORRECTION_WAIT_S = 2.5
 STALE_FORM = "This form no longer matches an answer; press the button on the card again."
 REFUSAL = (
     "Only support staff can do this. Ask an admin to add you to APPRENTICE_STAFF "
@@ -195,7 +196,7 @@ class SlackChannel:
         while self._tasks:
             await asyncio.wait(list(self._tasks))
 
-    def _spawn(self, key: str | None, work: Coroutine[Any, Any, None]) -> None:
+    def _spawn(self, key: str | None, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         """Run `work` in the background; work sharing a key runs in the order it was scheduled."""
         before = self._chains.get(key) if key else None
 
@@ -218,6 +219,7 @@ class SlackChannel:
                 del self._chains[key]
 
         task.add_done_callback(done)
+        return task
 
     # --- HTTP mode ------------------------------------------------------------------------
     async def _http_events(self, request: web.Request) -> web.StreamResponse:
@@ -608,7 +610,11 @@ class SlackChannel:
         work = self._correct(
             user, meta.get("ch"), mid, text, reason, SEND in options, REMEMBER in options, key
         )
-        self._spawn(f"conv:{cid}", work)
+        task = self._spawn(f"conv:{cid}", work)
+        # Slack has had its ack; the HTTP response (process_before_response) goes out when this returns.
+        # Waiting for the correction to be stored (well inside Slack's 3 s) means a 200 is never sent for
+        # a correction that a crash could still lose; a retry of a failed request stores it once.
+        await asyncio.wait({task}, timeout=CORRECTION_WAIT_S)
 
     async def _correct(
         self,

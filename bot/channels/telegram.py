@@ -140,6 +140,7 @@ class TelegramChannel:
         self._sweeper: asyncio.Task[None] | None = None
         self._swept: set[str] = set()  # update ids handed in by the sweeper, not yet handled
         service.deliverers[CHANNEL] = self._deliver
+        service.dedup_channels.add(CHANNEL)  # _enqueue drops repeats already in the outbox
 
     # --- lifecycle ---------------------------------------------------------------------
     async def start(self) -> None:
