@@ -8,6 +8,7 @@ the output guard (bot/guard.py) replaces it, stores no copy, and flags the conve
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -217,3 +218,15 @@ def test_spelled_out_chat_tokens_do_not_become_special_tokens(smollm2_dir: Path)
     ids = tok(text, add_special_tokens=False)["input_ids"]
     start = tok.convert_tokens_to_ids("<|im_start|>")
     assert ids.count(start) == 3  # system, user, and the assistant turn to generate: nothing injected
+
+
+def test_customer_and_model_text_cannot_format_or_ping_in_the_review_card() -> None:
+    """Improper output handling (LLM05): Slack mrkdwn from a customer or the model is shown, not obeyed."""
+    from bot.channels.slack import CardState, render_card
+
+    evil = "<!channel> urgent <https://evil.example|click here> *bold* <@U123>"
+    state = CardState(1, 2, "bot", evil, evil, "ok", [], "m", None, 1.0)
+    _, blocks = render_card(state, {})
+    text = json.dumps(blocks)
+    assert "<!channel>" not in text and "<https://evil.example|" not in text and "<@U123>" not in text
+    assert "&lt;!channel&gt;" in text
