@@ -151,7 +151,10 @@ class HttpGenerator:
     async def generate(self, messages: Messages, max_new_tokens: int | None = None) -> Generation:
         """Answer one conversation. Raises ModelBusy, GenerationTimeout or GenerationError."""
         await self._ensure_started()
-        if self._pending is not None:
+        assert self._switch_lock is not None
+        if self._pending is not None or self._switch_lock.locked():
+            # also when another request is loading the adapter right now: answers wait for the
+            # switch instead of slipping out on the previous adapter (the base, after a restart)
             await self.sync_adapter()
         if self.queue_depth >= self.max_queue:
             self.stats.busy += 1

@@ -220,6 +220,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         corrections: dict[int, str] = {}  # answer id -> corrected text
         done_sending = asyncio.Event()
         stats = {"webhook_retries": 0, "slack_retries": 0}
+        responses: dict[str, int] = {}  # the bodies of the 200s the Correct form got
 
         async with aiohttp.ClientSession() as http:
 
@@ -267,7 +268,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                         headers = {"Content-Type": "application/x-www-form-urlencoded", **_sign(body)}
                         async with http.post(f"{serve.url}/slack/events", data=body, headers=headers,
                                              timeout=_timeout(10)) as resp:  # fmt: skip
+                            answer = await resp.text()
                             if resp.status == 200:
+                                key = answer[:80] or "(empty)"
+                                responses[key] = responses.get(key, 0) + 1
                                 return
                     stats["slack_retries"] += 1
                     await asyncio.sleep(0.3)
@@ -324,14 +328,21 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             exit_code = serve.stop()
 
         # --- checks ---------------------------------------------------------------------------
+        (root / "telegram_sent.json").write_text(
+            json.dumps([[c.params.get("chat_id"), c.params.get("text")] for c in tg.sent()], indent=0)
+        )
+        # a chat's sends are its answer (exactly once) and, when staff corrected that answer, the
+        # follow-up with the corrected text (exactly once); a memory answer may quote an older fix
+        followup_of_chat = {}
+        with store.session() as s:
+            for row in s.scalars(select(Correction)).all():
+                conv = store.conversation(row.conversation_id) if row.conversation_id else None
+                if conv is not None:
+                    followup_of_chat[int(conv.chat_id)] = row.corrected
         replies: dict[int, int] = {}
-        followups: dict[int, int] = {}
-        fix_texts = set(corrections.values())
         for call in tg.sent():
             chat, text = int(call.params.get("chat_id", 0)), str(call.params.get("text", ""))
-            if text in fix_texts:
-                followups[chat] = followups.get(chat, 0) + 1
-            else:
+            if text != followup_of_chat.get(chat):
                 replies[chat] = replies.get(chat, 0) + 1
         chats = list(posted)
         lost = [c for c in chats if replies.get(c, 0) == 0]
@@ -417,6 +428,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "drained": drained,
         "webhook_post_retries": stats["webhook_retries"],
         "correction_resubmits": stats["slack_retries"],
+        "correction_responses": responses,
         "final_exit_code": exit_code,
         "wall_s": round(time.monotonic() - started, 1),
         "work_dir": str(root),
