@@ -8,9 +8,10 @@ so an outage or a restart never loses a message. `Retry(after)` honours a server
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from knowledge.models import utcnow
 from knowledge.store import Store
@@ -31,6 +32,7 @@ class Drop(Exception):
 
 
 Sender = Callable[[str, dict[str, Any]], Awaitable[None]]
+T = TypeVar("T")
 
 
 class Outbox:
@@ -52,10 +54,17 @@ class Outbox:
         self.poll_s, self.base_delay_s, self.max_delay_s = poll_s, base_delay_s, max_delay_s
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        # Its own database thread: between "the API accepted the message" and "recorded as sent" a
+        # crash means a second send, so that step must not queue behind slow work (retrieval,
+        # embeddings) in the shared default thread pool.
+        self._db = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"outbox-{channel}")
+
+    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._db, fn, *args)
 
     async def put(self, kind: str, payload: dict[str, Any], key: str = "") -> int:
         """Persist an item and wake the drainer. Returns the item id."""
-        item_id = await asyncio.to_thread(self.store.enqueue, self.channel, kind, payload, key)
+        item_id = await self._call(self.store.enqueue, self.channel, kind, payload, key)
         self._wake.set()
         return item_id
 
@@ -76,7 +85,7 @@ class Outbox:
 
         Items sharing a key stay in order: after one fails, later items of that key wait.
         """
-        items = await asyncio.to_thread(self.store.pending_outbox, self.channel)
+        items = await self._call(self.store.pending_outbox, self.channel)
         now = utcnow()
         blocked: set[str] = set()
         delivered = 0
@@ -88,7 +97,7 @@ class Outbox:
                     blocked.add(item.key)
                 continue
             # Several replicas drain one table: only the one that claims the item sends it.
-            if not await asyncio.to_thread(self.store.claim_outbox, item.id, self.lease_s):
+            if not await self._call(self.store.claim_outbox, item.id, self.lease_s):
                 if item.key:
                     blocked.add(item.key)
                 continue
@@ -96,7 +105,7 @@ class Outbox:
                 await self.send(item.kind, item.payload)
             except Drop as exc:
                 log.warning("outbox %s item %s dropped: %s", self.channel, item.id, exc)
-                await asyncio.to_thread(self.store.outbox_done, item.id)
+                await self._call(self.store.outbox_done, item.id)
                 await asyncio.to_thread(
                     self.store.audit,
                     "system",
@@ -116,11 +125,11 @@ class Outbox:
                 log.info(
                     "outbox %s item %s retry in %.1fs: %s", self.channel, item.id, delay, type(exc).__name__
                 )
-                await asyncio.to_thread(self.store.outbox_retry, item.id, delay, repr(exc))
+                await self._call(self.store.outbox_retry, item.id, delay, repr(exc))
                 if item.key:
                     blocked.add(item.key)
                 continue
-            await asyncio.to_thread(self.store.outbox_done, item.id)
+            await self._call(self.store.outbox_done, item.id)
             delivered += 1
         return delivered
 

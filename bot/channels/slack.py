@@ -61,7 +61,7 @@ REASONS = [
     ("other", "Other"),
 ]
 SEND, REMEMBER = "send", "remember"
-CORRECTION_WAIT_S = 2.5
+CORRECTION_WAIT_S = 30.0
 STALE_FORM = "This form no longer matches an answer; press the button on the card again."
 REFUSAL = (
     "Only support staff can do this. Ask an admin to add you to APPRENTICE_STAFF "
@@ -611,9 +611,10 @@ class SlackChannel:
             user, meta.get("ch"), mid, text, reason, SEND in options, REMEMBER in options, key
         )
         task = self._spawn(f"conv:{cid}", work)
-        # Slack has had its ack; the HTTP response (process_before_response) goes out when this returns.
-        # Waiting for the correction to be stored (well inside Slack's 3 s) means a 200 is never sent for
-        # a correction that a crash could still lose; a retry of a failed request stores it once.
+        # The HTTP response (process_before_response) goes out when this returns: waiting until the
+        # correction is stored means a 200 is never sent for a correction a crash could still lose.
+        # Usually that is well inside Slack's 3 s; on a busy machine Slack may show the staff member
+        # an error first, and pressing Save again stores nothing twice (the request key).
         await asyncio.wait({task}, timeout=CORRECTION_WAIT_S)
 
     async def _correct(
