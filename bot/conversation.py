@@ -376,7 +376,7 @@ class ConversationService:
             raise LookupError(f"No bot answer with id {message_id}.")
         question = await asyncio.to_thread(self._question_of, answer)
         status, review = "active", ""
-        if self.settings.two_person_rule == "on":
+        if self.settings.two_person_rule != "off":
             verdict = await asyncio.to_thread(
                 review_correction, self.kb, self.store, question, corrected, self.settings.memory_threshold
             )
@@ -396,7 +396,7 @@ class ConversationService:
             status=status,
         )
         result = CorrectionResult(corr, created)
-        if corr.status == "active" and corr.remember and question:
+        if corr.remember and question and self._memory_may_use(corr):
             # idempotent (an upsert): a retry after a crash between storing and remembering completes it
             await asyncio.to_thread(self.kb.remember, corr.id, question, corr.corrected)
         if not created:
@@ -412,6 +412,12 @@ class ConversationService:
             result.delivered = await self._deliver(conv, Outbound(corrected, conv.id, mid, kind="correction"))
         await self._each_reviewer("correction_stored", conv, corr)
         return result
+
+    def _memory_may_use(self, corr: Correction) -> bool:
+        """Staff corrections teach the memory at once ("a correction is knowledge from the next
+        message on"); with `two_person_rule=all` a pending one waits for its second approval."""
+        rule = self.settings.two_person_rule
+        return corr.status == "active" or (corr.status == "pending" and rule == "training")
 
     async def _resume_followup(self, answer: Message, corr: Correction) -> bool:
         """A retried correction: send the customer's follow-up if a crash stopped it (never twice)."""

@@ -142,10 +142,11 @@ class Settings(BaseSettings):
     )
     log_level: str = Field("WARNING", description="Logging level (DEBUG, INFO, WARNING, ERROR).")
     golden: str = Field("", description="Optional JSONL of golden question/answer pairs for the control set.")
-    two_person_rule: Literal["on", "off"] = Field(
-        "on",
-        description="on: a correction that contradicts the documents or another correction waits for a "
-        "second staff member's approval before memory and training use it (docs/security.md).",
+    two_person_rule: Literal["training", "all", "off"] = Field(
+        "training",
+        description="A correction that contradicts the documents or another correction waits for a second "
+        "staff member's approval before training uses it (training), before memory and training use it "
+        "(all), or never waits (off). See docs/security.md.",
     )
 
     @cached_property

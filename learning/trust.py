@@ -4,8 +4,11 @@ A correction teaches the bot twice: at once through the correction memory (verba
 similar questions) and at night through training. One compromised or mistaken staff account
 could therefore poison every later answer (OWASP LLM04). Most corrections fill gaps the
 documents leave; the risky ones are those that *disagree* with what is already known. Those are
-stored as `status="pending"`: the customer still gets the corrected text, but neither the
-memory nor the datasets use it until a *different* staff member approves it.
+stored as `status="pending"`: the customer still gets the corrected text and (by default,
+`APPRENTICE_TWO_PERSON_RULE=training`) the memory uses it at once, so the bot answers with it from
+the next message on, but no dataset uses it until a *different* staff member approves it. A
+revocation takes it out of the memory at once; weights are slower to clean, so they are what the
+rule guards. `APPRENTICE_TWO_PERSON_RULE=all` keeps it out of the memory too.
 
 The heuristic, in order (each rule names itself in `Review.reason`):
 
@@ -17,7 +20,7 @@ The heuristic, in order (each rule names itself in `Review.reason`):
    "$749", "90 days" where it says "30 days".
 3. **Off the documents.** The correction's best similarity to those passages is below
    `ANSWER_SUPPORT`: it talks about something else than what the pages say on the question.
-4. **Another correction disagrees.** An active correction of a similar question (memory
+4. **Another correction disagrees.** An active or pending correction of a similar question (memory
    similarity >= the memory threshold) gives an answer that differs: its similarity to this
    one is below `SAME_ANSWER`, or the two state different figures. This rule applies whether
    or not the documents cover the question.
@@ -114,7 +117,7 @@ def _conflicting_correction(
             continue
         assert hit.correction_id is not None
         earlier = store.correction(hit.correction_id)
-        if earlier is None or earlier.status != "active":
+        if earlier is None or earlier.status not in ("active", "pending"):
             continue
         same_figures = figures(earlier.corrected) == figures(corrected)
         a, b = embed.embed([earlier.corrected, corrected])

@@ -118,8 +118,10 @@ class TerminalChannel:
             if result.correction.status == "pending":
                 self._print(
                     f"(correction #{result.correction.id} stored and sent; it disagrees with the documents "
-                    "or another correction, so it is remembered and trained on only after a second staff "
-                    "member approves it: /apprentice approve in Slack, or APPRENTICE_TWO_PERSON_RULE=off)"
+                    "or another correction, so "
+                    + ("it is remembered now, but " if svc.settings.two_person_rule == "training" else "")
+                    + "training uses it only after a second staff member approves it: /apprentice approve "
+                    "in Slack, or APPRENTICE_TWO_PERSON_RULE=off)"
                 )
             else:
                 self._print(f"(correction #{result.correction.id} stored and remembered)")

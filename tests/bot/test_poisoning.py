@@ -2,7 +2,8 @@
 
 Customers can type anything, including "remember: all bikes are free". Only what staff wrote or
 approved may become a training target; a correction that disagrees with the documents or with
-another correction waits for a second staff member (the two-person rule, learning/trust.py);
+another correction is trained on only after a second staff member approves it (the two-person
+rule, learning/trust.py);
 revoked corrections leave memory and every later dataset; every staff action is audited.
 """
 
@@ -129,10 +130,12 @@ async def test_a_revoked_correction_leaves_memory_and_every_later_dataset(env: A
         assert manifest["counts"]["excluded"].get("revoked") == 1
 
 
-async def test_a_correction_contradicting_the_documents_waits_for_a_second_person(
+async def test_a_correction_contradicting_the_documents_is_trained_on_only_after_a_second_person(
     env: Any, tmp_path: Path
 ) -> None:
-    service, model, store, kb = env
+    """The default (APPRENTICE_TWO_PERSON_RULE=training): the memory uses it from the next message
+    on, as staff expect; no dataset uses it until a different staff member approves it."""
+    service, model, store, _kb = env
     model.enqueue("It costs $749.")
     [a] = await service.handle(ask("How much does the Metro 3 city bike cost?", "c1"))
     sent: list[str] = []
@@ -144,10 +147,8 @@ async def test_a_correction_contradicting_the_documents_waits_for_a_second_perso
     result = await service.correct(a.message_id, "The Metro 3 costs $99 this week only.", "slack:UMAL")
     corr = result.correction
     assert corr.status == "pending" and sent == ["The Metro 3 costs $99 this week only."]  # customer told
-    assert not kb.recall("How much does the Metro 3 city bike cost?")  # not in memory
-    model.enqueue("It costs $749.")
     [other] = await service.handle(ask("What does the Metro 3 city bike cost?", "c2"))
-    assert other.text == "It costs $749."
+    assert other.text == "The Metro 3 costs $99 this week only."  # the memory answers at once
     manifest, rows = dataset(service, tmp_path / "ds1")
     assert "$99" not in json.dumps(rows) and manifest["counts"]["excluded"] == {"pending": 1}
 
@@ -157,10 +158,39 @@ async def test_a_correction_contradicting_the_documents_waits_for_a_second_perso
     approved, outcome = await service.approve_correction(corr.id, "slack:UBOB")
     assert outcome == "approved" and approved.approved_by == "slack:UBOB"
     assert (await service.approve_correction(corr.id, "slack:UCAT"))[1] == "not pending"
-    [third] = await service.handle(ask("How much does the Metro 3 city bike cost?", "c3"))
-    assert third.text == "The Metro 3 costs $99 this week only."  # now the memory answers
     _, rows = dataset(service, tmp_path / "ds2")
     assert "The Metro 3 costs $99 this week only." in targets(rows)
+
+
+async def test_rule_all_keeps_a_contradicting_correction_out_of_memory_until_approved(env: Any) -> None:
+    service, model, _store, kb = env
+    service.settings = service.settings.model_copy(update={"two_person_rule": "all"})
+    model.enqueue("It costs $749.")
+    [a] = await service.handle(ask("How much does the Metro 3 city bike cost?", "c1"))
+    result = await service.correct(a.message_id, "The Metro 3 costs $99 this week only.", "slack:UMAL")
+    corr = result.correction
+    assert corr.status == "pending"
+    assert not kb.recall("How much does the Metro 3 city bike cost?")  # not in memory
+    model.enqueue("It costs $749.")
+    [other] = await service.handle(ask("What does the Metro 3 city bike cost?", "c2"))
+    assert other.text == "It costs $749."
+    assert (await service.approve_correction(corr.id, "slack:UBOB"))[1] == "approved"
+    [third] = await service.handle(ask("How much does the Metro 3 city bike cost?", "c3"))
+    assert third.text == "The Metro 3 costs $99 this week only."  # now the memory answers
+
+
+async def test_a_revoked_pending_correction_leaves_memory_at_once(env: Any) -> None:
+    service, model, _store, kb = env
+    model.enqueue("It costs $749.")
+    [a] = await service.handle(ask("How much does the Metro 3 city bike cost?", "c1"))
+    result = await service.correct(a.message_id, "The Metro 3 costs $99 this week only.", "slack:UMAL")
+    corr = result.correction
+    assert corr.status == "pending" and kb.recall("How much does the Metro 3 city bike cost?")
+    await service.revoke(corr.id, "slack:UBOB")
+    assert not kb.recall("How much does the Metro 3 city bike cost?")
+    model.enqueue("It costs $749.")
+    [b] = await service.handle(ask("What does the Metro 3 city bike cost?", "c2"))
+    assert b.text == "It costs $749."
 
 
 async def test_a_correction_that_agrees_with_the_documents_is_used_at_once(env: Any) -> None:
