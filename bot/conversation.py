@@ -151,13 +151,37 @@ class ConversationService:
             METRICS.messages_out.inc(channel=inbound.channel, kind=out.kind)
         return outs
 
-    async def _handle(self, inbound: Inbound) -> list[Outbound]:
+    async def give_up(self, inbound: Inbound, why: str) -> list[Outbound]:
+        """A message whose handling failed again and again (a poison message, or crashes landing on
+        it): the customer gets an apology and staff a note, so nothing is dropped silently. If it
+        was answered after all, that answer is returned (as a repeat) instead."""
+        inbound = _safe_ids(inbound)
+        lock = self._chat_locks.setdefault((inbound.channel, inbound.chat_id), asyncio.Lock())
+        async with lock:
+            conv, seen = await self._conversation(inbound)
+            if seen is not None:
+                again = await self._again(conv, seen)
+                if again is not None:
+                    return again
+            text = clean_text(inbound.text or "")[: self.settings.max_input_chars * 5]
+            q = await self._question(conv, inbound, seen, text or f"[{inbound.kind}]"[:64], status="error")
+            out = await self._notice(conv, APOLOGY, q)
+            await asyncio.to_thread(self.store.set_flagged, conv.id, True)
+            await self._each_reviewer("customer_flag", conv, None, why)
+            METRICS.messages_out.inc(channel=inbound.channel, kind=out.kind)
+            return [out]
+
+    async def _conversation(self, inbound: Inbound) -> tuple[Conversation, Message | None]:
+        """The customer's conversation, and the stored copy of this message if it came before."""
         conv = await asyncio.to_thread(
             self.store.conversation_for, inbound.channel, inbound.chat_id, inbound.customer_id, inbound.name
         )
+        return conv, await asyncio.to_thread(self._seen, conv.id, inbound.external_id)
+
+    async def _handle(self, inbound: Inbound) -> list[Outbound]:
         # The same channel message again (a redelivery, or a retry after a crash mid-answer): never a
         # second answer. Its stored reply is returned for the channel to send if it has not yet.
-        seen = await asyncio.to_thread(self._seen, conv.id, inbound.external_id)
+        conv, seen = await self._conversation(inbound)
         if seen is not None:
             again = await self._again(conv, seen)
             if again is not None:

@@ -167,7 +167,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     from sqlalchemy import func, select
 
     from bot.channels.slack import correct_modal
-    from knowledge.models import Correction, InboxItem, Message
+    from knowledge.models import Correction, InboxItem, Message, OutboxItem
     from knowledge.store import Store
     from learning import registry
 
@@ -347,6 +347,20 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         chats = list(posted)
         lost = [c for c in chats if replies.get(c, 0) == 0]
         duplicated = {c: n for c, n in replies.items() if n > 1}
+        # A duplicate whose text sits in ONE outbox row was sent, then the process died before it
+        # recorded "sent": the at-least-once window of a non-idempotent API (docs/security.md).
+        # Two rows would mean the flow queued an answer twice: a bug.
+        with store.session() as s:
+            rows_per_send: dict[tuple[int, str], int] = {}
+            for item in s.scalars(select(OutboxItem).where(OutboxItem.channel == "telegram")).all():
+                key = (int(item.payload.get("chat_id", 0)), str(item.payload.get("text", "")))
+                rows_per_send[key] = rows_per_send.get(key, 0) + 1
+        sends: dict[tuple[int, str], int] = {}
+        for call in tg.sent():
+            key = (int(call.params.get("chat_id", 0)), str(call.params.get("text", "")))
+            sends[key] = sends.get(key, 0) + 1
+        resent_mid_send = sum(n - 1 for k, n in sends.items() if n > 1 and rows_per_send.get(k) == 1)
+        queued_twice = sum(n - 1 for k, n in sends.items() if n > 1 and rows_per_send.get(k, 0) > 1)
         with store.session() as s:
             stored = {
                 row.message_id: (row.corrected, row.conversation_id)
@@ -360,8 +374,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             answers = list(s.scalars(select(Message.id).where(Message.role == "bot")).all())
             last_versions = list(
                 s.scalars(
-                    select(Message.adapter_version)
-                    .where(Message.role == "bot")
+                    select(Message.adapter_version)  # answers the model wrote (not the memory's)
+                    .where(Message.role == "bot", Message.model != "correction-memory")
                     .order_by(Message.id.desc())
                     .limit(5)
                 ).all()
@@ -409,6 +423,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "lost_chats": lost[:20],
         "duplicates": sum(n - 1 for n in duplicated.values()),
         "duplicated_chats": dict(list(duplicated.items())[:20]),
+        "duplicates_resent_after_kill_mid_send": resent_mid_send,
+        "duplicates_queued_twice": queued_twice,
         "corrections_submitted": len(corrections),
         "corrections_missing": len(corrections_missing),
         "corrections_duplicated": len(corrections_duplicated),

@@ -73,7 +73,10 @@ HELP_TEXT = (
     "Send /human to talk to a person."
 )
 ALREADY_RATED = "You already rated this answer. Thanks!"
-MAX_ATTEMPTS = 3  # an update whose handling failed this often is given up (logged), not retried forever
+# An update whose handling failed (or was cut short by a crash) this often is not tried again: the
+# customer gets an apology and staff a note. High enough that restarts alone never reach it (the
+# soak: 50 kills in 10 minutes cut some updates 3 times), low enough to stop a crash loop.
+MAX_ATTEMPTS = 8
 # content a customer can send besides text; anything else (members joining, pins…) is not a message to us
 _CONTENT_KINDS = (
     ("photo", "photo"),
@@ -291,7 +294,12 @@ class TelegramChannel:
             log.info("Telegram update %s was already handled or is in hand; skipped", uid)
             return
         if attempt > MAX_ATTEMPTS:
-            log.error("Telegram update %s failed %d times; giving up on it", uid, attempt - 1)
+            log.error("Telegram update %s failed %d times; the customer gets an apology", uid, attempt - 1)
+            kind = _kind(msg, edited=update.edited_message is not None) if msg is not None else None
+            if msg is not None and kind is not None:
+                inbound = self._inbound(msg, kind, update.update_id)
+                for out in await self.service.give_up(inbound, "sent a message the bot failed to handle"):
+                    await self._enqueue(inbound.chat_id, inbound.customer_id, out)
             await asyncio.to_thread(self.store.inbox_done, CHANNEL, uid)
             return
         if query is not None:

@@ -22,8 +22,15 @@ from fakes.telegram_api import TOKEN, Call, FakeTelegramApi, fake_telegram  # no
 from sqlalchemy import func, select
 
 from bot.app import App
-from bot.channels.telegram import ALREADY_RATED, HELP_TEXT, MAX_MESSAGE, TelegramChannel, split_text
-from bot.conversation import HUMAN, NON_TEXT, SLOW_DOWN, THANKS_DOWN, THANKS_UP
+from bot.channels.telegram import (
+    ALREADY_RATED,
+    HELP_TEXT,
+    MAX_ATTEMPTS,
+    MAX_MESSAGE,
+    TelegramChannel,
+    split_text,
+)
+from bot.conversation import APOLOGY, HUMAN, NON_TEXT, SLOW_DOWN, THANKS_DOWN, THANKS_UP
 from knowledge.models import Conversation, Customer, Feedback, Message, OutboxItem
 from knowledge.store import Store
 from learning.runtime import Generation
@@ -359,6 +366,36 @@ async def test_restart_does_not_answer_the_same_update_twice(
     assert [
         r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR
     ] == []  # skipped, not crashed
+
+
+async def test_an_update_that_failed_too_often_gets_an_apology_and_staff_a_flag(
+    fake_telegram,  # noqa: F811
+    app_data_dir,  # noqa: F811
+) -> None:
+    """Handling cut short MAX_ATTEMPTS times (a poison update, or crashes landing on it) is not
+    tried again, and not dropped either: the customer hears from us and the conversation is flagged."""
+    fake, model = fake_telegram, ChatModel()
+    poison = fake.message_update(23, "a message that crashed the bot every time")
+    settings = app_settings(app_data_dir)
+    store = Store(settings.database)
+    uid = str(poison["update_id"])
+    assert store.inbox_put("telegram", uid, poison)
+    for _ in range(MAX_ATTEMPTS):  # each claim as by a process that died before finishing
+        assert store.inbox_claim("telegram", uid, lease_s=0) is not None
+    store.close()
+    async with telegram_app(fake, app_data_dir, model) as (app, _):
+        await fake.push_update(poison)
+        await fake.wait_for_text(23, APOLOGY)
+        await fake.push_message(23, "and now a normal question")
+        await fake.wait_for_text(23, "normal question")
+        assert fake.texts(23) == [APOLOGY, "Answer: and now a normal question"]
+        assert model.started == ["and now a normal question"]  # the poison never reached the model
+        [conv] = stored(app.store, Conversation, chat_id="23")
+        assert conv.flagged
+        [question] = stored(app.store, Message, conversation_id=conv.id, role="customer", external_id=str(
+            poison["message"]["message_id"]
+        ))
+        assert question.text == "a message that crashed the bot every time" and question.status == "error"
 
 
 async def test_flood_control_and_server_errors_are_retried(bot) -> None:
