@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from knowledge import embed, vectors
+from knowledge.bm25 import BM25
 from knowledge.ingest import IngestReport, ingest
 from knowledge.passages import Passage, Retrieval
 
@@ -78,19 +79,18 @@ class _LexicalIndex:
     texts: list[str]
     metas: list[dict[str, Any]]
     matrix: np.ndarray
-    bm25: Any
+    bm25: BM25 | None
     position: dict[str, int]
 
     @classmethod
     def build(cls, col: Any) -> _LexicalIndex:
         import numpy as np
-        from rank_bm25 import BM25Okapi
 
         hits = vectors.get(col, with_text=True, with_embeddings=True)
         ids = [h.id for h in hits]
         matrix = np.asarray([h.embedding for h in hits], dtype=np.float32)
         matrix = matrix.reshape(len(hits), embed.DIMENSIONS)
-        bm25 = (BM25Okapi([tokenize(h.text) or ["_"] for h in hits], k1=BM25_K1, b=BM25_B)
+        bm25 = (BM25([tokenize(h.text) or ["_"] for h in hits], k1=BM25_K1, b=BM25_B)
                 if hits else None)
         return cls(ids=ids, texts=[h.text for h in hits], metas=[h.metadata for h in hits], matrix=matrix,
                    bm25=bm25, position={id_: i for i, id_ in enumerate(ids)})
