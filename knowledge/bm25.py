@@ -33,10 +33,10 @@ class BM25:
         norm = k1 * (1 - b + b * lengths / avgdl) if avgdl else np.full(self.size, k1)
         postings: dict[str, tuple[list[int], list[int]]] = {}
         for i, doc in enumerate(corpus):
-            for word, tf in Counter(doc).items():
+            for word, count in Counter(doc).items():
                 docs, tfs = postings.setdefault(word, ([], []))
                 docs.append(i)
-                tfs.append(tf)
+                tfs.append(count)
         n = self.size
         idf = {w: math.log(n - len(d) + 0.5) - math.log(len(d) + 0.5) for w, (d, _) in postings.items()}
         floor = epsilon * (sum(idf.values()) / len(idf)) if idf else 0.0
