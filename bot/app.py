@@ -127,14 +127,16 @@ async def serve(settings: Settings) -> int:
     """`apprentice serve`: the channels that are configured, else the terminal chat."""
     async with App(settings) as app:
         # Each chat service starts only when its token is set; see README "Connecting Telegram/Slack".
-        if settings.telegram_bot_token.get_secret_value():
-            from bot.channels.telegram import TelegramChannel
-
-            await app.add_channel(TelegramChannel(settings, app.service, app.store, app.http))
+        # Staff's channel first: Telegram hands in the updates a killed process left as soon as it
+        # starts, and each of their answers needs its review card (found by the soak, tests/soak.py).
         if settings.slack_bot_token.get_secret_value():
             from bot.channels.slack import SlackChannel
 
             await app.add_channel(SlackChannel(settings, app.service, app.store, app.http))
+        if settings.telegram_bot_token.get_secret_value():
+            from bot.channels.telegram import TelegramChannel
+
+            await app.add_channel(TelegramChannel(settings, app.service, app.store, app.http))
         app.start_scheduler()
         if not app.channels:
             from bot.channels.terminal import TerminalChannel
