@@ -65,6 +65,12 @@ class Settings(BaseSettings):
         description="CPU decoding: native (the dtype above), or int8 weight-only linears: about 1.4x faster "
         "at batch 1, same quality; adapters are merged into a quantised copy when they switch.",
     )
+    threads: int = Field(
+        0,
+        ge=0,
+        description="CPU threads of the in-process model. 0: one fewer than the cores (OpenMP threads "
+        "collapse when other work shares the cores); on a dedicated machine, all of them.",
+    )
     llm_url: str = Field(
         "", description="OpenAI-compatible server (e.g. vLLM with --enable-lora). Empty: in-process runtime."
     )

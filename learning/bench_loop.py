@@ -225,6 +225,7 @@ def _runtime(settings: Settings) -> LocalRuntime:
         max_new_tokens=settings.max_new_tokens,
         timeout_s=3600.0,  # a benchmark waits; it never tells a customer to come back later
         weights=settings.weights,
+        num_threads=settings.threads or None,
     )
 
 

@@ -533,4 +533,5 @@ def _runtime(settings: Settings, weights: str | None = None) -> LocalRuntime:
         max_new_tokens=settings.max_new_tokens,
         timeout_s=3600.0,
         weights=weights or settings.weights,
+        num_threads=settings.threads or None,
     )

@@ -266,6 +266,7 @@ def _runtime(settings: Settings) -> LocalRuntime:
         max_new_tokens=settings.max_new_tokens,
         timeout_s=3600.0,
         weights=settings.weights,  # the gate judges the answers serving would give
+        num_threads=settings.threads or None,
     )
 
 

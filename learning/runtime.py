@@ -825,4 +825,5 @@ def build_runtime(settings: Settings) -> Generator:
         max_new_tokens=settings.max_new_tokens,
         timeout_s=settings.llm_timeout_s,
         weights=settings.weights,
+        num_threads=settings.threads or None,
     )
