@@ -230,12 +230,12 @@ def test_overlong_prompts_keep_their_end(tiny_model_dir: Path) -> None:
 
 async def test_build_runtime_applies_the_settings(tiny_model_dir: Path, tmp_path: Path) -> None:
     options: dict[str, Any] = {"model": str(tiny_model_dir), "dtype": "float32", "max_new_tokens": 3}
-    settings = Settings(data_dir=tmp_path, max_batch=2, max_queue=5, threads=1, **options)
+    settings = Settings(data_dir=tmp_path, max_batch=2, max_queue=5, threads=3, **options)
     rt = build_runtime(settings)
     try:
         assert isinstance(rt, LocalRuntime)
         assert (rt.max_batch, rt.max_queue, rt.timeout_s) == (2, 5, settings.llm_timeout_s)
-        assert rt._threads == 1  # APPRENTICE_THREADS wins over the default and OMP_NUM_THREADS
+        assert rt._threads == 3  # APPRENTICE_THREADS wins over the default and OMP_NUM_THREADS
         answer = await rt.generate(chat(QUESTIONS[0]))
         assert answer.model == str(tiny_model_dir) and answer.new_tokens == 3
     finally:
