@@ -5,9 +5,10 @@ SLACK_APP_TOKEN is set and serves `/slack/events` on the project's HTTP server w
 SLACK_SIGNING_SECRET is set (bolt verifies every signature there).
 
 Two rules shape it:
-- Posting to Slack never delays a customer. Cards, card updates and thread notes go into the
-  durable outbox (keyed by conversation, so each thread stays in order) and a background
-  drainer posts them; a 429 waits its Retry-After, other failures back off, nothing is lost.
+- Posting to Slack never delays a customer. Cards, card updates, thread notes and the nightly
+  report (its text, then its chart as an uploaded PNG) go into the durable outbox (keyed by
+  conversation, or "report", so each stays in order) and a background drainer posts them;
+  a 429 waits its Retry-After, other failures back off, nothing is lost.
   The drainer creates a conversation's thread parent the first time it needs one.
 - A Slack request is answered fast and handled after. Listeners check who is acting, ack,
   and hand the work to a task; work on one conversation runs in arrival order. Retried
@@ -28,13 +29,14 @@ import time
 import urllib.parse
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 from slack_bolt.adapter.aiohttp import to_aiohttp_response, to_bolt_request
 from slack_bolt.adapter.socket_mode.aiohttp import AsyncSocketModeHandler
 from slack_bolt.app.async_app import AsyncApp
-from slack_sdk.errors import SlackApiError
+from slack_sdk.errors import SlackApiError, SlackRequestError
 from slack_sdk.web.async_client import AsyncWebClient
 from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
@@ -79,6 +81,7 @@ PERMANENT = {
     "edit_window_closed",
 }
 AUTH_ERRORS = {"invalid_auth", "not_authed", "account_inactive", "token_revoked", "token_expired"}
+CHART_ALT = "Evaluation scores of the candidate adapter and the active one, per evaluation set"
 
 
 class SlackChannel:
@@ -296,6 +299,8 @@ class SlackChannel:
         from learning.nightly import format_report  # lazy: the learning job's imports are not ours
 
         await self.outbox.put("report", {"text": format_report(result)}, key="report")
+        if result.get("chart"):  # same key: the chart follows its text, never overtakes it
+            await self.outbox.put("report_chart", _chart_payload(result), key="report")
 
     async def _put(self, kind: str, conversation_id: int, payload: dict[str, Any]) -> None:
         await self.outbox.put(
@@ -316,10 +321,21 @@ class SlackChannel:
                 await self.client.chat_postMessage(
                     channel=self.channel_id, text=text, blocks=[_section(f"```{_esc(text)}```")]
                 )
+            elif kind == "report_chart":
+                await self._upload_chart(payload)
             else:
                 raise Drop(f"unknown Slack outbox item kind {kind!r}")
         except SlackApiError as exc:
             error = _error_of(exc)
+            if error == "missing_scope" and kind == "report_chart":
+                # a scope only an admin can grant: retrying would hold the reports behind it forever
+                log.error(
+                    "Slack refused the nightly chart (missing_scope, needs %s): add the files:write bot "
+                    "scope to the Slack app (ops/slack-manifest.yaml) and reinstall it; the chart is "
+                    "dropped, the text report is unaffected",
+                    _needed_scope(exc) or "files:write",
+                )
+                raise Drop("Slack app lacks the files:write scope; chart not posted") from exc
             status = getattr(exc.response, "status_code", 0)
             if status == 429 or error == "ratelimited":
                 after = _retry_after(exc)
@@ -335,6 +351,27 @@ class SlackChannel:
                     self.channel_id,
                 )
             raise Retry(f"Slack error {status} {error}") from exc
+
+    async def _upload_chart(self, payload: dict[str, Any]) -> None:
+        """Upload the report's PNG into the review channel (slack_sdk's getUploadURLExternal flow).
+
+        The bytes are read off the event loop; a chart that no retry can bring back is dropped.
+        """
+        path = Path(str(payload["path"]))
+        try:
+            data = await asyncio.to_thread(path.read_bytes)
+        except OSError as exc:
+            raise Drop(f"the report chart {path} cannot be read ({type(exc).__name__}); not posted") from exc
+        try:
+            await self.client.files_upload_v2(
+                channel=self.channel_id,
+                file=data,
+                filename=path.name,
+                title=str(payload.get("title") or path.name),
+                alt_txt=CHART_ALT,
+            )
+        except SlackRequestError as exc:  # the upload step itself (not a Web API method) failed
+            raise Retry(f"Slack file upload failed: {exc}") from exc
 
     async def _thread(self, conversation_id: int) -> str:
         """The ts of the conversation's thread parent, posting the parent the first time."""
@@ -1117,6 +1154,20 @@ def _card_key(message_id: int) -> str:
 def _error_of(exc: SlackApiError) -> str:
     data = getattr(exc.response, "data", None)
     return str(data.get("error", "")) if isinstance(data, dict) else ""
+
+
+def _needed_scope(exc: SlackApiError) -> str:
+    """The scope Slack names in a missing_scope error ("" when it names none)."""
+    data = getattr(exc.response, "data", None)
+    return str(data.get("needed") or "") if isinstance(data, dict) else ""
+
+
+def _chart_payload(result: dict[str, Any]) -> dict[str, Any]:
+    """The outbox item of a report's chart: its path and a title that says which run it shows."""
+    candidate = result.get("candidate") or "?"
+    baseline = result.get("baseline") or "base model"
+    title = f"Nightly learning ({result.get('status', '?')}): {candidate} vs {baseline}"
+    return {"path": str(result["chart"]), "title": title}
 
 
 def _retry_after(exc: SlackApiError) -> float:

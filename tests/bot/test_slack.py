@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import struct
+import zlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -573,6 +575,77 @@ async def test_nightly_report_is_posted_to_the_review_channel(rig: Rig) -> None:
     [call] = await rig.slack.wait_for("chat.postMessage")
     assert call.params["channel"] == REVIEW and "adapter v3 promoted" in call.params["text"]
     assert "wins &amp; no regressions" in json.dumps(call.params["blocks"])  # escaped for mrkdwn
+
+
+def tiny_png(path: Path) -> bytes:
+    """A valid 2x2 RGB PNG written to `path`; returns its bytes."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    rows = b"".join(b"\x00" + b"\xff\x00\x00" * 2 for _ in range(2))  # filter byte + two red pixels
+    header = struct.pack(">IIBBBBB", 2, 2, 8, 2, 0, 0, 0)
+    body = chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+    png = b"\x89PNG\r\n\x1a\n" + body
+    path.write_bytes(png)
+    return png
+
+
+def promoted_report(chart: Path) -> dict[str, Any]:
+    return {"status": "promoted", "candidate": "v3", "baseline": "v2", "reason": "wins", "chart": str(chart)}
+
+
+async def test_nightly_report_uploads_its_chart_to_the_review_channel(rig: Rig, tmp_path: Path) -> None:
+    png = tiny_png(tmp_path / "eval.png")
+    await rig.channel.post_report(promoted_report(tmp_path / "eval.png"))
+    [text] = await rig.slack.wait_for("chat.postMessage")
+    assert text.params["channel"] == REVIEW and "adapter v3 promoted" in text.params["text"]
+    [done] = await rig.slack.wait_for("files.completeUploadExternal")
+    [reserved] = rig.slack.called("files.getUploadURLExternal")
+    assert reserved.params["filename"] == "eval.png" and int(reserved.params["length"]) == len(png)
+    [chart] = rig.slack.uploaded(REVIEW)
+    assert chart.data == png and chart.filename == "eval.png"
+    assert "v3 vs v2" in chart.title and done.params["channel_id"] == REVIEW
+    assert [c.method for c in rig.slack.calls[-4:]] == [
+        "chat.postMessage",  # the text first: both items share the outbox key "report"
+        "files.getUploadURLExternal",
+        "upload",
+        "files.completeUploadExternal",
+    ]
+
+
+async def test_a_missing_files_write_scope_drops_only_the_chart(
+    rig: Rig, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    tiny_png(tmp_path / "eval.png")
+    rig.slack.fail("files.getUploadURLExternal", status=200, error="missing_scope")
+    await rig.channel.post_report(promoted_report(tmp_path / "eval.png"))
+    await rig.channel.post_report({"status": "rejected", "candidate": "v4", "reason": "no gain"})
+    # the second report shares the key "report": it arrives only once the chart has left the outbox
+    await rig.slack.wait_for("chat.postMessage", where=lambda c: "v4" in c.params["text"])
+    texts = [c.params["text"] for c in rig.slack.called("chat.postMessage")]
+    assert "adapter v3 promoted" in texts[0] and len(texts) == 2
+    assert rig.slack.called("files.getUploadURLExternal", failed=True)
+    assert rig.slack.called("files.completeUploadExternal") == [] and rig.slack.uploaded(REVIEW) == []
+    assert rig.count(AuditEntry, AuditEntry.action == "outbox_drop") == 1
+    assert "add the files:write bot scope" in caplog.text
+
+
+async def test_a_report_whose_chart_file_is_gone_still_posts_its_text(rig: Rig, tmp_path: Path) -> None:
+    await rig.channel.post_report(promoted_report(tmp_path / "missing.png"))
+    await rig.channel.post_report({"status": "rejected", "candidate": "v4", "reason": "no gain"})
+    await rig.slack.wait_for("chat.postMessage", count=2)
+    assert rig.slack.called("files.getUploadURLExternal") == []
+    assert rig.count(AuditEntry, AuditEntry.action == "outbox_drop") == 1
+
+
+async def test_a_failed_chart_upload_is_retried(rig: Rig, tmp_path: Path) -> None:
+    png = tiny_png(tmp_path / "eval.png")
+    rig.slack.fail("files.completeUploadExternal", status=500)
+    await rig.channel.post_report(promoted_report(tmp_path / "eval.png"))
+    await rig.slack.wait_for("files.completeUploadExternal")
+    [chart] = rig.slack.uploaded(REVIEW)
+    assert chart.data == png and len(rig.slack.called("files.getUploadURLExternal")) == 2
 
 
 def test_slack_markup_becomes_plain_text_for_customers() -> None:

@@ -5,6 +5,9 @@ It accepts what slack_sdk sends: JSON and form-encoded POSTs, and GETs with quer
 Point the app's `AsyncWebClient(base_url=fake.api_url)` at it. It keeps the messages it was
 sent (with their threads and later edits), can be told to fail the next calls of a method
 (429 with Retry-After, 500, or `ok: false`), and lets tests wait for calls without sleeping.
+Files arrive through Slack's upload flow: `files.getUploadURLExternal` hands out an upload URL
+on this server, the bytes are POSTed there, and `files.completeUploadExternal` shares them into
+a channel (`uploaded` holds them, with the channel and title).
 The Socket Mode endpoint answers `apps.connections.open` with a ws:// URL, says hello,
 forwards envelopes that tests push and records the app's acks.
 
@@ -28,7 +31,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-JSON_FIELDS = {"blocks", "view", "attachments", "metadata", "unfurl_links", "reply_broadcast"}
+JSON_FIELDS = {"blocks", "view", "attachments", "metadata", "unfurl_links", "reply_broadcast", "files"}
 
 
 @dataclass
@@ -79,6 +82,22 @@ class Posted:
         return "\n".join(parts)
 
 
+@dataclass
+class Upload:
+    """A file in the fake workspace: reserved, then uploaded, then shared by completeUploadExternal."""
+
+    id: str
+    filename: str
+    length: int
+    alt_txt: str = ""
+    data: bytes | None = None  # None until the bytes arrive at the upload URL
+    title: str = ""
+    channel: str | None = None  # None until completed (a completed file without channel is private)
+    initial_comment: str = ""
+    thread_ts: str | None = None
+    completed: bool = False
+
+
 class FakeSlack:
     """The fake workspace. Use `async with FakeSlack() as slack:`."""
 
@@ -99,6 +118,7 @@ class FakeSlack:
         self.calls: list[Call] = []
         self.messages: dict[str, Posted] = {}  # ts -> message
         self.views: list[dict[str, Any]] = []
+        self.files: dict[str, Upload] = {}  # file id -> file, from getUploadURLExternal on
         self.acks: dict[str, dict[str, Any]] = {}
         self.socket_connections = 0
         self._failures: dict[str, list[Failure]] = {}
@@ -114,6 +134,7 @@ class FakeSlack:
         app.router.add_post("/api/{method}", self._api)
         app.router.add_get("/api/{method}", self._api)  # slack_sdk reads some methods with GET
         app.router.add_get("/socket", self._socket)
+        app.router.add_post("/upload/{file_id}", self._upload)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
@@ -201,6 +222,10 @@ class FakeSlack:
     def thread(self, thread_ts: str) -> list[Posted]:
         """Replies in a thread, oldest first."""
         return [m for m in self.messages.values() if m.thread_ts == thread_ts]
+
+    def uploaded(self, channel: str) -> list[Upload]:
+        """Files completed into a channel, oldest first."""
+        return [f for f in self.files.values() if f.completed and f.channel == channel]
 
     # --- the Web API ------------------------------------------------------------------
     async def _api(self, request: web.Request) -> web.Response:
@@ -300,8 +325,56 @@ class FakeSlack:
             return {"ok": False, "error": "no_such_subteam"}
         return {"ok": True, "users": self.usergroups[group]}
 
+    def _m_files_getUploadURLExternal(self, p: dict[str, Any]) -> dict[str, Any]:
+        if not p.get("filename"):
+            return {"ok": False, "error": "invalid_arguments"}
+        try:
+            length = int(p.get("length", ""))
+        except ValueError:
+            return {"ok": False, "error": "invalid_arguments"}
+        file_id = f"F{len(self.files) + 1:08d}"
+        self.files[file_id] = Upload(file_id, str(p["filename"]), length, str(p.get("alt_txt") or ""))
+        upload_url = f"http://127.0.0.1:{self.port}/upload/{file_id}"
+        return {"ok": True, "upload_url": upload_url, "file_id": file_id}
+
+    def _m_files_completeUploadExternal(self, p: dict[str, Any]) -> dict[str, Any]:
+        given = p.get("files")
+        if not isinstance(given, list) or not given:
+            return {"ok": False, "error": "invalid_arguments"}
+        done = [self.files.get(str(f.get("id"))) for f in given if isinstance(f, dict)]
+        if len(done) != len(given) or any(f is None or f.data is None for f in done):
+            return {"ok": False, "error": "file_not_found"}  # never reserved, or the bytes never came
+        shared = []
+        for upload, item in zip(done, given, strict=True):
+            assert upload is not None
+            upload.title = str(item.get("title") or upload.filename)
+            upload.channel = str(p["channel_id"]) if p.get("channel_id") else None
+            upload.initial_comment = str(p.get("initial_comment") or "")
+            upload.thread_ts = str(p["thread_ts"]) if p.get("thread_ts") else None
+            upload.completed = True
+            channels = [upload.channel] if upload.channel else []
+            shared.append(
+                {"id": upload.id, "name": upload.filename, "title": upload.title, "channels": channels}
+            )
+        return {"ok": True, "files": shared}
+
     def _m_apps_connections_open(self, p: dict[str, Any]) -> dict[str, Any]:
         return {"ok": True, "url": f"ws://127.0.0.1:{self.port}/socket?ticket={uuid.uuid4().hex}"}
+
+    async def _upload(self, request: web.Request) -> web.Response:
+        """The upload URL: takes the raw bytes, answers like files.slack.com (text/plain "OK - n")."""
+        file_id = request.match_info["file_id"]
+        upload = self.files.get(file_id)
+        data = await request.read()
+        ok = upload is not None and upload.data is None and len(data) == upload.length
+        self.calls.append(Call("upload", {"file_id": file_id, "size": len(data)}, "", ok))
+        if ok:
+            assert upload is not None
+            upload.data = data
+        await self._notify()
+        if not ok:
+            return web.Response(status=400, text="upload refused: unknown file, sent twice or wrong length")
+        return web.Response(text=f"OK - {len(data)}")
 
     # --- Socket Mode ------------------------------------------------------------------
     async def _socket(self, request: web.Request) -> web.WebSocketResponse:
