@@ -165,6 +165,8 @@ class ConversationService:
                     return again
             text = clean_text(inbound.text or "")[: self.settings.max_input_chars * 5]
             q = await self._question(conv, inbound, seen, text or f"[{inbound.kind}]"[:64], status="error")
+            if seen is not None:  # stored by an attempt that died before answering
+                await asyncio.to_thread(self.store.update_message, q, status="error")
             out = await self._notice(conv, APOLOGY, q)
             await asyncio.to_thread(self.store.set_flagged, conv.id, True)
             await self._each_reviewer("customer_flag", conv, None, why)
