@@ -359,12 +359,7 @@ class Store:
         """Keep a received update until it is handled. False when it was handled or is already kept."""
         try:
             with self.session() as s:
-                done = s.scalar(
-                    select(ProcessedUpdate.id).where(
-                        ProcessedUpdate.channel == channel, ProcessedUpdate.update_id == update_id
-                    )
-                )
-                if done is not None:
+                if _processed(s, channel, update_id):
                     return False
                 s.add(InboxItem(channel=channel, update_id=update_id, payload=payload))
             return True
@@ -384,12 +379,7 @@ class Store:
         until = now + dt.timedelta(seconds=lease_s)
         try:
             with self.session() as s:
-                done = s.scalar(
-                    select(ProcessedUpdate.id).where(
-                        ProcessedUpdate.channel == channel, ProcessedUpdate.update_id == update_id
-                    )
-                )
-                if done is not None:
+                if _processed(s, channel, update_id):
                     return None
                 result = s.execute(
                     update(InboxItem)
@@ -614,3 +604,13 @@ class Store:
                     s.scalar(select(func.count(Correction.id)).where(Correction.created_at >= since)) or 0
                 ),
             }
+
+
+def _processed(s: Session, channel: str, update_id: str) -> bool:
+    """Whether this update was handled already (a row in processed_updates)."""
+    done = s.scalar(
+        select(ProcessedUpdate.id).where(
+            ProcessedUpdate.channel == channel, ProcessedUpdate.update_id == update_id
+        )
+    )
+    return done is not None
