@@ -213,20 +213,9 @@ def bench_settings(
 
 
 def _runtime(settings: Settings) -> LocalRuntime:
-    from learning.modelfiles import resolve_model
     from learning.runtime import LocalRuntime
 
-    return LocalRuntime(
-        resolve_model(settings.model, settings.models_dir),
-        name=settings.model,
-        dtype=settings.dtype,
-        max_batch=settings.max_batch,
-        max_queue=max(settings.max_queue, 256),
-        max_new_tokens=settings.max_new_tokens,
-        timeout_s=3600.0,  # a benchmark waits; it never tells a customer to come back later
-        weights=settings.weights,
-        num_threads=settings.threads or None,
-    )
+    return LocalRuntime.from_settings(settings, max_queue=max(settings.max_queue, 256), timeout_s=3600.0)
 
 
 def _make_service(serving: ServingPath, settings: Settings, store: Any, kb: Any, runtime: Any) -> Any:

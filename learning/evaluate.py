@@ -254,19 +254,11 @@ def evaluate(
 
 
 def _runtime(settings: Settings) -> LocalRuntime:
-    from learning.modelfiles import resolve_model
     from learning.runtime import LocalRuntime
 
-    return LocalRuntime(
-        resolve_model(settings.model, settings.models_dir),
-        name=settings.model,
-        dtype=settings.dtype,
-        max_batch=settings.max_batch,
-        max_queue=max(settings.max_queue, settings.max_batch),
-        max_new_tokens=settings.max_new_tokens,
-        timeout_s=3600.0,
-        weights=settings.weights,  # the gate judges the answers serving would give
-        num_threads=settings.threads or None,
+    # the settings' own engine and weights: the gate judges the answers serving would give
+    return LocalRuntime.from_settings(
+        settings, max_queue=max(settings.max_queue, settings.max_batch), timeout_s=3600.0
     )
 
 

@@ -68,7 +68,7 @@ def _is_complete(folder: Path) -> bool:
 
 
 @contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
+def file_lock(path: Path) -> Iterator[None]:
     """An exclusive advisory lock (POSIX); elsewhere concurrent conversions are tolerated by the rename."""
     try:
         import fcntl
@@ -90,7 +90,7 @@ def convert_bundled(models_dir: Path) -> Path:
         return target
     gguf = bundled_gguf()
     models_dir.mkdir(parents=True, exist_ok=True)
-    with _file_lock(models_dir / f".{BUNDLED_MODEL}.lock"):
+    with file_lock(models_dir / f".{BUNDLED_MODEL}.lock"):
         if _is_complete(target):  # another process finished while we waited for the lock
             return target
         for stale in models_dir.glob(f"{_TMP_PREFIX}{BUNDLED_MODEL}-*"):

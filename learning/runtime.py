@@ -215,14 +215,18 @@ class LocalRuntime:
         num_threads: int | None = None,
         start: bool = True,
         weights: str = "native",
+        engine: str = "transformers",
+        onnx_cache: str | Path | None = None,
     ) -> None:
         if max_batch < 1 or max_queue < 1 or max_new_tokens < 1:
             raise ValueError("max_batch, max_queue and max_new_tokens must all be at least 1.")
         if weights not in WEIGHTS:
             raise ValueError(f"weights {weights!r} is not one of {', '.join(WEIGHTS)}.")
+        if engine not in ENGINES:
+            raise ValueError(f"engine {engine!r} is not one of {', '.join(ENGINES)}.")
         offline_by_default()
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
         self._name = name or Path(model_path).name or model_path
         self.max_batch = max_batch
@@ -234,6 +238,11 @@ class LocalRuntime:
         self.dtype = _resolve_dtype(dtype, self.device)
         if weights == "int8" and self.device != "cpu":
             raise ValueError("weights=int8 is a CPU decoding path; use weights=native on a GPU.")
+        if engine == "auto":
+            engine = "onnx" if self.device == "cpu" else "transformers"
+        if engine == "onnx" and self.device != "cpu":
+            raise ValueError("engine=onnx is the CPU decoding path; use engine=transformers on a GPU.")
+        self.engine = engine
         self.weights = weights
         self._threads: int | None = None
         if self.device == "cpu" and (num_threads or "OMP_NUM_THREADS" not in os.environ):
@@ -247,38 +256,58 @@ class LocalRuntime:
             tokenizer.pad_token = tokenizer.eos_token
         if not getattr(tokenizer, "chat_template", None):
             raise GenerationError(f"{self._name} has no chat template; use an instruct/chat model.")
-        model: Any = AutoModelForCausalLM.from_pretrained(model_path, dtype=self.dtype)
-        model.to(self.device)
-        model.eval()
-        model.requires_grad_(False)
-        if weights == "int8":
-            quantize_int8(model)
-        self.decode_path = "transformers generate" + (", int8 weight-only" if weights == "int8" else "")
+        model: Any = None
+        if engine == "onnx":
+            config: Any = AutoConfig.from_pretrained(model_path)
+            try:
+                model_generation = GenerationConfig.from_pretrained(model_path)
+            except OSError:  # no generation_config.json: the tokenizer's eos is all there is
+                model_generation = GenerationConfig()
+            self.decode_path = "onnxruntime-genai, int8 weight-only (MatMulNBits)"
+        else:
+            model = AutoModelForCausalLM.from_pretrained(model_path, dtype=self.dtype)
+            model.to(self.device)
+            model.eval()
+            model.requires_grad_(False)
+            if weights == "int8":
+                quantize_int8(model)
+            config, model_generation = model.config, model.generation_config
+            self.decode_path = "transformers generate" + (", int8 weight-only" if weights == "int8" else "")
         self.tokenizer: Any = tokenizer
         self.model_path = model_path
         self._base = model
         self._model: Any = model  # becomes a PeftModel at the first adapter
-        seconds = time.perf_counter() - started
-        log.info("loaded %s (%s, %s) in %.1f s", self._name, self.dtype, self.device, seconds)
 
         eos: set[int] = set()
-        for value in (model.generation_config.eos_token_id, tokenizer.eos_token_id):
+        for value in (model_generation.eos_token_id, tokenizer.eos_token_id):
             if isinstance(value, int):
                 eos.add(value)
             elif value:
                 eos.update(int(v) for v in value)
         self._eos = eos
         self._pad = int(tokenizer.pad_token_id)
-        # A clean config replaces the model's own (which may ask for sampling): greedy, our stop tokens.
-        model.generation_config = GenerationConfig(
-            do_sample=False,
-            num_beams=1,
-            max_new_tokens=max_new_tokens,
-            pad_token_id=self._pad,
-            eos_token_id=sorted(eos),
-            bos_token_id=model.generation_config.bos_token_id,
-        )
-        self.context_tokens = int(getattr(model.config, "max_position_embeddings", 0) or 2048)
+        if model is not None:
+            # A clean config replaces the model's own (which may ask for sampling): greedy, our stop tokens.
+            model.generation_config = GenerationConfig(
+                do_sample=False,
+                num_beams=1,
+                max_new_tokens=max_new_tokens,
+                pad_token_id=self._pad,
+                eos_token_id=sorted(eos),
+                bos_token_id=model_generation.bos_token_id,
+            )
+        self.context_tokens = int(getattr(config, "max_position_embeddings", 0) or 2048)
+        self._onnx: Any = None  # the ONNX model answering now (base or an adapter merged in)
+        self._onnx_base: Any = None
+        if engine == "onnx":
+            from learning.onnx_engine import OnnxModel, choose_pad, ensure_export
+
+            self._onnx_cache = Path(onnx_cache) if onnx_cache else Path(model_path).parent / "onnx"
+            pad = choose_pad(tokenizer, eos)
+            folder = ensure_export(model_path, self._onnx_cache, pad_token_id=pad)
+            self._onnx = self._onnx_base = OnnxModel(folder, threads=self._threads, pad_token_id=pad)
+        seconds = time.perf_counter() - started
+        log.info("loaded %s (%s, %s, %s) in %.1f s", self._name, engine, self.dtype, self.device, seconds)
         self.max_input_tokens = max_input_tokens  # None: whatever the context window leaves
 
         # the queue and the worker
@@ -294,6 +323,25 @@ class LocalRuntime:
         self._thread: threading.Thread | None = None
         if start:
             self.start()
+
+    @classmethod
+    def from_settings(cls, settings: Settings, **overrides: Any) -> LocalRuntime:
+        """The runtime the settings describe (blocking: loads the model). Evaluation and the benchmarks
+        override the queue and the timeout: they wait, they never tell a customer to come back later."""
+        options: dict[str, Any] = {
+            "name": settings.model,
+            "dtype": settings.dtype,
+            "max_batch": settings.max_batch,
+            "max_queue": settings.max_queue,
+            "max_new_tokens": settings.max_new_tokens,
+            "timeout_s": settings.llm_timeout_s,
+            "weights": settings.weights,
+            "engine": settings.engine,
+            "num_threads": settings.threads or None,
+            "onnx_cache": settings.models_dir / "onnx",
+        }
+        options.update(overrides)
+        return cls(resolve_model(settings.model, settings.models_dir), **options)
 
     # --- Generator --------------------------------------------------------------------------------
     @property
@@ -510,36 +558,13 @@ class LocalRuntime:
             self.stats.errors += 1
 
     def _generate(self, prepared: list[tuple[_Request, list[int]]]) -> None:
-        import torch
-
-        requests = [r for r, _ in prepared]
-        width = max(len(ids) for _, ids in prepared)
-        input_ids = torch.full((len(prepared), width), self._pad, dtype=torch.long)
-        attention = torch.zeros((len(prepared), width), dtype=torch.long)
-        for row, (_, ids) in enumerate(prepared):
-            input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
-            attention[row, width - len(ids) :] = 1
-        hooks = _hooks()
-        stops = hooks.RowStops(requests, width)
-        penalty = hooks.GeneratedRepetitionPenalty(self.repetition_penalty, width)
         version = self._applied[1]
-        adapter_off = (
-            self._model.disable_adapter() if self._model is not self._base and self._adapter_key is None
-            else contextlib.nullcontext()
-        )
-        processors = [penalty] if self.repetition_penalty != 1.0 else []
         started = time.perf_counter()
-        with torch.inference_mode(), adapter_off:
-            output = self._model.generate(
-                input_ids=input_ids.to(self.device),
-                attention_mask=attention.to(self.device),
-                max_new_tokens=max(r.max_new_tokens for r in requests),
-                stopping_criteria=hooks.StoppingCriteriaList([stops]),
-                logits_processor=hooks.LogitsProcessorList(processors),
-            )
+        if self.engine == "onnx":
+            new, first = self._decode_onnx(prepared)
+        else:
+            new, first = self._decode_transformers(prepared)
         finished = time.perf_counter()
-        new = output[:, width:].tolist()
-        first = stops.first_token_at
         answers: list[tuple[_Request, Generation]] = []
         gone = total_new = 0
         for row, (request, ids) in enumerate(prepared):
@@ -561,7 +586,7 @@ class LocalRuntime:
         record = BatchRecord(
             size=len(prepared),
             prompt_tokens=sum(len(ids) for _, ids in prepared),
-            padded_length=width,
+            padded_length=max(len(ids) for _, ids in prepared),
             new_tokens=total_new,
             seconds=finished - started,
             prefill_s=(first - started) if first else None,
@@ -580,6 +605,58 @@ class LocalRuntime:
         for request, generation in answers:
             _settle(request, result=generation)
         log.debug("batch of %d: %d new tokens in %.2f s", record.size, total_new, record.seconds)
+
+    def _decode_onnx(
+        self, prepared: list[tuple[_Request, list[int]]]
+    ) -> tuple[list[list[int]], float | None]:
+        """Each row's generated tokens and when the first token of the batch was there."""
+        requests = [r for r, _ in prepared]
+        first: list[float] = []
+
+        def on_step(step: int) -> None:
+            if step == 0 and not first:
+                first.append(time.perf_counter())
+
+        new = self._onnx.generate(
+            [ids for _, ids in prepared],
+            [r.max_new_tokens for r in requests],
+            eos=self._eos,
+            repetition_penalty=self.repetition_penalty,
+            stop=lambda row: requests[row].gone(),
+            on_step=on_step,
+        )
+        return new, (first[0] if first else None)
+
+    def _decode_transformers(
+        self, prepared: list[tuple[_Request, list[int]]]
+    ) -> tuple[list[list[int]], float | None]:
+        import torch
+
+        requests = [r for r, _ in prepared]
+        width = max(len(ids) for _, ids in prepared)
+        input_ids = torch.full((len(prepared), width), self._pad, dtype=torch.long)
+        attention = torch.zeros((len(prepared), width), dtype=torch.long)
+        for row, (_, ids) in enumerate(prepared):
+            input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+            attention[row, width - len(ids) :] = 1
+        hooks = _hooks()
+        stops = hooks.RowStops(requests, width)
+        penalty = hooks.GeneratedRepetitionPenalty(self.repetition_penalty, width)
+        adapter_off = (
+            self._model.disable_adapter() if self._model is not self._base and self._adapter_key is None
+            else contextlib.nullcontext()
+        )
+        processors = [penalty] if self.repetition_penalty != 1.0 else []
+        with torch.inference_mode(), adapter_off:
+            output = self._model.generate(
+                input_ids=input_ids.to(self.device),
+                attention_mask=attention.to(self.device),
+                max_new_tokens=max(r.max_new_tokens for r in requests),
+                stopping_criteria=hooks.StoppingCriteriaList([stops]),
+                logits_processor=hooks.LogitsProcessorList(processors),
+            )
+        new: list[list[int]] = output[:, width:].tolist()
+        return new, stops.first_token_at
 
     def _answer_tokens(self, generated: list[int], budget: int) -> list[int]:
         """The row's own tokens: up to and including its end-of-turn token, never the padding after it."""
@@ -602,6 +679,7 @@ class LocalRuntime:
                 self._adapter_key = None
                 if self.weights == "int8":
                     self._model = self._base  # merged copies are plain models: drop it
+                self._onnx = self._onnx_base
             else:
                 self._adapter_key = self._load_adapter(path, version or "adapter")
         except Exception:
@@ -619,6 +697,8 @@ class LocalRuntime:
     def _load_adapter(self, path: str, version: str) -> str:
         from peft import PeftModel
 
+        if self.engine == "onnx":
+            return self._load_onnx(path, version)
         if self.weights == "int8":
             return self._load_merged(path, version)
         self._adapter_counter += 1
@@ -660,10 +740,22 @@ class LocalRuntime:
         self._model = merged  # the previous merged copy (if any) is freed
         return key
 
+    def _load_onnx(self, path: str, version: str) -> str:
+        """The ONNX engine serves the base with the adapter merged in, exported once (cached: the gate
+        exported the candidate while evaluating it, so a promotion only loads it)."""
+        from learning.onnx_engine import OnnxModel, ensure_export
+
+        self._adapter_counter += 1
+        key = _adapter_name(self._adapter_counter, version)
+        pad = self._onnx_base.pad
+        folder = ensure_export(self.model_path, self._onnx_cache, pad_token_id=pad, adapter=path)
+        self._onnx = OnnxModel(folder, threads=self._threads, pad_token_id=pad)
+        return key
+
     @property
     def loaded_adapters(self) -> list[str]:
         """peft names of the adapters held in memory (one at most between switches)."""
-        if self.weights == "int8":
+        if self.weights == "int8" or self.engine == "onnx":
             return [self._adapter_key] if self._adapter_key else []
         if self._model is self._base:
             return []
@@ -741,6 +833,7 @@ def _hooks() -> _Hooks:
 # --- int8 weight-only linears (opt-in CPU decoding path) -------------------------------------------
 
 WEIGHTS = ("native", "int8")
+ENGINES = ("auto", "transformers", "onnx")  # auto: onnx on a CPU, transformers on a GPU
 _INT8_GEMV_ROWS = 8  # up to this many rows (decoding) the int8 kernel wins; prefill dequantises instead
 
 
@@ -815,15 +908,4 @@ def build_runtime(settings: Settings) -> Generator:
         from learning.llm_http import build_http_generator
 
         return build_http_generator(settings)
-    folder = resolve_model(settings.model, settings.models_dir)
-    return LocalRuntime(
-        folder,
-        name=settings.model,
-        dtype=settings.dtype,
-        max_batch=settings.max_batch,
-        max_queue=settings.max_queue,
-        max_new_tokens=settings.max_new_tokens,
-        timeout_s=settings.llm_timeout_s,
-        weights=settings.weights,
-        num_threads=settings.threads or None,
-    )
+    return LocalRuntime.from_settings(settings)

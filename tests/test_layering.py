@@ -19,6 +19,7 @@ SDK_HOMES = {
     "slack_sdk": {"bot/channels/slack.py"},
     "trl": {"learning/train.py"},
     "apscheduler": {"learning/nightly.py"},
+    "onnxruntime_genai": {"learning/onnx_engine.py"},
 }
 
 
@@ -63,7 +64,7 @@ def test_cli_help_does_not_import_heavy_libraries() -> None:
         "with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):\n"
         "    cli.main(['--help'])\n"
         "heavy = [m for m in ('torch', 'transformers', 'trl', 'peft', 'chromadb', 'sentence_transformers',"
-        " 'telegram', 'slack_bolt') if m in sys.modules]\n"
+        " 'telegram', 'slack_bolt', 'onnxruntime_genai') if m in sys.modules]\n"
         "print(','.join(heavy))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)

@@ -1046,7 +1046,9 @@ def _malformed(raw: bytes, content_type: str) -> str:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
         return "body is not UTF-8"
-    if content_type == "application/json":
+    # The same rules as bolt's parse_body: JSON when declared so OR when the body starts with "{";
+    # form fields through parse_qsl, where the last of repeated fields wins.
+    if content_type == "application/json" or text.startswith("{"):
         try:
             body = json.loads(text)
         except ValueError:
@@ -1054,10 +1056,10 @@ def _malformed(raw: bytes, content_type: str) -> str:
         if not isinstance(body, dict):
             return "body is not a JSON object"
         return _odd_shape(body, EVENT_SHAPE)
-    form = urllib.parse.parse_qs(text, keep_blank_values=True)
-    if "payload" in form:
+    form = dict(urllib.parse.parse_qsl(text, keep_blank_values=True))
+    if "payload" in text and "payload" in form:
         try:
-            payload = json.loads(form["payload"][0])
+            payload = json.loads(form["payload"])
         except ValueError:
             return "payload is not JSON"
         if not isinstance(payload, dict):

@@ -32,7 +32,7 @@ import pytest
 from apps import app_settings, kb_template  # noqa: F401
 from fakes.slack_api import FakeSlack
 from fakes.telegram_api import TOKEN, FakeTelegramApi
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from scripted import ScriptedModel
 
@@ -510,6 +510,10 @@ def test_slack_endpoint_answers_or_refuses_every_generated_request(
 
     @settings(FUZZ, max_examples=SLACK_EXAMPLES)
     @given(request=slack_requests(), signed=st.integers(0, 9))
+    # found by this test: bolt reads a form body that starts with "{" as JSON
+    @example(request=(b"{'payload': 1}", "application/x-www-form-urlencoded"), signed=1)
+    # bolt keeps the LAST of repeated form fields
+    @example(request=(b'payload=%7B%7D&payload=%5B1%5D', "application/x-www-form-urlencoded"), signed=1)
     def one(request: tuple[bytes, str], signed: int) -> None:
         body, ctype = request
         headers = {"Content-Type": ctype} if ctype else {}

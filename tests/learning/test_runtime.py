@@ -1,6 +1,7 @@
 """The in-process runtime: batching, back-pressure, timeouts, failures and adapter hot-swap.
 
-Mechanics run on a tiny random Llama (tests/conftest.py); behaviour on the real SmolLM2 (slow).
+Mechanics run on a tiny random Llama (tests/conftest.py); behaviour on the real SmolLM2 (slow). Tests
+marked with ENGINES run on both in-process engines: PyTorch (transformers) and ONNX Runtime GenAI.
 Requests are queued before the worker starts (`start=False`) where a test needs a known batch shape,
 so nothing here depends on timing.
 """
@@ -17,8 +18,11 @@ import pytest
 
 from knowledge.passages import Passage
 from knowledge.settings import DEFAULT_SYSTEM_PROMPT, Settings
+from learning.onnx_engine import export_key
 from learning.prompt import build_messages
 from learning.runtime import GenerationError, GenerationTimeout, LocalRuntime, ModelBusy, build_runtime
+
+ENGINES = pytest.mark.parametrize("engine", ["transformers", "onnx"])
 
 QUESTIONS = [
     "Where is my order?",
@@ -60,8 +64,9 @@ def tiny_adapter_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFact
     return out
 
 
-def test_waiting_requests_are_generated_together_up_to_max_batch(tiny_model_dir: Path) -> None:
-    with tiny(tiny_model_dir, max_batch=3, start=False) as rt:
+@ENGINES
+def test_waiting_requests_are_generated_together_up_to_max_batch(tiny_model_dir: Path, engine: str) -> None:
+    with tiny(tiny_model_dir, max_batch=3, start=False, engine=engine) as rt:
         futures = [rt.submit(chat(q)) for q in QUESTIONS]  # all waiting before the worker starts
         rt.start()
         answers = [f.result(timeout=120) for f in futures]
@@ -74,12 +79,26 @@ def test_waiting_requests_are_generated_together_up_to_max_batch(tiny_model_dir:
         assert answer.ttft_s is not None and 0 < answer.ttft_s <= answer.latency_s
 
 
-def test_left_padding_gives_each_row_the_answer_it_gets_alone(tiny_model_dir: Path) -> None:
-    with tiny(tiny_model_dir, max_batch=8) as rt:
-        alone = [rt.generate_batch([chat(q)])[0].text for q in QUESTIONS[:3]]
-        together = [g.text for g in rt.generate_batch([chat(q) for q in QUESTIONS[:3]])]
+@ENGINES
+def test_padding_gives_each_row_the_answer_it_gets_alone(tiny_model_dir: Path, engine: str) -> None:
+    """transformers pads on the left, ONNX Runtime GenAI on the right; prompts of unequal length."""
+    asks = [QUESTIONS[0], "Please tell me, in detail: " * 6 + QUESTIONS[1], QUESTIONS[4]]
+    with tiny(tiny_model_dir, max_batch=8, max_new_tokens=12, engine=engine) as rt:
+        alone = [rt.generate_batch([chat(q)])[0] for q in asks]
+        together = rt.generate_batch([chat(q) for q in asks])
+    assert len({a.prompt_tokens for a in alone}) == 3
     assert max(rt.stats.batch_sizes) == 3
-    assert together == alone
+    assert [g.text for g in together] == [a.text for a in alone]
+
+
+@ENGINES
+def test_each_row_of_a_batch_keeps_its_own_budget(tiny_model_dir: Path, engine: str) -> None:
+    with tiny(tiny_model_dir, max_batch=8, start=False, engine=engine) as rt:
+        futures = [rt.submit(chat(q), n) for q, n in zip(QUESTIONS, (2, 9, 5), strict=False)]
+        rt.start()
+        answers = [f.result(timeout=120) for f in futures]
+    assert rt.stats.batch_sizes == {3: 1}
+    assert [a.new_tokens for a in answers] == [2, 9, 5]  # a random model never stops early
 
 
 async def test_concurrent_customers_share_batches_and_the_event_loop_keeps_running(
@@ -220,8 +239,9 @@ def test_set_adapter_refuses_a_folder_without_an_adapter(tiny_model_dir: Path, t
     assert rt.adapter_version is None
 
 
-def test_overlong_prompts_keep_their_end(tiny_model_dir: Path) -> None:
-    with tiny(tiny_model_dir, max_input_tokens=40) as rt:
+@ENGINES
+def test_overlong_prompts_keep_their_end(tiny_model_dir: Path, engine: str) -> None:
+    with tiny(tiny_model_dir, max_input_tokens=40, engine=engine) as rt:
         long_history = chat("word " * 500 + "Where is my order?")
         [answer] = rt.generate_batch([long_history])
     assert answer.prompt_tokens == 40
@@ -234,6 +254,8 @@ async def test_build_runtime_applies_the_settings(tiny_model_dir: Path, tmp_path
     rt = build_runtime(settings)
     try:
         assert isinstance(rt, LocalRuntime)
+        assert rt.engine == "onnx"  # APPRENTICE_ENGINE=auto on a CPU
+        assert (tmp_path / "models" / "onnx").is_dir()  # exported into the models cache
         assert (rt.max_batch, rt.max_queue, rt.timeout_s) == (2, 5, settings.llm_timeout_s)
         assert rt._threads == 3  # APPRENTICE_THREADS wins over the default and OMP_NUM_THREADS
         answer = await rt.generate(chat(QUESTIONS[0]))
@@ -243,9 +265,12 @@ async def test_build_runtime_applies_the_settings(tiny_model_dir: Path, tmp_path
 
 
 @pytest.mark.slow
-async def test_smollm2_answers_from_the_passage(smollm2_dir: Path) -> None:
-    """The real model (bf16, as served) grounds two concurrent answers in their own passages."""
-    rt = LocalRuntime(str(smollm2_dir), name="SmolLM2-135M-Instruct", max_new_tokens=48, timeout_s=600)
+@ENGINES
+async def test_smollm2_answers_from_the_passage(smollm2_dir: Path, engine: str) -> None:
+    """The real model (bf16 or int8 ONNX, as served) grounds two concurrent answers in their own passages."""
+    rt = LocalRuntime(
+        str(smollm2_dir), name="SmolLM2-135M-Instruct", max_new_tokens=48, timeout_s=600, engine=engine
+    )
     returns = Passage(
         text="You can return any unused item within 30 days of delivery for a full refund. "
         "Start a return from the Orders page; we email a prepaid label.",
@@ -272,3 +297,61 @@ async def test_smollm2_answers_from_the_passage(smollm2_dir: Path) -> None:
     assert "limescale" in answers[1].text.lower() and "not" in answers[1].text.lower()
     assert all(a.model == "SmolLM2-135M-Instruct" and a.new_tokens > 3 for a in answers)
     assert rt.stats.requests == 2
+
+
+# --- the ONNX engine's own mechanics ----------------------------------------------------------------
+
+
+async def test_onnx_serves_the_adapter_merged_in_and_switches_back(
+    tiny_model_dir: Path, tiny_adapter_dir: Path, tmp_path: Path
+) -> None:
+    cache = tmp_path / "onnx"
+    rt = tiny(tiny_model_dir, engine="onnx", onnx_cache=cache)
+    question = chat(QUESTIONS[0])
+    try:
+        base = await rt.generate(question)
+        rt.set_adapter(str(tiny_adapter_dir), "2026-11-29.1")
+        adapted = await rt.generate(question)
+        assert (base.adapter_version, adapted.adapter_version) == (None, "2026-11-29.1")
+        assert adapted.text != base.text
+
+        rt.set_adapter(str(tiny_adapter_dir), "2026-11-30.1")  # same files: the export is reused
+        newer = await rt.generate(question)
+        assert newer.adapter_version == "2026-11-30.1" and newer.text == adapted.text
+        exports = sorted(p.name for p in cache.iterdir() if p.is_dir())
+        assert len(exports) == 2 and not [n for n in exports if n.startswith(".exporting")]
+        pad = rt._onnx_base.pad
+        assert any(n.endswith(export_key(str(tiny_model_dir), str(tiny_adapter_dir), pad)) for n in exports)
+        assert len(rt.loaded_adapters) == 1
+
+        rt.set_adapter(None, None)
+        again = await rt.generate(question)
+        assert again.adapter_version is None and again.text == base.text
+        assert rt.stats.adapter_switches == 3 and rt.stats.adapter_errors == 0
+    finally:
+        await rt.aclose()
+
+
+async def test_onnx_a_broken_adapter_keeps_the_current_one_serving(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    broken = tmp_path / "broken-adapter"
+    broken.mkdir()
+    (broken / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 4}', encoding="utf-8")
+    (broken / "adapter_model.safetensors").write_bytes(b"not safetensors")
+    rt = tiny(tiny_model_dir, engine="onnx", onnx_cache=tmp_path / "onnx")
+    try:
+        rt.set_adapter(str(broken), "v-broken")
+        answer = await rt.generate(chat(QUESTIONS[0]))
+        assert answer.text and answer.adapter_version is None  # still the base model
+        assert rt.stats.adapter_errors == 1 and rt.adapter_version is None
+        assert not [p for p in (tmp_path / "onnx").iterdir() if p.name.startswith(".exporting")]
+    finally:
+        await rt.aclose()
+
+
+def test_onnx_refuses_a_gpu_and_unknown_engines_by_name(tiny_model_dir: Path) -> None:
+    with pytest.raises(ValueError, match="engine=onnx is the CPU decoding path"):
+        LocalRuntime(str(tiny_model_dir), engine="onnx", device="cuda", start=False)
+    with pytest.raises(ValueError, match="engine 'vllm' is not one of auto, transformers, onnx"):
+        LocalRuntime(str(tiny_model_dir), engine="vllm", start=False)
