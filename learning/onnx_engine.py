@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 PRECISION = "int8"  # MatMulNBits, 8-bit weights, block 32, int8 activations (accuracy_level 4)
 BUILDER = "onnxruntime_genai.models.builder"
 EXPORT_TIMEOUT_S = 1800.0
+KEEP_EXPORTS = 4  # exports unused the longest are deleted beyond this many (about 260 MB each for SmolLM2)
 _TMP_PREFIX = ".exporting-"
 
 
@@ -82,6 +83,7 @@ def ensure_export(model_path: str, cache_dir: Path, *, pad_token_id: int, adapte
         )
     target = cache_dir / f"{Path(model_path).name}-{export_key(model_path, adapter, pad_token_id)}"
     if _is_complete(target):
+        os.utime(target)  # "used now": pruning keeps the recently used exports
         return target
     cache_dir.mkdir(parents=True, exist_ok=True)
     with file_lock(cache_dir / f".{target.name}.lock"):
@@ -108,7 +110,26 @@ def ensure_export(model_path: str, cache_dir: Path, *, pad_token_id: int, adapte
             log.info("exported %s to ONNX in %.1f s", target.name, time.perf_counter() - started)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+        prune(cache_dir, keep=KEEP_EXPORTS, spare=target)
     return target
+
+
+def prune(cache_dir: Path, *, keep: int, spare: Path) -> list[Path]:
+    """Delete the exports used the longest ago beyond `keep` (never `spare`); returns what went.
+
+    Every promoted adapter gets its own export, so without this the cache grows every night. A process
+    still serving a deleted export keeps its open files (POSIX); a later switch back re-exports it.
+    """
+    exports = sorted(
+        (p for p in cache_dir.iterdir() if _is_complete(p) and p != spare),
+        key=lambda p: p.stat().st_mtime,
+        reverse=True,
+    )
+    gone = exports[max(0, keep - 1) :]
+    for folder in gone:
+        shutil.rmtree(folder, ignore_errors=True)
+        log.info("deleted the unused ONNX export %s", folder.name)
+    return gone
 
 
 def _merge(model_path: str, adapter: str, out: str) -> None:

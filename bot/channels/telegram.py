@@ -367,7 +367,12 @@ class TelegramChannel:
         reply = msg.reply_to_message
         if reply is not None and reply.from_user is not None and reply.from_user.id == bot.id:
             return True
-        for entity, text in {**msg.parse_entities(), **msg.parse_caption_entities()}.items():
+        # PTB's parsers assume the text they point into exists: entities without text/caption are junk
+        entities = {
+            **(msg.parse_entities() if isinstance(msg.text, str) else {}),
+            **(msg.parse_caption_entities() if isinstance(msg.caption, str) else {}),
+        }
+        for entity, text in entities.items():
             if entity.type == MessageEntity.MENTION and text[1:].lower() == self._username():
                 return True
             if (

@@ -252,6 +252,16 @@ def test_telegram_parser_translates_or_skips_every_generated_update(
 
     @settings(FUZZ, max_examples=PARSER_EXAMPLES)
     @given(data=updates())
+    @example(  # found by this test: entities on a message with neither text nor caption
+        data={
+            "update_id": 1,
+            "message": {
+                "message_id": 1, "date": 0, "chat": {"id": 0, "type": "group", "first_name": ""},
+                "from": {"id": 1, "is_bot": False, "first_name": ""},
+                "entities": [{"type": "bot_command", "offset": 0, "length": 0}],
+            },
+        }
+    )  # fmt: skip
     def one(data: dict[str, Any]) -> None:
         nonlocal seen, parsed, translated
         seen += 1
