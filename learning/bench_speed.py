@@ -190,10 +190,20 @@ async def _concurrent(
     wall, cpu = time.perf_counter() - t, time.process_time() - cpu
     recent = list(runtime.stats.recent)[-(runtime.stats.batches - batches_before) :]
     sizes = [b.size for b in recent]
+    # Where the model's time went: prefill (the prompts, compute-bound, not shared by batching) and
+    # decoding (weights read once per step for the whole batch).
+    prefill = sum(b.prefill_s or 0.0 for b in recent)
+    decode = sum(b.seconds - (b.prefill_s or 0.0) for b in recent)
+    decoded = sum(max(0, b.new_tokens - b.size) for b in recent)  # tokens after each row's first
     return {
         "tok_s": round(sum(made) / wall, 2),
         "wall_s": round(wall, 2),
         "tokens": sum(made),
+        "prefill_s": round(prefill, 2),
+        "decode_s": round(decode, 2),
+        "decode_tok_s": round(decoded / decode, 2) if decode else 0.0,
+        "prompt_tokens": sum(b.prompt_tokens for b in recent),
+        "padded_prompt_tokens": sum(b.padded_length * b.size for b in recent),
         "mean_batch": round(statistics.mean(sizes), 2) if sizes else 0.0,
         "cpu_share": round(cpu / wall, 3),
         "tok_per_cpu_s": round(sum(made) / cpu, 2) if cpu else 0.0,

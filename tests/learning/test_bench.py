@@ -163,7 +163,10 @@ def test_speed_bench_writes_the_report(
     assert 0 < report["engine_weights_bytes_per_token"] < report["weights_bytes_per_token"]
     assert all(v["decode_tok_s"] > 0 for v in report["decode_paths"].values())
     assert set(report["throughput_tok_s"]) == {"1", "4", "8"}
-    assert report["throughput_detail"]["8"]["mean_batch"] > 1  # concurrent requests were batched
+    eight = report["throughput_detail"]["8"]
+    assert eight["mean_batch"] > 1  # concurrent requests were batched
+    assert eight["prefill_s"] > 0 and eight["decode_s"] > 0 and eight["decode_tok_s"] > 0
+    assert eight["padded_prompt_tokens"] >= eight["prompt_tokens"] > 0
     assert set(report["latency_s"]) == {"rag", "no_retrieval"}
     assert set(report["retrieval_ms"]) == {"1k", "10k"}
     assert all(set(v) == {"p50", "p95"} for v in report["retrieval_ms"].values())
