@@ -4,7 +4,7 @@ Why: on a CPU, batch-1 decoding has to read every weight once per token, and PyT
 kernels plus per-layer Python overhead reach about 12% of the memory-bandwidth bound (notes.md, README
 Benchmarks). ONNX Runtime GenAI fuses each layer (GroupQueryAttention, SkipSimplifiedLayerNorm,
 MatMulNBits) and its int8 weight-only matmuls read half the bytes of bf16: on SmolLM2-135M it decodes
-4.5x faster (`apprentice bench speed`) with answers as good as bf16's (the loop benchmark's baseline:
+4.8x faster (`apprentice bench speed`) with answers as good as bf16's (the loop benchmark's baseline:
 0.449 / 0.418 held-out / controls, against 0.450 / 0.413 on transformers bf16). An exploratory loss
 check agreed (1.1857 vs 1.1855 nats per token on emanual references); int4 rose to 1.44, so it is not
 used.
