@@ -1,14 +1,17 @@
 """The model runtime: the contract the bot talks to, and the in-process implementation.
 
 `Generator` is the one boundary between the conversation flow and a language model. `LocalRuntime`
-serves it with transformers in this process: one worker thread owns the model, requests wait on a
+serves it in this process, with one of two engines: ONNX Runtime GenAI (the default on a CPU: the
+model exported once with int8 weights, learning/onnx_engine.py) or transformers (GPUs, or
+APPRENTICE_ENGINE=transformers). One worker thread owns the model, requests wait on a
 bounded queue, and whatever is waiting when the model becomes free is generated as ONE batch
-(dynamic micro-batching). On a CPU that is where the speed is: eight customers answered together cost
-little more than one. The event loop only ever enqueues and awaits, so one slow answer never stalls
-Telegram or Slack.
+(dynamic micro-batching): a decoding step reads the weights once for every row of the batch (prompt
+prefill is compute and is not shared; README, Benchmarks). The event loop only ever enqueues and
+awaits, so one slow answer never stalls Telegram or Slack.
 
-LoRA adapters are hot-swapped with peft between batches: answers in flight finish on the adapter they
-started with, and every `Generation` records the adapter version that produced it.
+LoRA adapters are hot-swapped between batches (peft on transformers; on ONNX an export with the
+adapter merged in): answers in flight finish on the adapter they started with, and every
+`Generation` records the adapter version that produced it.
 
 torch, transformers and peft are imported lazily (inside the functions that load the model).
 """
@@ -307,7 +310,7 @@ class LocalRuntime:
             folder = ensure_export(model_path, self._onnx_cache, pad_token_id=pad)
             self._onnx = self._onnx_base = OnnxModel(folder, threads=self._threads, pad_token_id=pad)
         seconds = time.perf_counter() - started
-        log.info("loaded %s (%s, %s, %s) in %.1f s", self._name, engine, self.dtype, self.device, seconds)
+        log.info("loaded %s (%s, %s) in %.1f s", self._name, self.decode_path, self.device, seconds)
         self.max_input_tokens = max_input_tokens  # None: whatever the context window leaves
 
         # the queue and the worker

@@ -9,7 +9,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from learning.onnx_engine import export_key, prune
+import pytest
+
+from learning.onnx_engine import ExportError, ensure_export, export_key, prune
 
 
 def _fake_export(root: Path, name: str, age_s: int) -> Path:
@@ -47,3 +49,16 @@ def test_the_export_key_follows_the_adapter_files_and_the_padding(
     (adapter / "adapter_model.safetensors").write_bytes(b"weights v2")  # retrained into the same path
     assert export_key(str(tiny_model_dir), str(adapter), 0) not in (first, base)
     assert export_key(str(tiny_model_dir), None, 1) != base
+
+
+def test_a_model_the_builder_cannot_export_fails_clearly_and_leaves_nothing(tmp_path: Path) -> None:
+    model = tmp_path / "odd-model"
+    model.mkdir()
+    (model / "config.json").write_text('{"architectures": ["NoSuchForCausalLM"], "model_type": "nosuch"}')
+    (model / "model.safetensors").write_bytes(b"\0" * 16)
+    cache = tmp_path / "onnx"
+    with pytest.raises(ExportError, match=r"export of .* failed .*APPRENTICE_ENGINE=transformers"):
+        ensure_export(str(model), cache, pad_token_id=0)
+    assert [p.name for p in cache.iterdir() if not p.name.endswith(".lock")] == []  # no half export
+    with pytest.raises(ExportError, match="not one"):
+        ensure_export("SomeOrg/not-a-local-folder", cache, pad_token_id=0)
