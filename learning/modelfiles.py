@@ -133,6 +133,20 @@ def _dequantise(gguf: Path, out: Path) -> None:
     log.info("converted %s in %.1f s", BUNDLED_MODEL, time.perf_counter() - started)
 
 
+def merged_with_adapter(model_path: str, adapter: str, dtype: Any) -> Any:
+    """A fresh copy of the base with the LoRA adapter folded into its weights (peft merge_and_unload).
+
+    For the decoding paths that cannot wrap layers with peft: the int8 transformers path and the ONNX
+    export. The serving model is never touched.
+    """
+    offline_by_default()
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+    return PeftModel.from_pretrained(base, adapter).merge_and_unload()
+
+
 def _looks_like_path(name: str) -> bool:
     """Hub ids are `name` or `org/name`; anything else that names no folder is a mistyped path."""
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name

@@ -32,7 +32,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from learning.modelfiles import base_model_hash, file_lock, offline_by_default
+from learning.modelfiles import base_model_hash, file_lock, merged_with_adapter
 
 log = logging.getLogger(__name__)
 
@@ -136,14 +136,10 @@ def prune(cache_dir: Path, *, keep: int, spare: Path) -> list[Path]:
 
 def _merge(model_path: str, adapter: str, out: str) -> None:
     """The base with the LoRA adapter folded into its weights (fp32, so nothing is rounded twice)."""
-    offline_by_default()
     import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
-    merged = PeftModel.from_pretrained(base, adapter).merge_and_unload()
-    merged.save_pretrained(out)
+    merged_with_adapter(model_path, adapter, torch.float32).save_pretrained(out)
     AutoTokenizer.from_pretrained(model_path).save_pretrained(out)
 
 
@@ -229,7 +225,7 @@ class OnnxModel:
             if repetition_penalty != 1.0:
                 logits = np.array(generator.get_logits(), dtype=np.float32).reshape(batch, -1)
                 for row, tokens in enumerate(out):
-                    if tokens:
+                    if tokens and live[row]:  # a finished row's logits are never read again
                         seen = np.fromiter(set(tokens), dtype=np.int64)
                         values = logits[row, seen]
                         logits[row, seen] = np.where(values > 0, values / repetition_penalty,

@@ -728,13 +728,11 @@ class LocalRuntime:
         """int8 weights: peft cannot wrap quantised layers, so the adapter is merged into a fresh copy
         of the base in the model dtype, which is then quantised. A switch takes a second or two longer;
         answers cost what the base model's cost (no LoRA matmuls at all)."""
-        from peft import PeftModel
-        from transformers import AutoModelForCausalLM
+        from learning.modelfiles import merged_with_adapter
 
         self._adapter_counter += 1
         key = _adapter_name(self._adapter_counter, version)
-        base = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=self.dtype)
-        merged: Any = PeftModel.from_pretrained(base, path).merge_and_unload()
+        merged = merged_with_adapter(self.model_path, path, self.dtype)
         merged.to(self.device)
         merged.eval()
         merged.requires_grad_(False)
