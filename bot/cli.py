@@ -106,6 +106,23 @@ def cmd_bench_loop(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_answers(args: argparse.Namespace) -> int:
+    from bot.conversation import ConversationService, Inbound
+    from learning.bench_answers import AnswersOptions, run_answers_bench
+    from learning.bench_loop import ServingPath
+
+    options = AnswersOptions(limit=args.limit, seed=args.seed, model=args.model, adapter=args.adapter)
+    report = run_answers_bench(
+        _settings(), Path(args.kb), Path(args.questions), Path(args.out),
+        ServingPath(ConversationService, Inbound), options,
+    )  # fmt: skip
+    keys = ("questions", "answer_mode", "score", "reference_scores", "ratio_vs_passage", "truncated",
+            "off_role", "unsupported", "abstained", "fallback", "words_p50", "latency_s")  # fmt: skip
+    print(json.dumps({k: report[k] for k in keys}, indent=2))
+    print(f"Report: {Path(args.out) / 'report.json'}")
+    return 0
+
+
 def cmd_bench_redaction(args: argparse.Namespace) -> int:
     from learning.redact import measure
 
@@ -266,6 +283,14 @@ def build_parser() -> argparse.ArgumentParser:
     from learning.commands import add_train_arguments as _train_flags
 
     _train_flags(p)
+    p = add("answers", cmd_bench_answers, "Answer quality vs pasting the retrieved passage.", bench)
+    p.add_argument("--kb", required=True, help="Folder of markdown documents.")
+    p.add_argument("--questions", required=True, help="questions.jsonl with id, question, answer, group.")
+    p.add_argument("--out", required=True, help="Output folder for answers.jsonl, report.json, report.png.")
+    p.add_argument("--limit", type=int, help="Questions from a seeded shuffle (default: all).")
+    p.add_argument("--seed", type=int, default=0, help="Seed of the shuffle (0).")
+    p.add_argument("--model", help="Base model (default: APPRENTICE_MODEL).")
+    p.add_argument("--adapter", help="Answer with this adapter version from `apprentice adapters list`.")
     p = add("redaction", cmd_bench_redaction, "PII redaction precision and recall on a labelled file.", bench)
     p.add_argument("--out", required=True, help="Output folder for redaction.json.")
     p.add_argument(

@@ -26,7 +26,8 @@ from knowledge.passages import Passage, Retrieval
 from knowledge.retrieve import KnowledgeBase
 from knowledge.settings import Settings
 from knowledge.store import Store
-from learning.prompt import build_messages
+from learning.answer import cite, finish, ground
+from learning.prompt import answer_messages
 from learning.runtime import GenerationTimeout, Generator, ModelBusy
 from learning.trust import review_correction
 
@@ -45,6 +46,8 @@ SLOW_DOWN = "You're sending messages faster than I can answer. Please wait a mom
 HUMAN = "Thanks, I've asked a colleague to join. Someone will reply here as soon as possible."
 THANKS_DOWN = "Thanks for the feedback. A colleague will review this answer."
 THANKS_UP = "Thanks for the feedback!"
+# Staff corrections of questions at least this close count as evidence for a model reply.
+EVIDENCE = 0.5
 
 
 @dataclass(frozen=True)
@@ -90,6 +93,8 @@ class Answer:
     latency_ms: float
     flagged: bool = False
     repeat: bool = False  # posted before (see Outbound.repeat): reviewers skip what they already have
+    # what the answer mode did to the model's reply: "extract", "grounded", "fallback:REASON"
+    grounding: str = ""
 
 
 class Reviewer(Protocol):
@@ -266,19 +271,27 @@ class ConversationService:
         status, flagged = "ok", False
         model: str | None = None
         adapter: str | None = None
+        grounding = ""
         if retrieval.memory is not None and self.settings.memory_mode == "verbatim":
             # A staff-verified answer to a near-identical question: reuse it word for word.
             # A small model paraphrases (and garbles) context, so the verified text is safer.
             reply, model = retrieval.memory.text, "correction-memory"
         elif retrieval.memory is None and retrieval.best_score < self.settings.relevance_threshold:
             reply, status, flagged = UNSURE, "unsure", True
+        elif self.settings.answer_mode == "extract" and retrieval.passages:
+            # the extract answer mode: the best passage's relevant sentences, no model
+            reply = await asyncio.to_thread(cite, text, retrieval.passages[0])
+            model, grounding = "extract", "extract"
         else:
             history = await asyncio.to_thread(self._history, conv.id, question_id)
-            messages = build_messages(self.settings.system_prompt_text, retrieval.all, text, history)
+            messages = await asyncio.to_thread(answer_messages, self.settings, text, retrieval.all, history)
             try:
                 gen = await self.generator.generate(messages, self.settings.max_new_tokens)
                 # model text is untrusted too: no control characters or lone surrogates into the store
                 reply, model, adapter = clean_text(gen.text), gen.model, gen.adapter_version
+                reply, grounding = await asyncio.to_thread(self._ground, text, reply, retrieval.all)
+                if grounding.startswith("fallback"):
+                    flagged = True  # staff see that the model's own reply could not be used
                 if not reply:
                     reply, status, flagged = UNSURE, "unsure", True
             except ModelBusy:
@@ -310,8 +323,24 @@ class ConversationService:
         if flagged:
             await asyncio.to_thread(self.store.set_flagged, conv.id, True)
         return Answer(
-            conv.id, question_id, mid, text, reply, sources, status, model, adapter, latency_ms, flagged
-        )
+            conv.id, question_id, mid, text, reply, sources, status, model, adapter, latency_ms, flagged,
+            grounding=grounding,
+        )  # fmt: skip
+
+    def _ground(self, question: str, reply: str, passages: list[Passage]) -> tuple[str, str]:
+        """The reply as the answer mode sends it, and what grounding did ("", "grounded", "fallback:why").
+
+        Staff corrections of similar questions count as evidence even below the memory threshold:
+        they are what a retrained adapter learned from.
+        """
+        if self.settings.answer_mode == "model" or not reply:
+            return finish(reply), ""
+        known = {p.correction_id for p in passages if p.kind == "correction"}
+        lessons = [
+            p for p in self.kb.recall(question, 3) if p.score >= EVIDENCE and p.correction_id not in known
+        ]
+        g = ground(question, reply, [*passages, *lessons])
+        return g.text, (f"fallback:{g.reason}" if g.fallback else "grounded")
 
     def _guard(self, conv: Conversation, reply: str, passages: list[Passage]) -> Verdict:
         own = [m.text for m in self.store.history(conv.id, 200)]

@@ -106,6 +106,15 @@ class Settings(BaseSettings):
         "verbatim",
         description="A winning correction is sent as is (verbatim), or given to the model as first passage.",
     )
+    answer_mode: Literal["grounded", "extract", "model"] = Field(
+        "grounded",
+        description=(
+            "grounded: the model answers from the sentences closest to the question, unsupported "
+            "sentences are dropped, and an extract of the best passage replaces a reply with too little "
+            "left; extract: the best passage's relevant sentences, no model; model: the model's reply "
+            "as generated (cut at the last full sentence). docs/answers.md has the measurements."
+        ),
+    )
     history_turns: int = Field(2, description="Earlier turns of the conversation included in the prompt.")
 
     # --- conversation limits ------------------------------------------------
@@ -153,7 +162,13 @@ class Settings(BaseSettings):
         "", description="Command template replacing the local training subprocess ({dataset}, {out})."
     )
     log_level: str = Field("WARNING", description="Logging level (DEBUG, INFO, WARNING, ERROR).")
-    golden: str = Field("", description="Optional JSONL of golden question/answer pairs for the control set.")
+    golden: str = Field(
+        "",
+        description=(
+            "JSONL of golden question/answer pairs for the gate's control set. Empty: the demo "
+            "knowledge base's own golden set while APPRENTICE_KB is empty, else none."
+        ),
+    )
     two_person_rule: Literal["training", "all", "off"] = Field(
         "training",
         description="A correction that contradicts the documents or another correction waits for a second "
@@ -177,6 +192,15 @@ class Settings(BaseSettings):
         if self.kb:
             return Path(self.kb)
         return Path(str(resources.files("knowledge") / "demo_kb"))
+
+    @cached_property
+    def golden_path(self) -> Path | None:
+        """The golden control set: the configured file, or the demo's own while the demo KB is served."""
+        if self.golden:
+            return Path(self.golden)
+        if not self.kb:
+            return Path(str(resources.files("knowledge") / "demo_golden.jsonl"))
+        return None
 
     @cached_property
     def system_prompt_text(self) -> str:

@@ -37,7 +37,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from learning.prompt import build_messages
+from learning.answer import ground
+from learning.prompt import answer_messages, build_messages
 
 if TYPE_CHECKING:
     from knowledge.retrieve import KnowledgeBase
@@ -78,7 +79,9 @@ def latency_pair(
     for q in questions:
         t = time.perf_counter()
         retrieval = kb.retrieve(q, settings.top_k, settings.memory_threshold)
-        runtime.generate_batch([build_messages(settings.system_prompt_text, retrieval.all, q)])
+        reply = runtime.generate_batch([answer_messages(settings, q, retrieval.all)])[0].text
+        if settings.answer_mode == "grounded":  # the check every served answer passes
+            ground(q, reply, retrieval.all)
         rag.append(time.perf_counter() - t)
         t = time.perf_counter()
         runtime.generate_batch([build_messages(settings.system_prompt_text, [], q)])
@@ -141,7 +144,7 @@ def weights_bytes_per_token(model: Any) -> int:
 def _rag_prompts(
     settings: Settings, kb: KnowledgeBase, questions: Sequence[str]
 ) -> list[list[dict[str, str]]]:
-    return [build_messages(settings.system_prompt_text, kb.search(q, settings.top_k), q) for q in questions]
+    return [answer_messages(settings, q, kb.search(q, settings.top_k)) for q in questions]
 
 
 def _decode_batch1(runtime: LocalRuntime, prompts: Sequence[Any], max_new: int) -> dict[str, Any]:
@@ -553,7 +556,7 @@ def _runtime(settings: Settings, **overrides: Any) -> LocalRuntime:
 
 
 def _path_label(runtime: LocalRuntime) -> str:
-    """"onnx int8", "transformers bfloat16", "transformers int8": the engine and the weights it reads."""
+    """ "onnx int8", "transformers bfloat16", "transformers int8": the engine and the weights it reads."""
     if runtime.engine == "onnx":
         return "onnx int8"
     if runtime.weights == "int8":

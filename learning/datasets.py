@@ -10,7 +10,7 @@
   (every past correction) and `control` (approved answers kept out of training, plus the golden file).
 - `manifest.json`: counts, lineage (the store IDs behind every row), file hashes, the redaction report.
 
-Prompts are rendered with `learning.prompt.build_messages` and the knowledge base's own `retrieve`,
+Prompts are rendered with `learning.prompt.answer_messages` and the knowledge base's own `retrieve`,
 so training sees the layout serving uses. A 135M model learns little from one phrasing of a lesson
 (notes.md), so every lesson is written in several *views*: the question with the retrieved documents,
 with the correction memory as serving shows it, in a simple rephrasing (with its own retrieved
@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import func, select
 
 from knowledge.models import Conversation, Correction, Customer, Message, TrainingRun
-from learning.prompt import build_messages
+from learning.prompt import answer_messages
 from learning.redact import redact
 
 if TYPE_CHECKING:
@@ -417,7 +417,7 @@ class _Renderer:
         else:
             r = self.retrieval(question)
             passages = r.all if context == "memory" else r.passages
-        return build_messages(self.settings.system_prompt_text, passages, question, history)
+        return answer_messages(self.settings, question, passages, history)
 
 
 def _views(les: Lesson, opts: BuildOptions, render: _Renderer) -> list[tuple[str, list[dict[str, str]]]]:
@@ -636,8 +636,8 @@ def _eval_rows(
         past = rng.sample(past, opts.max_regression)
     rows.extend(row("regression", les, les.question, "original") for les in past)
     rows.extend(row("control", les, les.question, "original") for les in control)
-    if settings.golden:
-        for g in load_golden(settings.golden):
+    if settings.golden_path is not None:
+        for g in load_golden(settings.golden_path):
             rows.append(
                 {
                     "set": "control",

@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from learning.prompt import build_messages
+from learning.prompt import answer_messages
 
 if TYPE_CHECKING:
     from knowledge.retrieve import KnowledgeBase
@@ -145,7 +145,7 @@ def render_prompts(
         else:
             passages = kb.search(row["question"], settings.top_k)
         history = [(str(r), str(t)) for r, t in row.get("history", [])]
-        prompts.append(build_messages(settings.system_prompt_text, passages, row["question"], history))
+        prompts.append(answer_messages(settings, row["question"], passages, history))
     return prompts
 
 

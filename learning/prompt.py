@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from knowledge.passages import Passage
+
+if TYPE_CHECKING:
+    from knowledge.settings import Settings
 
 MAX_PASSAGE_CHARS = 900
 _FENCES = re.compile(r"<{3,}|>{3,}")
@@ -63,3 +67,21 @@ def build_messages(
         user = f"Customer question: {question}"
     messages.append({"role": "user", "content": user})
     return messages
+
+
+def answer_messages(
+    settings: Settings,
+    question: str,
+    passages: Sequence[Passage],
+    history: Sequence[tuple[str, str]] = (),
+) -> list[dict[str, str]]:
+    """The prompt serving sends for `question`, and datasets and the gate render the same way.
+
+    In the `grounded` and `extract` answer modes the model sees only the passages' sentences closest
+    to the question (`learning.answer.focus`); in `model` mode the passages as retrieved.
+    """
+    if settings.answer_mode != "model":
+        from learning.answer import focus
+
+        passages = focus(question, passages)
+    return build_messages(settings.system_prompt_text, passages, question, history)

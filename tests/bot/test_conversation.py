@@ -154,3 +154,52 @@ async def test_chats_are_served_concurrently(flow) -> None:
     replies = await asyncio.gather(*(service.handle(msg("What warranty do bikes have?", chat=f"k{i}"))
                                      for i in range(5)))
     assert all(len(r) == 1 for r in replies) and len(model.prompts) == 5
+
+
+# --- what the customer reads (answer modes) ---------------------------------------------------------
+
+
+async def test_an_invented_answer_never_reaches_the_customer(tmp_path: Path, demo_kb: KnowledgeBase) -> None:
+    settings = Settings(data_dir=tmp_path, answer_mode="grounded")
+    model = ScriptedModel()
+    service = ConversationService(settings, Store(settings.database), demo_kb, model)
+    reviewed: list = []
+
+    class Staff:
+        async def answer_posted(self, conv, answer) -> None:  # type: ignore[no-untyped-def]
+            reviewed.append(answer)
+
+    service.reviewers.append(Staff())  # type: ignore[arg-type]
+    model.enqueue("1. Open the Loyalty menu in the app.\n2. Select Upgrade to Gold.\n3. You can")
+    [out] = await service.handle(msg("How long is the warranty?"))
+    # the customer reads the warranty document's own words (the durations), not invented steps
+    assert "Loyalty" not in out.text and "lifetime" in out.text and "2 years" in out.text
+    assert out.text.endswith("(From: Warranty)")
+    # the model was asked with the sentences that answer the question, not four whole passages
+    user = model.prompts[0][-1]["content"]
+    assert "lifetime" in user and len(user) < 1400
+    [answer] = reviewed
+    assert answer.flagged and answer.grounding == "fallback:unsupported"
+
+
+async def test_an_answer_in_the_documents_words_is_sent_as_the_model_wrote_it(
+    tmp_path: Path, demo_kb: KnowledgeBase
+) -> None:
+    settings = Settings(data_dir=tmp_path, answer_mode="grounded")
+    model = ScriptedModel()
+    service = ConversationService(settings, Store(settings.database), demo_kb, model)
+    model.enqueue("Frames: lifetime warranty for the original owner. Paint and decals: 1 year. And the")
+    [out] = await service.handle(msg("How long is the warranty?"))
+    assert out.text == "Frames: lifetime warranty for the original owner. Paint and decals: 1 year."
+    assert out.feedback_buttons
+
+
+async def test_the_extract_mode_answers_from_the_document_without_the_model(
+    tmp_path: Path, demo_kb: KnowledgeBase
+) -> None:
+    settings = Settings(data_dir=tmp_path, answer_mode="extract")
+    model = ScriptedModel()
+    service = ConversationService(settings, Store(settings.database), demo_kb, model)
+    [out] = await service.handle(msg("Can I pay with PayPal?"))
+    assert "PayPal" in out.text and "(From: Payment options)" in out.text
+    assert model.prompts == []

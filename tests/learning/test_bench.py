@@ -13,6 +13,7 @@ import pytest
 
 from bot.conversation import ConversationService, Inbound
 from knowledge.settings import Settings
+from learning.bench_answers import AnswersOptions, pick, run_answers_bench
 from learning.bench_loop import STAGES, LoopOptions, ServingPath, run_loop_bench, select
 from learning.bench_speed import run_speed_bench
 from learning.train import TrainConfig
@@ -174,3 +175,44 @@ def test_speed_bench_writes_the_report(
         report["decode_tok_s_batch1"] / report["roofline_tok_s"], rel=0.01
     )
     assert (out / "speed.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_answers_bench_takes_the_same_questions_for_the_same_seed() -> None:
+    rows = [{"id": str(i)} for i in range(50)]
+    assert pick(rows, 10, seed=3) == pick(rows, 10, seed=3) != pick(rows, 10, seed=4)
+    assert pick(rows, 10, seed=3) == pick(rows, 20, seed=3)[:10]  # a larger limit extends a smaller one
+    assert sorted(r["id"] for r in pick(rows, None, seed=0)) == sorted(r["id"] for r in rows)
+
+
+@pytest.mark.slow
+def test_answers_bench_writes_the_report(
+    emanual_slice: tuple[Path, Path], tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    kb, questions = emanual_slice
+    out = tmp_path / "out"
+    settings = _settings(tmp_path, tiny_model_dir).model_copy(update={"answer_mode": "grounded"})
+    report = run_answers_bench(
+        settings, kb, questions, out,
+        ServingPath(ConversationService, Inbound), AnswersOptions(limit=4, seed=2),
+    )  # fmt: skip
+    assert report == json.loads((out / "report.json").read_text())
+    assert report["questions"] == 4 and report["answer_mode"] == "grounded"
+    assert set(report["reference_scores"]) == {"passage", "extract"}
+    shares = ("truncated", "off_role", "unsupported", "abstained", "fallback")
+    for key in ("score", *shares):
+        assert 0.0 <= report[key] <= 1.0, key
+    passage = report["reference_scores"]["passage"]
+    assert report["ratio_vs_passage"] == pytest.approx(report["score"] / passage, rel=0.01)
+    assert set(report["latency_s"]) == {"p50", "p95"} and report["words_p50"] >= 0
+    # a random tiny model never writes the documents' words: every answer fell back to the extract
+    assert report["fallback"] == 1.0 and report["truncated"] == 0.0
+    lines = [json.loads(x) for x in (out / "answers.jsonl").read_text().splitlines()]
+    assert len(lines) == 4
+    for line in lines:
+        fields = {"id", "question", "reference", "answer", "status", "sources", "score", "latency_s"}
+        assert fields <= set(line)
+        assert line["sources"] and {"title", "text", "score"} <= set(line["sources"][0])
+    asked = {line["id"] for line in lines}
+    all_ids = [json.loads(x)["id"] for x in questions.read_text().splitlines()]
+    assert asked == {r["id"] for r in pick([{"id": i} for i in all_ids], 4, seed=2)}
+    assert (out / "report.png").read_bytes()[:4] == b"\x89PNG"

@@ -1,0 +1,272 @@
+"""The answer benchmark: is what the customer reads better than pasting the document?
+
+`run_answers_bench` answers questions in the bench format (a `kb/` folder and a `questions.jsonl`
+with `id`, `question`, `answer`, `group`) through the real `ConversationService.handle`, in a fresh
+data directory with an empty correction memory, and scores every answer with the evaluation gate's
+metric (`learning.evaluate.score_pairs`: the mean of token F1 and MiniLM cosine to the reference).
+An abstention counts with its own text, as the gate counts it.
+
+Two references are scored on the same questions, from the same retrieval:
+- `passage`: the first 600 characters of the top retrieved passage (what pasting the document gives);
+- `extract`: the 3 sentences of the top passage closest to the question by MiniLM cosine, in
+  document order.
+
+The failure shares, per answer unless said otherwise:
+- `truncated`: the answer ends mid-sentence (no closing punctuation);
+- `off_role`: it refuses to help, talks about being an AI or assistant, condoles or writes a reply
+  about a reply (`learning.answer.off_role`);
+- `unsupported`: share of answer SENTENCES whose best MiniLM cosine to any sentence of the retrieved
+  passages is below `learning.answer.SUPPORT` (0.6): docs/answers.md shows that copied or reworded
+  passage sentences score 0.75-1.0 and invented ones mostly below 0.5;
+- `abstained`: the bot said it is not sure (status `unsure`);
+- `fallback`: the model's reply was replaced by an extract of the best passage (grounded mode).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import statistics
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from learning.bench_loop import CHANNEL, ServingPath, _make_service, bench_settings, load_questions
+from learning.bench_speed import percentiles
+
+if TYPE_CHECKING:
+    from knowledge.passages import Passage
+    from knowledge.settings import Settings
+
+log = logging.getLogger(__name__)
+
+PASSAGE_CHARS = 600
+EXTRACT_SENTENCES = 3
+
+
+@dataclass
+class AnswersOptions:
+    """What one answer benchmark run does."""
+
+    limit: int | None = None  # questions from a seeded shuffle (default: all)
+    seed: int = 0
+    model: str | None = None  # default: the settings' model
+    adapter: str | None = None  # an adapter version from the operator's registry (default: none)
+    concurrency: int | None = None  # conversations in flight (default: APPRENTICE_MAX_BATCH)
+
+
+def pick(rows: Sequence[dict[str, Any]], limit: int | None, seed: int) -> list[dict[str, Any]]:
+    """`limit` questions from a shuffle seeded by `seed` (all of them, shuffled, without a limit)."""
+    out = list(rows)
+    random.Random(seed).shuffle(out)
+    return out[:limit] if limit else out
+
+
+def reference_extract(question: str, passage: Passage, n: int = EXTRACT_SENTENCES) -> str:
+    """The n sentences of the passage closest to the question by MiniLM cosine, in document order."""
+    from learning.answer import _cosines, sentences
+
+    sents = sentences(passage.text)
+    if len(sents) <= n:
+        return " ".join(sents)
+    sims = _cosines([question], sents)[0]
+    best = sorted(sorted(range(len(sents)), key=lambda j: -sims[j])[:n])
+    return " ".join(sents[j] for j in best)
+
+
+def unsupported_sentences(answer: str, passages: Sequence[Passage]) -> tuple[int, int]:
+    """(unsupported, total) sentences of the answer: best cosine to a passage sentence < SUPPORT."""
+    from learning.answer import SUPPORT, _cosines, body, sentences
+
+    said = sentences(body(answer))
+    evidence = [s for p in passages for s in sentences(p.text)]
+    if not said:
+        return 0, 0
+    sims = _cosines(said, evidence)
+    return sum(max(row, default=0.0) < SUPPORT for row in sims), len(said)
+
+
+def run_answers_bench(
+    settings: Settings,
+    kb_dir: Path,
+    questions_file: Path,
+    out_dir: Path,
+    serving: ServingPath,
+    options: AnswersOptions | None = None,
+) -> dict[str, Any]:
+    """Answer, score and chart; write answers.jsonl, report.json and report.png; return the report."""
+    opts = options or AnswersOptions()
+    rows = pick(load_questions(Path(questions_file)), opts.limit, opts.seed)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    adapter = _adapter(settings, opts.adapter) if opts.adapter else None
+    with tempfile.TemporaryDirectory(prefix="apprentice-answers-") as tmp:
+        return asyncio.run(_run(settings, Path(tmp), Path(kb_dir), out_dir, serving, opts, rows, adapter))
+
+
+def _adapter(settings: Settings, version: str) -> tuple[str, str]:
+    """(path, version) of an adapter in the operator's registry."""
+    from knowledge.store import Store
+    from learning import registry
+
+    store = Store(settings.database)
+    try:
+        found = registry.get_adapter(store, version)
+    finally:
+        store.close()
+    if found is None:
+        raise ValueError(f"No adapter {version!r} in {settings.data_dir}; see `apprentice adapters list`.")
+    return found.path, found.version
+
+
+async def _run(
+    base: Settings,
+    data_dir: Path,
+    kb_dir: Path,
+    out_dir: Path,
+    serving: ServingPath,
+    opts: AnswersOptions,
+    rows: list[dict[str, Any]],
+    adapter: tuple[str, str] | None,
+) -> dict[str, Any]:
+    from knowledge.retrieve import KnowledgeBase
+    from knowledge.store import Store
+    from learning.answer import off_role, truncated
+    from learning.bench_loop import _runtime
+    from learning.evaluate import score_pairs
+
+    started = time.perf_counter()
+    settings = bench_settings(base, data_dir, kb_dir, opts.model)
+    store = await asyncio.to_thread(Store, settings.database)
+    kb = await asyncio.to_thread(KnowledgeBase.from_settings, settings)
+    runtime: Any = None
+    try:
+        await asyncio.to_thread(kb.ingest, [kb_dir])
+        runtime = await asyncio.to_thread(_runtime, settings)
+        if adapter is not None:
+            await asyncio.to_thread(runtime.set_adapter, *adapter)
+        service = _make_service(serving, settings, store, kb, runtime)
+        gate = asyncio.Semaphore(opts.concurrency or settings.max_batch)
+        log.warning("answers bench: %d questions, answer mode %s", len(rows), settings.answer_mode)
+
+        async def one(i: int, row: dict[str, Any]) -> Any:
+            chat = f"answers-{i}"
+            async with gate:
+                await service.handle(
+                    serving.inbound(channel=CHANNEL, chat_id=chat, customer_id=chat, text=row["question"])
+                )
+            return service.bench_collector.answers.get(chat)
+
+        answers = await asyncio.gather(*(one(i, r) for i, r in enumerate(rows)))
+        retrievals = [await asyncio.to_thread(kb.search, r["question"], settings.top_k) for r in rows]
+    finally:
+        if runtime is not None:
+            await asyncio.to_thread(runtime.close)
+        await asyncio.to_thread(kb.close)
+        await asyncio.to_thread(store.close)
+
+    refs = [str(r["answer"]) for r in rows]
+    texts = [a.text if a is not None else "" for a in answers]
+    passage_refs = [p[0].text[:PASSAGE_CHARS] if p else "" for p in retrievals]
+    extract_refs = await asyncio.to_thread(
+        lambda: [
+            reference_extract(r["question"], p[0]) if p else "" for r, p in zip(rows, retrievals, strict=True)
+        ]
+    )
+    scores = await asyncio.to_thread(score_pairs, texts, refs)
+    passage_scores = await asyncio.to_thread(score_pairs, passage_refs, refs)
+    extract_scores = await asyncio.to_thread(score_pairs, extract_refs, refs)
+    support = await asyncio.to_thread(
+        lambda: [
+            unsupported_sentences(t, p) if a is not None and a.status == "ok" else (0, 0)
+            for t, p, a in zip(texts, retrievals, answers, strict=True)
+        ]
+    )
+    statuses = Counter(a.status if a is not None else "none" for a in answers)
+    n = len(rows)
+
+    def mean(values: Sequence[float]) -> float:
+        return round(sum(values) / len(values), 4) if values else 0.0
+
+    def share(flags: Sequence[bool]) -> float:
+        return round(sum(flags) / len(flags), 4) if flags else 0.0
+
+    bot = mean([s["score"] for s in scores])
+    passage = mean([s["score"] for s in passage_scores])
+    ok = [a is not None and a.status == "ok" for a in answers]
+    records = []
+    for r, a, t, s, p, (uns, tot) in zip(rows, answers, texts, scores, retrievals, support, strict=True):
+        records.append({
+            "id": r["id"], "question": r["question"], "reference": r["answer"], "answer": t,
+            "status": a.status if a is not None else "none",
+            "grounding": getattr(a, "grounding", "") if a is not None else "",
+            "sources": [{"title": x.title, "text": x.text, "score": round(x.score, 4)} for x in p],
+            "score": s["score"], "f1": s["f1"], "cosine": s["cosine"],
+            "unsupported_sentences": uns, "sentences": tot,
+            "latency_s": round(a.latency_ms / 1000, 3) if a is not None else None,
+        })  # fmt: skip
+    total_sentences = sum(tot for _, tot in support)
+    report: dict[str, Any] = {
+        "kb": str(kb_dir),
+        "questions": n,
+        "seed": opts.seed,
+        "model": settings.model,
+        "adapter": adapter[1] if adapter else None,
+        "answer_mode": settings.answer_mode,
+        "score": bot,
+        "f1": mean([s["f1"] for s in scores]),
+        "cosine": mean([s["cosine"] for s in scores]),
+        "reference_scores": {"passage": passage, "extract": mean([s["score"] for s in extract_scores])},
+        "ratio_vs_passage": round(bot / passage, 4) if passage else None,
+        "truncated": share([truncated(t) for t, good in zip(texts, ok, strict=True) if good]),
+        "off_role": share([off_role(t) for t, good in zip(texts, ok, strict=True) if good]),
+        "unsupported": round(sum(u for u, _ in support) / total_sentences, 4) if total_sentences else 0.0,
+        "abstained": share([a is not None and a.status == "unsure" for a in answers]),
+        "fallback": share([bool(a is not None and a.grounding.startswith("fallback")) for a in answers]),
+        "statuses": dict(statuses),
+        "words_p50": statistics.median([len(t.split()) for t in texts]) if texts else 0,
+        "latency_s": percentiles([a.latency_ms / 1000 for a in answers if a is not None]),
+        "wall_time_s": round(time.perf_counter() - started, 1),
+        "shares_of": "truncated and off_role: of answers with status ok; unsupported: of their sentences",
+    }
+    with (out_dir / "answers.jsonl").open("w", encoding="utf-8") as fh:
+        for rec in records:
+            fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    (out_dir / "report.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
+    _chart(report, out_dir / "report.png")
+    return report
+
+
+def _chart(report: dict[str, Any], path: Path) -> None:
+    """Scores of the bot, the pasted passage and the extract; the failure shares beside them."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.6), dpi=100)
+    names = ["bot", "passage", "extract"]
+    values = [report["score"], report["reference_scores"]["passage"], report["reference_scores"]["extract"]]
+    left.bar(names, values, color=["#2f80ed", "#9aa5b1", "#c3cad3"])
+    for x, v in enumerate(values):
+        left.text(x, v + 0.01, f"{v:.3f}", ha="center", fontsize=8)
+    left.set_ylim(0, 1)
+    left.set_ylabel("score (F1 + cosine) / 2")
+    ratio = report["ratio_vs_passage"]
+    left.set_title(f"{report['questions']} questions, ratio vs passage {ratio}", fontsize=9)
+    shares = ["truncated", "off_role", "unsupported", "abstained", "fallback"]
+    right.bar(shares, [report[s] for s in shares], color="#eb5757")
+    for x, s in enumerate(shares):
+        right.text(x, report[s] + 0.01, f"{report[s]:.0%}", ha="center", fontsize=8)
+    right.set_ylim(0, 1)
+    right.set_title(f"failure shares (answer mode {report['answer_mode']})", fontsize=9)
+    right.tick_params(axis="x", labelsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
