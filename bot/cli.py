@@ -111,7 +111,9 @@ def cmd_bench_answers(args: argparse.Namespace) -> int:
     from learning.bench_answers import AnswersOptions, run_answers_bench
     from learning.bench_loop import ServingPath
 
-    options = AnswersOptions(limit=args.limit, seed=args.seed, model=args.model, adapter=args.adapter)
+    options = AnswersOptions(
+        limit=args.limit, seed=args.seed, model=args.model, adapter=args.adapter, concurrency=args.concurrency
+    )
     report = run_answers_bench(
         _settings(), Path(args.kb), Path(args.questions), Path(args.out),
         ServingPath(ConversationService, Inbound), options,
@@ -291,6 +293,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="Seed of the shuffle (0).")
     p.add_argument("--model", help="Base model (default: APPRENTICE_MODEL).")
     p.add_argument("--adapter", help="Answer with this adapter version from `apprentice adapters list`.")
+    p.add_argument(
+        "--concurrency",
+        type=int,
+        help="Customers asking at once (default: APPRENTICE_MAX_BATCH); 1 times one answer at a time.",
+    )
     p = add("redaction", cmd_bench_redaction, "PII redaction precision and recall on a labelled file.", bench)
     p.add_argument("--out", required=True, help="Output folder for redaction.json.")
     p.add_argument(

@@ -272,6 +272,7 @@ class ConversationService:
         model: str | None = None
         adapter: str | None = None
         grounding = ""
+        generated = ""  # the model's own text, checked by the guard even when grounding replaced it
         if retrieval.memory is not None and self.settings.memory_mode == "verbatim":
             # A staff-verified answer to a near-identical question: reuse it word for word.
             # A small model paraphrases (and garbles) context, so the verified text is safer.
@@ -288,8 +289,9 @@ class ConversationService:
             try:
                 gen = await self.generator.generate(messages, self.settings.max_new_tokens)
                 # model text is untrusted too: no control characters or lone surrogates into the store
-                reply, model, adapter = clean_text(gen.text), gen.model, gen.adapter_version
-                reply, grounding = await asyncio.to_thread(self._ground, text, reply, retrieval.all)
+                generated, model, adapter = clean_text(gen.text), gen.model, gen.adapter_version
+                cut = gen.new_tokens >= self.settings.max_new_tokens  # stopped by the token cap
+                reply, grounding = await asyncio.to_thread(self._ground, text, generated, retrieval.all, cut)
                 if grounding.startswith("fallback"):
                     flagged = True  # staff see that the model's own reply could not be used
                 if not reply:
@@ -300,7 +302,9 @@ class ConversationService:
                 log.warning("generation failed for conversation %s: %s", conv.id, type(exc).__name__)
                 reply, status, flagged = APOLOGY, "error", True
         if status == "ok":
-            verdict = await asyncio.to_thread(self._guard, conv, reply, retrieval.all)
+            # a leak attempt is blocked and shown to staff even when grounding would have dropped it
+            checked = reply if generated in ("", reply) else f"{generated}\n\n{reply}"
+            verdict = await asyncio.to_thread(self._guard, conv, checked, retrieval.all)
             if not verdict.ok:  # never stored or logged: it may hold the very secret it leaked
                 log.warning("output guard blocked a reply in conversation %s: %s", conv.id, verdict.reason)
                 reply, status, flagged = BLOCKED, "blocked", True
@@ -327,14 +331,15 @@ class ConversationService:
             grounding=grounding,
         )  # fmt: skip
 
-    def _ground(self, question: str, reply: str, passages: list[Passage]) -> tuple[str, str]:
+    def _ground(self, question: str, reply: str, passages: list[Passage], cut: bool) -> tuple[str, str]:
         """The reply as the answer mode sends it, and what grounding did ("", "grounded", "fallback:why").
 
-        Staff corrections of similar questions count as evidence even below the memory threshold:
-        they are what a retrained adapter learned from.
+        `cut`: the token cap stopped the model, so its last sentence may be unfinished. Staff
+        corrections of similar questions count as evidence even below the memory threshold: they
+        are what a retrained adapter learned from.
         """
         if self.settings.answer_mode == "model" or not reply:
-            return finish(reply), ""
+            return (finish(reply) if cut else reply), ""
         known = {p.correction_id for p in passages if p.kind == "correction"}
         lessons = [
             p for p in self.kb.recall(question, 3) if p.score >= EVIDENCE and p.correction_id not in known

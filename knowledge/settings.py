@@ -109,10 +109,11 @@ class Settings(BaseSettings):
     answer_mode: Literal["grounded", "extract", "model"] = Field(
         "grounded",
         description=(
-            "grounded: the model answers from the sentences closest to the question, unsupported "
-            "sentences are dropped, and an extract of the best passage replaces a reply with too little "
-            "left; extract: the best passage's relevant sentences, no model; model: the model's reply "
-            "as generated (cut at the last full sentence). docs/answers.md has the measurements."
+            "grounded: the model answers from the passage sentences closest to the question; a reply "
+            "with a sentence or figure the passages do not support, or an off-role one, is replaced by "
+            "the best passage's relevant sentences and its title, and flagged for staff. extract: those "
+            "sentences, no model. model: the reply as generated, cut at its last full sentence. "
+            "docs/answers.md has the measurements."
         ),
     )
     history_turns: int = Field(2, description="Earlier turns of the conversation included in the prompt.")

@@ -50,6 +50,8 @@ def serve_env(
         "APPRENTICE_HTTP_HOST": "127.0.0.1",
         "APPRENTICE_HTTP_PORT": str(port),
         "APPRENTICE_REVIEW": "none",
+        # the fake model echoes the question, which these tests follow reply by reply (tests/conftest.py)
+        "APPRENTICE_ANSWER_MODE": "model",
     }
     if secret:  # else the first replica generates one into the database and the others read it
         settings["APPRENTICE_TELEGRAM_WEBHOOK_SECRET"] = secret

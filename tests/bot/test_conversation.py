@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -203,3 +204,21 @@ async def test_the_extract_mode_answers_from_the_document_without_the_model(
     [out] = await service.handle(msg("Can I pay with PayPal?"))
     assert "PayPal" in out.text and "(From: Payment options)" in out.text
     assert model.prompts == []
+
+
+async def test_a_reply_stopped_by_the_token_cap_ends_on_its_last_full_sentence(
+    tmp_path: Path, demo_kb: KnowledgeBase
+) -> None:
+    class CappedModel(ScriptedModel):
+        async def generate(self, messages, max_new_tokens=None):  # type: ignore[no-untyped-def]
+            gen = await super().generate(messages, max_new_tokens)
+            return dataclasses.replace(gen, new_tokens=max_new_tokens or 0)  # used the whole budget
+
+    settings = Settings(data_dir=tmp_path, answer_mode="model", max_new_tokens=40)
+    model = CappedModel()
+    service = ConversationService(settings, Store(settings.database), demo_kb, model)
+    model.enqueue("You can pay with PayPal.\n1. Open the checkout.\n2. Choose PayPal.\n3. You can", "Yes")
+    [out] = await service.handle(msg("Can I pay with PayPal?"))
+    assert out.text == "You can pay with PayPal.\n1. Open the checkout.\n2. Choose PayPal."
+    [out] = await service.handle(msg("And by card?"))
+    assert out.text == "Yes"  # a short fragment is the whole reply: nothing to cut back to
