@@ -10,11 +10,12 @@ cut mid-list by the token cap, and simply pasting the best passage scores better
 2. `finish`: the reply ends on a sentence boundary; a trailing fragment or an unfinished list item
    is dropped, never sent.
 3. `ground`: every sentence of the reply must be supported by the passages (`supported`). A reply
-   with an unsupported sentence, an off-role reply (refuses, talks about being an assistant, writes
-   a reply about a reply) or an empty one is not sent: the customer gets `cite`, the best passage's
-   relevant sentences under the document's title, and staff get a flag. (Dropping only the
-   unsupported sentences was measured too: what the model had left scored 0.42 against 0.60 for the
-   extract on the same questions; one invented sentence says the rest is not to be trusted.)
+   with an unsupported sentence, an off-role one (refuses, talks about being an assistant, writes a
+   reply about a reply), an empty one or one that only restates the question is not sent: the
+   customer gets `cite`, the best passage's relevant sentences under the document's title, and
+   staff get a flag. (Dropping only the unsupported sentences was measured too: what the model had
+   left scored 0.42 against 0.60 for the extract on the same questions; one invented sentence says
+   the rest is not to be trusted.)
 """
 
 from __future__ import annotations
@@ -46,6 +47,9 @@ EXTRACT_CHARS = 800
 SUPPORT = 0.6
 COVERAGE = 0.75
 PHRASES = 0.5
+# A reply that adds fewer content words than this to the question's own only restates it ("Yes, you
+# can check the Internet connection set up over IPv6."): it tells the customer nothing.
+MIN_NEW_WORDS = 3
 # A grounded reply shorter than this (characters) is not worth sending on its own.
 MIN_ANSWER_CHARS = 24
 
@@ -164,7 +168,7 @@ def finish(text: str) -> str:
     return "\n".join(lines).strip() or (last.strip() if not _LIST_ITEM.match(last) else "")
 
 
-def _cosines(left: Sequence[str], right: Sequence[str]) -> list[list[float]]:
+def cosines(left: Sequence[str], right: Sequence[str]) -> list[list[float]]:
     """MiniLM cosine of every left text to every right text."""
     from knowledge.embed import embed
 
@@ -193,7 +197,7 @@ def focus(
     flat = [(i, j, u.text) for i in docs for j, u in enumerate(split[i])]
     if not flat:
         return list(passages)
-    sims = _cosines([question], [s for _, _, s in flat])[0]
+    sims = cosines([question], [s for _, _, s in flat])[0]
     order = sorted(range(len(flat)), key=lambda n: -(sims[n] + (0.05 if flat[n][0] == docs[0] else 0.0)))
     chosen: set[tuple[int, int]] = set()
     used = 0
@@ -229,7 +233,7 @@ def extract(question: str, passage: Passage) -> str:
         units = units[1:]  # the tail of a sentence the chunk overlap cut in half
     kept: list[_Unit] = units
     if len(_join(units)) > EXTRACT_CHARS:
-        sims = _cosines([question], [u.text for u in units])[0]
+        sims = cosines([question], [u.text for u in units])[0]
         width = min(EXTRACT_WINDOW, len(units))
         start = max(range(len(units) - width + 1), key=lambda k: sum(sims[k : k + width]))
         kept = []
@@ -277,7 +281,7 @@ class Grounded:
 
     text: str
     fallback: bool  # the model's reply was replaced by an extract of the best passage
-    reason: str  # why it fell back: off-role, unsupported, empty ("" when it did not)
+    reason: str  # why it fell back: off-role, empty, restates the question, unsupported ("" if not)
     unsupported: int  # sentences of the model's reply no passage supports
     sentences: int
 
@@ -299,13 +303,15 @@ def ground(question: str, reply: str, passages: Sequence[Passage]) -> Grounded:
         reason = "off-role"
     elif len(text) < MIN_ANSWER_CHARS:
         reason = "empty"
+    elif len(set(tokenize(text)) - set(tokenize(question))) < MIN_NEW_WORDS:
+        reason = "restates the question"
     else:
         evidence = [s for p in evidence_passages for s in sentences(p.text)]
         tokens = [tokenize(e) for e in evidence]
         vocabulary = {t for words in tokens for t in words}
         phrases = {pair for words in tokens for pair in itertools.pairwise(words)}
         figures = {n for e in evidence for n in _NUMBER.findall(e)}
-        sims = _cosines(said, evidence)
+        sims = cosines(said, evidence)
         unsupported = sum(
             not supported(s, max(row, default=0.0), vocabulary, phrases, figures)
             for s, row in zip(said, sims, strict=True)

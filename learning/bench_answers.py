@@ -37,7 +37,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from learning.bench_loop import CHANNEL, ServingPath, _make_service, bench_settings, load_questions
+from learning.bench_loop import (
+    CHANNEL,
+    ServingPath,
+    bench_runtime,
+    bench_settings,
+    load_questions,
+    make_service,
+)
 from learning.bench_speed import percentiles
 
 if TYPE_CHECKING:
@@ -70,25 +77,25 @@ def pick(rows: Sequence[dict[str, Any]], limit: int | None, seed: int) -> list[d
 
 def reference_extract(question: str, passage: Passage, n: int = EXTRACT_SENTENCES) -> str:
     """The n sentences of the passage closest to the question by MiniLM cosine, in document order."""
-    from learning.answer import _cosines, sentences
+    from learning.answer import cosines, sentences
 
     sents = sentences(passage.text)
     if len(sents) <= n:
         return " ".join(sents)
-    sims = _cosines([question], sents)[0]
+    sims = cosines([question], sents)[0]
     best = sorted(sorted(range(len(sents)), key=lambda j: -sims[j])[:n])
     return " ".join(sents[j] for j in best)
 
 
 def unsupported_sentences(answer: str, passages: Sequence[Passage]) -> tuple[int, int]:
     """(unsupported, total) sentences of the answer: best cosine to a passage sentence < SUPPORT."""
-    from learning.answer import SUPPORT, _cosines, body, sentences
+    from learning.answer import SUPPORT, body, cosines, sentences
 
     said = sentences(body(answer))
     evidence = [s for p in passages for s in sentences(p.text)]
     if not said:
         return 0, 0
-    sims = _cosines(said, evidence)
+    sims = cosines(said, evidence)
     return sum(max(row, default=0.0) < SUPPORT for row in sims), len(said)
 
 
@@ -138,7 +145,6 @@ async def _run(
     from knowledge.retrieve import KnowledgeBase
     from knowledge.store import Store
     from learning.answer import off_role, truncated
-    from learning.bench_loop import _runtime
     from learning.evaluate import score_pairs
 
     started = time.perf_counter()
@@ -148,10 +154,10 @@ async def _run(
     runtime: Any = None
     try:
         await asyncio.to_thread(kb.ingest, [kb_dir])
-        runtime = await asyncio.to_thread(_runtime, settings)
+        runtime = await asyncio.to_thread(bench_runtime, settings)
         if adapter is not None:
             await asyncio.to_thread(runtime.set_adapter, *adapter)
-        service = _make_service(serving, settings, store, kb, runtime)
+        service = make_service(serving, settings, store, kb, runtime)
         gate = asyncio.Semaphore(opts.concurrency or settings.max_batch)
         log.warning("answers bench: %d questions, answer mode %s", len(rows), settings.answer_mode)
 

@@ -212,13 +212,13 @@ def bench_settings(
     return Settings(**values)
 
 
-def _runtime(settings: Settings) -> LocalRuntime:
+def bench_runtime(settings: Settings) -> LocalRuntime:
     from learning.runtime import LocalRuntime
 
     return LocalRuntime.from_settings(settings, max_queue=max(settings.max_queue, 256), timeout_s=3600.0)
 
 
-def _make_service(serving: ServingPath, settings: Settings, store: Any, kb: Any, runtime: Any) -> Any:
+def make_service(serving: ServingPath, settings: Settings, store: Any, kb: Any, runtime: Any) -> Any:
     service = serving.service(settings, store, kb, runtime)
     collector = _Collector()
     service.reviewers.append(collector)
@@ -392,11 +392,11 @@ async def _run(
         ingest = await asyncio.to_thread(kb.ingest, [Path(kb_dir)])
         walls["ingest"] = round(time.perf_counter() - t, 1)
         log.warning("loop bench: ingested %d chunks; loading %s", kb.count(), settings.model)
-        runtime = await asyncio.to_thread(_runtime, settings)
+        runtime = await asyncio.to_thread(bench_runtime, settings)
         width = opts.concurrency or settings.max_batch
-        front = _make_service(serving, settings, store, kb, runtime)
-        with_memory = _make_service(serving, settings, scratch, kb, runtime)
-        without_memory = _make_service(serving, no_memory, scratch, kb, runtime)
+        front = make_service(serving, settings, store, kb, runtime)
+        with_memory = make_service(serving, settings, scratch, kb, runtime)
+        without_memory = make_service(serving, no_memory, scratch, kb, runtime)
         asked = [*sel.heldout, *sel.control]
         answers: dict[str, list[Any]] = {}
         stage_latency: dict[str, dict[str, float]] = {}

@@ -160,10 +160,15 @@ async def test_chats_are_served_concurrently(flow) -> None:
 # --- what the customer reads (answer modes) ---------------------------------------------------------
 
 
-async def test_an_invented_answer_never_reaches_the_customer(tmp_path: Path, demo_kb: KnowledgeBase) -> None:
-    settings = Settings(data_dir=tmp_path, answer_mode="grounded")
+def in_mode(tmp_path: Path, kb: KnowledgeBase, mode: str) -> tuple[ConversationService, ScriptedModel]:
+    """The flow in one answer mode, with a scripted model."""
+    settings = Settings(data_dir=tmp_path, answer_mode=mode)
     model = ScriptedModel()
-    service = ConversationService(settings, Store(settings.database), demo_kb, model)
+    return ConversationService(settings, Store(settings.database), kb, model), model
+
+
+async def test_an_invented_answer_never_reaches_the_customer(tmp_path: Path, demo_kb: KnowledgeBase) -> None:
+    service, model = in_mode(tmp_path, demo_kb, "grounded")
     reviewed: list = []
 
     class Staff:
@@ -186,9 +191,7 @@ async def test_an_invented_answer_never_reaches_the_customer(tmp_path: Path, dem
 async def test_an_answer_in_the_documents_words_is_sent_as_the_model_wrote_it(
     tmp_path: Path, demo_kb: KnowledgeBase
 ) -> None:
-    settings = Settings(data_dir=tmp_path, answer_mode="grounded")
-    model = ScriptedModel()
-    service = ConversationService(settings, Store(settings.database), demo_kb, model)
+    service, model = in_mode(tmp_path, demo_kb, "grounded")
     model.enqueue("Frames: lifetime warranty for the original owner. Paint and decals: 1 year. And the")
     [out] = await service.handle(msg("How long is the warranty?"))
     assert out.text == "Frames: lifetime warranty for the original owner. Paint and decals: 1 year."
@@ -198,9 +201,7 @@ async def test_an_answer_in_the_documents_words_is_sent_as_the_model_wrote_it(
 async def test_the_extract_mode_answers_from_the_document_without_the_model(
     tmp_path: Path, demo_kb: KnowledgeBase
 ) -> None:
-    settings = Settings(data_dir=tmp_path, answer_mode="extract")
-    model = ScriptedModel()
-    service = ConversationService(settings, Store(settings.database), demo_kb, model)
+    service, model = in_mode(tmp_path, demo_kb, "extract")
     [out] = await service.handle(msg("Can I pay with PayPal?"))
     assert "PayPal" in out.text and "(From: Payment options)" in out.text
     assert model.prompts == []

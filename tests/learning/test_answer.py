@@ -131,3 +131,9 @@ def test_a_staff_correction_supports_what_the_model_learned_from_it() -> None:
     reply = "Yes, we ship bikes to Hawaii by sea freight; it takes 9 business days."
     assert not ground("Do you ship to Hawaii?", reply, [WARRANTY, corr]).fallback
     assert ground("Do you ship to Hawaii?", reply, [WARRANTY]).fallback
+
+
+def test_a_reply_that_only_restates_the_question_is_replaced() -> None:
+    question = "Can I pay with PayPal at the store?"
+    g = ground(question, "Yes, you can pay with PayPal at the store.", [PAYMENTS])
+    assert g.fallback and g.reason == "restates the question" and "Google Pay" in g.text
