@@ -338,7 +338,7 @@ class ConversationService:
         corrections of similar questions count as evidence even below the memory threshold: they
         are what a retrained adapter learned from.
         """
-        if self.settings.answer_mode == "model" or not reply:
+        if self.settings.answer_mode == "model":
             return (finish(reply) if cut else reply), ""
         known = {p.correction_id for p in passages if p.kind == "correction"}
         lessons = [

@@ -118,11 +118,14 @@ def _passage_units(text: str) -> list[_Unit]:
 
 
 def _join(units: Sequence[_Unit]) -> str:
-    """Units back into text: a unit that started a line (a list item) starts one again."""
+    """Units back into text: a list item, and the line after a list, start a line again."""
     out = ""
+    in_list = False
     for u in units:
-        sep = "" if not out else ("\n" if u.line_start and _LIST_ITEM.match(u.text) else " ")
+        item = u.line_start and bool(_LIST_ITEM.match(u.text))
+        sep = "" if not out else ("\n" if u.line_start and (item or in_list) else " ")
         out += sep + u.text
+        in_list = item or (in_list and not u.line_start)
     return out
 
 

@@ -137,3 +137,8 @@ def test_a_reply_that_only_restates_the_question_is_replaced() -> None:
     question = "Can I pay with PayPal at the store?"
     g = ground(question, "Yes, you can pay with PayPal at the store.", [PAYMENTS])
     assert g.fallback and g.reason == "restates the question" and "Google Pay" in g.text
+
+
+def test_an_extract_keeps_the_documents_list_and_the_paragraph_after_it_on_their_own_lines() -> None:
+    text = extract("How long is the warranty?", WARRANTY)
+    assert "\n- Paint and decals: 1 year.\nThe warranty does not cover" in text
