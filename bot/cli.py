@@ -114,10 +114,17 @@ def cmd_bench_answers(args: argparse.Namespace) -> int:
     options = AnswersOptions(
         limit=args.limit, seed=args.seed, model=args.model, adapter=args.adapter, concurrency=args.concurrency
     )
-    report = run_answers_bench(
-        _settings(), Path(args.kb), Path(args.questions), Path(args.out),
-        ServingPath(ConversationService, Inbound), options,
-    )  # fmt: skip
+    if not Path(args.kb).is_dir():
+        print(f"No folder {args.kb}: --kb takes a folder of documents.", file=sys.stderr)
+        return 2
+    try:
+        report = run_answers_bench(
+            _settings(), Path(args.kb), Path(args.questions), Path(args.out),
+            ServingPath(ConversationService, Inbound), options,
+        )  # fmt: skip
+    except (OSError, ValueError) as exc:  # a missing or malformed questions file, an unknown adapter
+        print(f"bench answers: {exc}", file=sys.stderr)
+        return 2
     keys = ("questions", "answer_mode", "score", "reference_scores", "ratio_vs_passage", "truncated",
             "off_role", "unsupported", "abstained", "fallback", "words_p50", "latency_s")  # fmt: skip
     print(json.dumps({k: report[k] for k in keys}, indent=2))

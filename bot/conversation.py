@@ -285,8 +285,9 @@ class ConversationService:
             model, grounding = "extract", "extract"
         else:
             history = await asyncio.to_thread(self._history, conv.id, question_id)
-            messages = await asyncio.to_thread(answer_messages, self.settings, text, retrieval.all, history)
             try:
+                prompt = (self.settings, text, retrieval.all, history)
+                messages = await asyncio.to_thread(answer_messages, *prompt)
                 gen = await self.generator.generate(messages, self.settings.max_new_tokens)
                 # model text is untrusted too: no control characters or lone surrogates into the store
                 generated, model, adapter = clean_text(gen.text), gen.model, gen.adapter_version

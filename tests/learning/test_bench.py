@@ -216,3 +216,18 @@ def test_answers_bench_writes_the_report(
     all_ids = [json.loads(x)["id"] for x in questions.read_text().splitlines()]
     assert asked == {r["id"] for r in pick([{"id": i} for i in all_ids], 4, seed=2)}
     assert (out / "report.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_answers_bench_says_what_is_wrong_with_its_input(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from bot.cli import main
+
+    questions = tmp_path / "questions.jsonl"
+    questions.write_text('{"id": "q1", "question": "Where?"}\n')
+    out = str(tmp_path / "out")
+    args = ["bench", "answers", "--kb", str(tmp_path), "--questions", str(questions), "--out", out]
+    assert main(args) == 2
+    assert "missing answer, group" in capsys.readouterr().err
+    assert main([*args[:2], "--kb", str(tmp_path / "nowhere"), *args[4:]]) == 2
+    assert "--kb takes a folder" in capsys.readouterr().err
