@@ -112,7 +112,8 @@ class Settings(BaseSettings):
             "grounded: the model answers from the passage sentences closest to the question; a reply "
             "with a sentence or figure the passages do not support, or an off-role one, is replaced by "
             "the best passage's relevant sentences and its title, and flagged for staff. extract: those "
-            "sentences, no model. model: the reply as generated, cut at its last full sentence. "
+            "sentences, no model. model: the reply as generated (cut at its last full sentence when "
+            "the token cap stopped it). "
             "docs/answers.md has the measurements."
         ),
     )

@@ -41,9 +41,9 @@ EXTRACT_CHARS = 800
 # A reply sentence is supported when its best MiniLM cosine to a passage sentence reaches SUPPORT,
 # at least COVERAGE of its content words (BM25's tokens) occur in the passages, and at least
 # PHRASES of its pairs of consecutive content words do too, and every number in it occurs in the
-# passages. The cosine alone lets invented steps
-# through ("Open the Time menu in the System tab"): they share the topic and most single words with
-# the passages, but not the phrases. docs/answers.md gives the measurements behind the numbers.
+# passages. The cosine alone lets invented steps through ("Open the Time menu in the System tab"):
+# they share the topic and most single words with the passages, but not the phrases.
+# docs/answers.md gives the measurements behind the numbers.
 SUPPORT = 0.6
 COVERAGE = 0.75
 PHRASES = 0.5
@@ -286,7 +286,6 @@ class Grounded:
     fallback: bool  # the model's reply was replaced by an extract of the best passage
     reason: str  # why it fell back: off-role, empty, restates the question, unsupported ("" if not)
     unsupported: int  # sentences of the model's reply no passage supports
-    sentences: int
 
 
 def ground(question: str, reply: str, passages: Sequence[Passage]) -> Grounded:
@@ -300,7 +299,7 @@ def ground(question: str, reply: str, passages: Sequence[Passage]) -> Grounded:
     text = finish(reply)
     said = sentences(text)
     if not evidence_passages:
-        return Grounded(text, False, "", 0, len(said))
+        return Grounded(text, False, "", 0)
     unsupported = 0
     if off_role(reply):
         reason = "off-role"
@@ -321,6 +320,6 @@ def ground(question: str, reply: str, passages: Sequence[Passage]) -> Grounded:
         )
         reason = "unsupported" if unsupported else ""
     if not reason:
-        return Grounded(text, False, "", 0, len(said))
+        return Grounded(text, False, "", 0)
     documents = [p for p in evidence_passages if p.kind != "correction"]
-    return Grounded(cite(question, (documents or evidence_passages)[0]), True, reason, unsupported, len(said))
+    return Grounded(cite(question, (documents or evidence_passages)[0]), True, reason, unsupported)

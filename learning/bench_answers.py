@@ -211,7 +211,7 @@ async def _run(
         records.append({
             "id": r["id"], "question": r["question"], "reference": r["answer"], "answer": t,
             "status": a.status if a is not None else "none",
-            "grounding": getattr(a, "grounding", "") if a is not None else "",
+            "grounding": a.grounding if a is not None else "",
             "sources": [{"title": x.title, "text": x.text, "score": round(x.score, 4)} for x in p],
             "score": s["score"], "f1": s["f1"], "cosine": s["cosine"],
             "unsupported_sentences": uns, "sentences": tot,
