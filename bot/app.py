@@ -10,7 +10,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
+import stat
+import sys
 from types import TracebackType
 from typing import Any, Protocol
 
@@ -19,7 +22,7 @@ from bot.http import HttpServer
 from bot.logsafe import quiet_http_clients
 from bot.metrics import serve_operations
 from knowledge.retrieve import KnowledgeBase
-from knowledge.settings import Settings
+from knowledge.settings import ConfigError, Settings
 from knowledge.store import Store
 from learning.registry import AdapterWatcher
 from learning.runtime import Generator, build_runtime
@@ -48,6 +51,7 @@ class App:
         self.generator: Generator
         self.service: ConversationService
         self.channels: list[Channel] = []
+        self.failure: asyncio.Future[str] | None = None  # set by a channel that cannot go on
         self.http = HttpServer(settings.http_host, settings.http_port)
         quiet_http_clients()  # httpx logs request URLs, and Telegram's carry the bot token
 
@@ -64,8 +68,14 @@ class App:
     ) -> None:
         await self._stack.aclose()
 
+    def fail(self, reason: str) -> None:
+        """A channel cannot go on: `serve` stops the process with `reason` (one line, exit 2)."""
+        if self.failure is not None and not self.failure.done():
+            self.failure.set_result(reason)
+
     async def _start(self) -> None:
         s = self.settings
+        self.failure = asyncio.get_running_loop().create_future()
         s.data_dir.mkdir(parents=True, exist_ok=True)
         self.store = await asyncio.to_thread(Store, s.database)
         self._stack.callback(self.store.close)
@@ -106,7 +116,8 @@ class App:
                 print(format_report(result), flush=True)
 
         scheduler = start_scheduler(self.settings, self.store, self.kb, report)
-        self._stack.callback(scheduler.shutdown, wait=False)
+        if scheduler is not None:  # None: APPRENTICE_RETRAIN_CRON is off in this process
+            self._stack.callback(scheduler.shutdown, wait=False)
 
     async def start_http(self) -> None:
         """Start the HTTP server once every channel has added its routes."""
@@ -114,17 +125,53 @@ class App:
         self._stack.push_async_callback(self.http.stop)
 
 
-async def _wait_for_signal() -> None:
+async def _wait_for_signal(failure: asyncio.Future[str]) -> None:
+    """Return on SIGINT or SIGTERM; raise ConfigError when a channel fails for good first."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    stopped = asyncio.ensure_future(stop.wait())
+    either: list[asyncio.Future[Any]] = [stopped, failure]
+    await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+    stopped.cancel()
+    if failure.done():
+        raise ConfigError(failure.result())
+
+
+def _stdin_can_chat() -> bool:
+    """True when someone can type (a terminal) or input is piped in (a pipe or a file).
+
+    A container, a systemd unit or a Kubernetes pod gives the process /dev/null or nothing: the
+    terminal chat would meet end of input at once, exit 0 and be restarted forever.
+    """
+    try:
+        mode = os.fstat(sys.stdin.fileno()).st_mode
+    except (AttributeError, OSError, ValueError):
+        return False
+    return sys.stdin.isatty() or stat.S_ISFIFO(mode) or stat.S_ISREG(mode)
+
+
+def check_deployment(settings: Settings) -> None:
+    """Refuse, in one line, to start a server that could only fail or serve the wrong documents."""
+    chat = bool(settings.telegram_bot_token.get_secret_value() or settings.slack_bot_token.get_secret_value())
+    if not chat and not _stdin_can_chat():
+        raise ConfigError(
+            "no channel to serve: set TELEGRAM_BOT_TOKEN (customers) and/or SLACK_BOT_TOKEN with "
+            "SLACK_SIGNING_SECRET or SLACK_APP_TOKEN (staff); without them `serve` is a terminal chat, "
+            "which needs a terminal or piped input."
+        )
+    if chat and not settings.kb:
+        raise ConfigError(
+            "APPRENTICE_KB is empty, which means the bundled demo bike shop: set it to the folder of "
+            "your documents (the demo is for the terminal chat only)."
+        )
 
 
 async def serve(settings: Settings) -> int:
     """`apprentice serve`: the channels that are configured, else the terminal chat."""
+    check_deployment(settings)
     async with App(settings) as app:
         # Each chat service starts only when its token is set; see README "Connecting Telegram/Slack".
         # Staff's channel first: Telegram hands in the updates a killed process left as soon as it
@@ -136,12 +183,15 @@ async def serve(settings: Settings) -> int:
         if settings.telegram_bot_token.get_secret_value():
             from bot.channels.telegram import TelegramChannel
 
-            await app.add_channel(TelegramChannel(settings, app.service, app.store, app.http))
+            await app.add_channel(
+                TelegramChannel(settings, app.service, app.store, app.http, on_fatal=app.fail)
+            )
         app.start_scheduler()
         if not app.channels:
             from bot.channels.terminal import TerminalChannel
 
             return await TerminalChannel(app.service).run()
         await app.start_http()
-        await _wait_for_signal()
+        assert app.failure is not None
+        await _wait_for_signal(app.failure)
     return 0

@@ -24,12 +24,39 @@ def _settings() -> Settings:
     return Settings()
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.WARNING),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def _setup_logging(level: str, fmt: str = "text") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":  # one JSON object a line, for log shippers (Loki, Elasticsearch, CloudWatch)
+        from pythonjsonlogger.json import JsonFormatter
+
+        renamed = {"levelname": "level", "name": "logger"}
+        handler.setFormatter(JsonFormatter(LOG_FORMAT, rename_fields=renamed))
+    else:
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.WARNING), handlers=[handler])
+
+
+def _settings_problems(exc: Exception) -> str:
+    """A pydantic ValidationError as lines naming the environment variable, not the field."""
+    from pydantic import ValidationError
+
+    from knowledge.settings import Settings, env_name
+
+    if not isinstance(exc, ValidationError):
+        return str(exc)
+    lines = []
+    for error in exc.errors():
+        field = str(error["loc"][0]) if error["loc"] else ""
+        if field in Settings.model_fields:
+            secret = "token" in field or "secret" in field or "key" in field
+            shown = "" if secret else f" (got {error.get('input')!r})"
+            lines.append(f"{env_name(field)}: {error['msg']}{shown}")
+        else:
+            lines.append(str(error["msg"]))
+    return "\n".join(lines)
 
 
 # --- serve -------------------------------------------------------------------------
@@ -65,6 +92,37 @@ def cmd_kb_search(args: argparse.Namespace) -> int:
     for p in passages:
         snippet = " ".join(p.text.split())[:160]
         print(f"{p.score:.3f}  {p.title}  [{p.source}]\n       {snippet}")
+    return 0
+
+
+def cmd_kb_list(args: argparse.Namespace) -> int:
+    from knowledge.retrieve import KnowledgeBase
+
+    kb = KnowledgeBase.from_settings(_settings())
+    try:
+        docs = kb.documents()
+    finally:
+        kb.close()
+    if not docs:
+        print("The knowledge base is empty. Add documents: apprentice kb ingest PATH")
+    for d in docs:
+        print(f"{d.chunks:5d} chunks  {d.source}  ({d.title})")
+    return 0
+
+
+def cmd_kb_rm(args: argparse.Namespace) -> int:
+    from knowledge.retrieve import KnowledgeBase
+
+    kb = KnowledgeBase.from_settings(_settings())
+    try:
+        gone = kb.remove(args.names)
+    finally:
+        kb.close()
+    for d in gone:
+        print(f"removed {d.source} ({d.chunks} chunks)")
+    if not gone:
+        print("No document matched; `apprentice kb list` shows their names.", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -239,11 +297,21 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     return retrain(_settings(), args)
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("apprentice")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="apprentice",
         description="A customer-support bot that learns from the people who correct it.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(
@@ -267,6 +335,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("search", cmd_kb_search, "Show the passages retrieved for a query.", kb)
     p.add_argument("query")
     p.add_argument("-k", type=int, default=5, help="How many passages (default 5).")
+    add("list", cmd_kb_list, "List the ingested documents and their chunk counts.", kb)
+    p = add("rm", cmd_kb_rm, "Remove documents by the name `kb list` shows, or a whole folder.", kb)
+    p.add_argument("names", nargs="+", help="Document names (as in `kb list`) or folder names.")
 
     bench = sub.add_parser("bench", help="Benchmarks that write JSON and a PNG chart.").add_subparsers(
         dest="bench_command", required=True
@@ -361,22 +432,26 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from knowledge.settings import Settings
+    from knowledge.settings import ConfigError, Settings
 
     try:
         settings = Settings()
     except Exception as exc:  # pydantic ValidationError: say which variable is wrong
         print(
-            f"Configuration error: {exc}\nCheck your APPRENTICE_* environment variables or .env.",
+            f"Configuration error:\n{_settings_problems(exc)}\n"
+            "Fix these environment variables (or the .env file in this folder).",
             file=sys.stderr,
         )
         return 2
-    _setup_logging(settings.log_level)
+    _setup_logging(settings.log_level, settings.log_format)
     from bot.logsafe import install
 
     install(settings)  # no tokens in request logs or exception text
     try:
         return int(args.func(args) or 0)
+    except ConfigError as exc:  # a setting stops this command: one line, no traceback
+        print(f"apprentice: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
 

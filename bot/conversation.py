@@ -149,11 +149,11 @@ class ConversationService:
         inbound = _safe_ids(inbound)
         key = (inbound.channel, inbound.chat_id)
         lock = self._chat_locks.setdefault(key, asyncio.Lock())
-        METRICS.messages_in.inc(channel=inbound.channel)
+        METRICS.messages_in.labels(channel=inbound.channel).inc()
         async with lock:
             outs = await self._handle(inbound)
         for out in outs:
-            METRICS.messages_out.inc(channel=inbound.channel, kind=out.kind)
+            METRICS.messages_out.labels(channel=inbound.channel, kind=out.kind).inc()
         return outs
 
     async def give_up(self, inbound: Inbound, why: str) -> list[Outbound]:
@@ -175,7 +175,7 @@ class ConversationService:
             out = await self._notice(conv, APOLOGY, q)
             await asyncio.to_thread(self.store.set_flagged, conv.id, True)
             await self._each_reviewer("customer_flag", conv, None, why)
-            METRICS.messages_out.inc(channel=inbound.channel, kind=out.kind)
+            METRICS.messages_out.labels(channel=inbound.channel, kind=out.kind).inc()
             return [out]
 
     async def _conversation(self, inbound: Inbound) -> tuple[Conversation, Message | None]:
@@ -310,7 +310,7 @@ class ConversationService:
                 log.warning("output guard blocked a reply in conversation %s: %s", conv.id, verdict.reason)
                 reply, status, flagged = BLOCKED, "blocked", True
         latency_ms = (time.perf_counter() - started) * 1000
-        METRICS.answer_latency.observe(latency_ms / 1000, status=status)
+        METRICS.answer_latency.labels(status=status).observe(latency_ms / 1000)
         sources = [p.as_dict() for p in retrieval.all]
         mid = await self._save(
             conv.id,
@@ -405,7 +405,7 @@ class ConversationService:
         created = await asyncio.to_thread(self.store.add_feedback, message_id, "up" if up else "down", actor)
         if not created:
             return None
-        METRICS.feedback.inc(kind="up" if up else "down")
+        METRICS.feedback.labels(kind="up" if up else "down").inc()
         if not up:
             conv = await asyncio.to_thread(self.store.conversation, msg.conversation_id)
             await asyncio.to_thread(self.store.set_flagged, msg.conversation_id, True)
@@ -506,7 +506,7 @@ class ConversationService:
             raise ValueError("kind must be approve or flag")
         created = await asyncio.to_thread(self.store.add_feedback, message_id, kind, staff, reason)
         if created:
-            METRICS.feedback.inc(kind=kind)
+            METRICS.feedback.labels(kind=kind).inc()
             await asyncio.to_thread(
                 self.store.audit, staff, kind, f"message:{message_id}", {}, {"reason": reason}
             )
@@ -568,7 +568,7 @@ class ConversationService:
             return False
         try:
             await send(conv, out)
-            METRICS.messages_out.inc(channel=conv.channel, kind=out.kind)
+            METRICS.messages_out.labels(channel=conv.channel, kind=out.kind).inc()
             return True
         except Exception:
             log.exception("delivery to %s failed; message %s kept in the store", conv.channel, out.message_id)

@@ -17,7 +17,6 @@ log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Check = Callable[[], Awaitable[bool]]
 READY_TIMEOUT_S = 5.0
-METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class HttpServer:
@@ -29,7 +28,8 @@ class HttpServer:
         self._runner: web.AppRunner | None = None
         # /readyz runs every check (database, vector store, model); the App fills these in.
         self.ready_checks: dict[str, Check] = {}
-        self.metrics_text: Callable[[], Awaitable[str]] | None = None
+        # /metrics: the body and its content type (bot/metrics.py, prometheus_client)
+        self.metrics_page: Callable[[], Awaitable[tuple[bytes, str]]] | None = None
         self.add_route("GET", "/healthz", self._healthz)
         self.add_route("GET", "/readyz", self._readyz)
         self.add_route("GET", "/metrics", self._metrics)
@@ -59,10 +59,10 @@ class HttpServer:
         )
 
     async def _metrics(self, request: web.Request) -> web.Response:
-        if self.metrics_text is None:
+        if self.metrics_page is None:
             return web.Response(status=404, text="metrics are not enabled")
-        body = await self.metrics_text()
-        return web.Response(body=body.encode(), headers={"Content-Type": METRICS_CONTENT_TYPE})
+        body, content_type = await self.metrics_page()
+        return web.Response(body=body, headers={"Content-Type": content_type})
 
     async def start(self) -> None:
         self._runner = web.AppRunner(self.app, access_log=None)

@@ -328,6 +328,43 @@ def _stored_documents(col: Any) -> dict[str, tuple[str, str]]:
     return docs
 
 
+@dataclass(frozen=True)
+class StoredDocument:
+    """One ingested file, as `apprentice kb list` shows it."""
+
+    path: str
+    source: str
+    title: str
+    chunks: int
+
+
+def stored(col: Any) -> list[StoredDocument]:
+    """Every document in the collection, by source name."""
+    found: dict[str, list[Any]] = {}
+    for hit in vectors.get(col, with_text=False):
+        found.setdefault(str(hit.metadata.get("doc", "")), []).append(hit.metadata)
+    out = [
+        StoredDocument(path=doc, source=str(metas[0].get("source", "")),
+                       title=str(metas[0].get("title", "")), chunks=len(metas))
+        for doc, metas in found.items()
+    ]  # fmt: skip
+    return sorted(out, key=lambda d: d.source)
+
+
+def remove(col: Any, names: Sequence[str]) -> list[StoredDocument]:
+    """Delete the documents whose source name or path is in `names`; returns what went.
+
+    A folder name removes every document under it, so `kb rm old-manuals/` empties that folder.
+    """
+    wanted = [n.rstrip("/") for n in names if n.strip("/")]
+    gone = []
+    for doc in stored(col):
+        if any(n in (doc.source, doc.path) or doc.source.startswith(n + "/") for n in wanted):
+            vectors.delete(col, where={"doc": doc.path})
+            gone.append(doc)
+    return gone
+
+
 def ingest(col: Any, paths: Sequence[Path], prune: bool = False, progress: bool = False) -> IngestReport:
     """Bring the collection in line with the files under `paths` (see module docstring)."""
     from tqdm import tqdm

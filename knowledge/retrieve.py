@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from knowledge import embed, vectors
 from knowledge.bm25 import BM25
-from knowledge.ingest import IngestReport, ingest
+from knowledge.ingest import IngestReport, StoredDocument, ingest, remove, stored
 from knowledge.passages import Passage, Retrieval
 
 if TYPE_CHECKING:
@@ -155,6 +155,18 @@ class KnowledgeBase:
             paths = [Path(paths)]
         try:
             return ingest(self._docs, [Path(p) for p in paths], prune=prune, progress=progress)
+        finally:
+            with self._lock:
+                self._index = None
+
+    def documents(self) -> list[StoredDocument]:
+        """The ingested documents (`apprentice kb list`)."""
+        return stored(self._docs)
+
+    def remove(self, names: Sequence[str]) -> list[StoredDocument]:
+        """Delete documents by source name, path or folder (`apprentice kb rm`)."""
+        try:
+            return remove(self._docs, names)
         finally:
             with self._lock:
                 self._index = None

@@ -14,7 +14,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, SecretStr
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_SYSTEM_PROMPT = (
@@ -25,6 +25,13 @@ DEFAULT_SYSTEM_PROMPT = (
 )
 
 BUNDLED_MODEL = "SmolLM2-135M-Instruct"
+
+
+class ConfigError(RuntimeError):
+    """A setting (or its absence) stops this command; the message names the variable and the fix.
+
+    `apprentice` prints it as one line and exits 2, without a traceback.
+    """
 
 
 def _token(name: str, help_: str) -> SecretStr:
@@ -46,7 +53,11 @@ class Settings(BaseSettings):
         "", description="SQLAlchemy URL. Empty: SQLite in the data dir. PostgreSQL: postgresql+psycopg://..."
     )
     chroma_url: str = Field("", description="Chroma server URL (http://host:port). Empty: embedded Chroma.")
-    kb: str = Field("", description="Folder ingested at start-up. Empty: the bundled demo knowledge base.")
+    kb: str = Field(
+        "",
+        description="Folder of the business's documents, ingested at start-up (unchanged files are skipped). "
+        "Empty: the bundled demo shop, for the terminal chat only; Telegram and Slack refuse to start.",
+    )
 
     # --- the model ----------------------------------------------------------
     model: str = Field(
@@ -79,6 +90,9 @@ class Settings(BaseSettings):
     )
     llm_url: str = Field(
         "", description="OpenAI-compatible server (e.g. vLLM with --enable-lora). Empty: in-process runtime."
+    )
+    llm_api_key: SecretStr = Field(
+        SecretStr(""), description="API key of the model server (vLLM's --api-key), sent as a Bearer token."
     )
     llm_timeout_s: float = Field(60.0, description="Timeout of one generation, in seconds.")
     llm_retries: int = Field(
@@ -144,6 +158,12 @@ class Settings(BaseSettings):
     )
     slack_api_url: str = Field("https://slack.com/api/", description="Slack Web API base URL.")
     slack_channel: str = Field("", description="Slack channel ID where review cards are posted.")
+    slack_digest_after_s: float = Field(
+        30.0,
+        description="Slack posts about one message a second per channel: once an unflagged answer's card "
+        "has waited this long, every unflagged card still waiting is folded into digest messages, one "
+        "line per answer (flagged answers always get their own card). 0: never fold.",
+    )
     staff: str = Field(
         "", description="Comma-separated Slack user IDs or one user group ID. Empty: review channel members."
     )
@@ -158,12 +178,22 @@ class Settings(BaseSettings):
 
     # --- learning -----------------------------------------------------------
     adapter_poll_s: float = Field(10.0, description="Seconds between checks for a newly active adapter.")
-    retrain_cron: str = Field("0 3 * * *", description="Cron expression of the nightly learning job.")
+    retrain_cron: str = Field(
+        "0 3 * * *",
+        description="Crontab expression (or @daily, @weekly...) of the in-process nightly learning job. "
+        "Empty or `off`: no nightly job in this process (bot replicas when a separate job trains).",
+    )
+    timezone: str = Field("UTC", description="IANA time zone of APPRENTICE_RETRAIN_CRON, e.g. Europe/Berlin.")
     min_new_examples: int = Field(5, description="The nightly job is skipped with fewer new examples.")
     train_command: str = Field(
         "", description="Command template replacing the local training subprocess ({dataset}, {out})."
     )
-    log_level: str = Field("WARNING", description="Logging level (DEBUG, INFO, WARNING, ERROR).")
+    log_level: str = Field(
+        "WARNING", description="Logging level (DEBUG, INFO, WARNING, ERROR). DEBUG is not for production."
+    )
+    log_format: Literal["text", "json"] = Field(
+        "text", description="Log lines as text, or as one JSON object each for log shippers."
+    )
     golden: str = Field(
         "",
         description=(
@@ -177,6 +207,19 @@ class Settings(BaseSettings):
         "staff member's approval before training uses it (training), before memory and training use it "
         "(all), or never waits (off). See docs/security.md.",
     )
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(
+                f"unknown time zone {value!r}; use an IANA name such as Europe/Berlin or UTC"
+            ) from None
+        return value
 
     @cached_property
     def database(self) -> str:

@@ -25,6 +25,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from knowledge.settings import ConfigError
+
 log = logging.getLogger(__name__)
 
 BUNDLED_MODEL = "SmolLM2-135M-Instruct"
@@ -34,7 +36,7 @@ HASH_CACHE = ".apprentice-sha256.json"
 _TMP_PREFIX = ".converting-"
 
 
-class ModelUnavailable(RuntimeError):
+class ModelUnavailable(ConfigError):
     """The configured model cannot be found locally; the message says how to get it."""
 
 
@@ -83,12 +85,38 @@ def file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def writable(folder: Path) -> bool:
+    """Whether this process may create files in `folder` (or create `folder` itself)."""
+    for candidate in (folder, *folder.resolve().parents):
+        if candidate.exists():
+            return candidate.is_dir() and os.access(candidate, os.W_OK | os.X_OK)
+    return False
+
+
+def export_dirs(models_dir: Path, data_dir: Path) -> tuple[Path, list[Path]]:
+    """Where ONNX exports are written, and the read-only folders searched for finished ones.
+
+    A container image ships the model (and its export) in a folder the non-root user cannot write;
+    new exports (each promoted adapter needs one) then go under the data volume.
+    """
+    shipped = models_dir / "onnx"
+    if writable(models_dir):
+        return shipped, []
+    return data_dir / "models" / "onnx", [shipped]
+
+
 def convert_bundled(models_dir: Path) -> Path:
     """Dequantise the bundled GGUF once into `<models_dir>/SmolLM2-135M-Instruct/`; return that folder."""
     target = models_dir / BUNDLED_MODEL
     if _is_complete(target):
         return target
     gguf = bundled_gguf()
+    if not writable(models_dir):
+        raise ModelUnavailable(
+            f"{BUNDLED_MODEL} is not converted in {models_dir}, and this user cannot write there: point "
+            "APPRENTICE_MODEL_CACHE at a writable folder, or convert it there at build time "
+            "(learning.modelfiles.convert_bundled)."
+        )
     models_dir.mkdir(parents=True, exist_ok=True)
     with file_lock(models_dir / f".{BUNDLED_MODEL}.lock"):
         if _is_complete(target):  # another process finished while we waited for the lock

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from knowledge.models import TrainingRun, utcnow
+from knowledge.settings import ConfigError
 from learning import registry
 from learning.datasets import BuildOptions, build_datasets, count_new_examples, last_promotion
 from learning.evaluate import Gate, evaluate
@@ -303,33 +304,55 @@ def scheduled_slot(trigger: Any, now: dt.datetime | None = None) -> str:
     return (last or now).isoformat(timespec="minutes")
 
 
+# crontab's nicknames, as cron(8) reads them
+NICKNAMES = {
+    "@yearly": "0 0 1 1 *", "@annually": "0 0 1 1 *", "@monthly": "0 0 1 * *",
+    "@weekly": "0 0 * * 0", "@daily": "0 0 * * *", "@midnight": "0 0 * * *", "@hourly": "0 * * * *",
+}  # fmt: skip
+
+
+def nightly_trigger(settings: Settings) -> Any:
+    """The APScheduler trigger of APPRENTICE_RETRAIN_CRON in APPRENTICE_TIMEZONE; None when it is off.
+
+    The expression is read as crontab reads it (weekday 0 and 7 are Sunday, @daily and friends).
+    """
+    from apscheduler.triggers.cron import CronTrigger
+
+    expression = settings.retrain_cron.strip()
+    if expression.lower() in ("", "off"):
+        return None
+    try:
+        minute, hour, day, month, weekday = NICKNAMES.get(expression.lower(), expression).split()
+        return CronTrigger(
+            minute=minute, hour=hour, day=day, month=month, day_of_week=crontab_weekdays(weekday),
+            timezone=settings.timezone,
+        )  # fmt: skip
+    except ValueError as exc:
+        raise ConfigError(
+            f"APPRENTICE_RETRAIN_CRON={settings.retrain_cron!r} is not a crontab expression "
+            "(minute hour day month weekday, e.g. '0 3 * * *', or @daily; empty or off: no nightly job): "
+            f"{exc}"
+        ) from None
+
+
 def start_scheduler(
     settings: Settings,
     store: Store,
     kb: KnowledgeBase | None = None,
     on_report: Callable[[Report], Awaitable[None]] | None = None,
 ) -> Any:
-    """Schedule `run_nightly` on APPRENTICE_RETRAIN_CRON (server time zone); call inside the event loop.
+    """Schedule `run_nightly` on APPRENTICE_RETRAIN_CRON; call inside the event loop.
 
-    The expression is read as crontab reads it (weekday 0 and 7 are Sunday).
-
-    Returns the started APScheduler; stop it with `scheduler.shutdown(wait=False)`. The job runs in
-    a worker thread (training itself is a subprocess), then `on_report(report)` is awaited; without
-    one, the report is printed.
+    Returns the started APScheduler (stop it with `scheduler.shutdown(wait=False)`), or None when
+    the nightly job is off in this process. The job runs in a worker thread (training itself is a
+    subprocess), then `on_report(report)` is awaited; without one, the report is printed.
     """
     from apscheduler.schedulers.asyncio import AsyncIOScheduler
-    from apscheduler.triggers.cron import CronTrigger
 
-    try:
-        minute, hour, day, month, weekday = settings.retrain_cron.split()
-        trigger = CronTrigger(
-            minute=minute, hour=hour, day=day, month=month, day_of_week=crontab_weekdays(weekday)
-        )
-    except ValueError as exc:
-        raise ValueError(
-            f"APPRENTICE_RETRAIN_CRON={settings.retrain_cron!r} is not a crontab expression "
-            f"(minute hour day month weekday, e.g. '0 3 * * *'): {exc}"
-        ) from None
+    trigger = nightly_trigger(settings)
+    if trigger is None:
+        log.info("nightly learning is off here (APPRENTICE_RETRAIN_CRON=%r)", settings.retrain_cron)
+        return None
 
     async def job() -> None:
         # Every replica's scheduler fires for the same slot. The first to claim it in the database runs
@@ -347,7 +370,7 @@ def start_scheduler(
         elif report.get("status") != "skipped":
             print(format_report(report), flush=True)
 
-    scheduler = AsyncIOScheduler()
+    scheduler = AsyncIOScheduler(timezone=settings.timezone)
     scheduler.add_job(
         job, trigger, id=LOCK, name="nightly learning", coalesce=True, max_instances=1,
         misfire_grace_time=6 * 3600, replace_existing=True,

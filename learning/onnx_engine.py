@@ -19,6 +19,7 @@ the nightly gate exports the candidate while it evaluates it, so promotion finds
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -72,20 +73,33 @@ def _is_complete(folder: Path) -> bool:
     return (folder / "genai_config.json").is_file() and (folder / "model.onnx").is_file()
 
 
-def ensure_export(model_path: str, cache_dir: Path, *, pad_token_id: int, adapter: str | None = None) -> Path:
+def ensure_export(
+    model_path: str,
+    cache_dir: Path,
+    *,
+    pad_token_id: int,
+    adapter: str | None = None,
+    prebuilt: Sequence[Path] = (),
+) -> Path:
     """The ONNX folder for `model_path` (+ `adapter` merged in), exporting it the first time.
 
-    Written into a temporary folder and renamed into place under a file lock, so a killed export never
-    leaves a half-written model and two processes never export the same thing at once.
+    `prebuilt` folders are read-only caches searched first (a container image exports the base model
+    at build time). Written into a temporary folder and renamed into place under a file lock, so a
+    killed export never leaves a half-written model and two processes never export the same thing.
     """
     if not Path(model_path).is_dir():
         raise ExportError(
             f"The ONNX engine exports a local model folder; {model_path!r} is not one. Set APPRENTICE_MODEL "
             "to a folder, or APPRENTICE_ENGINE=transformers."
         )
-    target = cache_dir / f"{Path(model_path).name}-{export_key(model_path, adapter, pad_token_id)}"
+    name = f"{Path(model_path).name}-{export_key(model_path, adapter, pad_token_id)}"
+    for shipped in prebuilt:
+        if _is_complete(shipped / name):
+            return shipped / name
+    target = cache_dir / name
     if _is_complete(target):
-        os.utime(target)  # "used now": pruning keeps the recently used exports
+        with contextlib.suppress(OSError):
+            os.utime(target)  # "used now": pruning keeps the recently used exports
         return target
     cache_dir.mkdir(parents=True, exist_ok=True)
     with file_lock(cache_dir / f".{target.name}.lock"):

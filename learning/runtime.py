@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-from learning.modelfiles import offline_by_default, resolve_model
+from learning.modelfiles import export_dirs, offline_by_default, resolve_model
 
 if TYPE_CHECKING:
     from knowledge.settings import Settings
@@ -220,6 +220,7 @@ class LocalRuntime:
         weights: str = "native",
         engine: str = "transformers",
         onnx_cache: str | Path | None = None,
+        onnx_prebuilt: Sequence[Path] = (),
     ) -> None:
         if max_batch < 1 or max_queue < 1 or max_new_tokens < 1:
             raise ValueError("max_batch, max_queue and max_new_tokens must all be at least 1.")
@@ -306,8 +307,11 @@ class LocalRuntime:
             from learning.onnx_engine import OnnxModel, choose_pad, ensure_export
 
             self._onnx_cache = Path(onnx_cache) if onnx_cache else Path(model_path).parent / "onnx"
+            self._onnx_prebuilt = list(onnx_prebuilt)
             pad = choose_pad(tokenizer, eos)
-            folder = ensure_export(model_path, self._onnx_cache, pad_token_id=pad)
+            folder = ensure_export(
+                model_path, self._onnx_cache, pad_token_id=pad, prebuilt=self._onnx_prebuilt
+            )
             self._onnx = self._onnx_base = OnnxModel(folder, threads=self._threads, pad_token_id=pad)
         seconds = time.perf_counter() - started
         log.info("loaded %s (%s, %s) in %.1f s", self._name, self.decode_path, self.device, seconds)
@@ -341,8 +345,8 @@ class LocalRuntime:
             "weights": settings.weights,
             "engine": settings.engine,
             "num_threads": settings.threads or None,
-            "onnx_cache": settings.models_dir / "onnx",
         }
+        options["onnx_cache"], options["onnx_prebuilt"] = export_dirs(settings.models_dir, settings.data_dir)
         options.update(overrides)
         return cls(resolve_model(settings.model, settings.models_dir), **options)
 
@@ -749,7 +753,9 @@ class LocalRuntime:
         self._adapter_counter += 1
         key = _adapter_name(self._adapter_counter, version)
         pad = self._onnx_base.pad
-        folder = ensure_export(self.model_path, self._onnx_cache, pad_token_id=pad, adapter=path)
+        folder = ensure_export(
+            self.model_path, self._onnx_cache, pad_token_id=pad, adapter=path, prebuilt=self._onnx_prebuilt
+        )
         self._onnx = OnnxModel(folder, threads=self._threads, pad_token_id=pad)
         return key
 

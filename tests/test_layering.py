@@ -20,6 +20,7 @@ SDK_HOMES = {
     "trl": {"learning/train.py"},
     "apscheduler": {"learning/nightly.py"},
     "onnxruntime_genai": {"learning/onnx_engine.py"},
+    "prometheus_client": {"bot/metrics.py"},
 }
 
 

@@ -35,8 +35,9 @@ import json
 import logging
 import re
 import secrets
+import time
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from aiohttp import web
@@ -49,14 +50,22 @@ from telegram import (
     Update,
 )
 from telegram.constants import ChatAction, ChatType
-from telegram.error import BadRequest, ChatMigrated, Forbidden, InvalidToken, RetryAfter, TelegramError
+from telegram.error import (
+    BadRequest,
+    ChatMigrated,
+    Conflict,
+    Forbidden,
+    InvalidToken,
+    RetryAfter,
+    TelegramError,
+)
 from telegram.ext import Application, ApplicationBuilder, ContextTypes, TypeHandler
 
 from bot.conversation import ConversationService, Inbound, Outbound, clean_text
 from bot.http import HttpServer
 from bot.outbox import Drop, Outbox, Retry
 from knowledge.models import Conversation
-from knowledge.settings import Settings
+from knowledge.settings import ConfigError, Settings
 from knowledge.store import Store
 
 log = logging.getLogger(__name__)
@@ -67,6 +76,7 @@ SECRET_HEADER = "X-Telegram-Bot-Api-Secret-Token"
 SECRET_KV = "telegram_webhook_secret"
 MAX_MESSAGE = 4096  # Telegram's limit, counted in UTF-16 code units
 ALLOWED_UPDATES = ["message", "edited_message", "callback_query"]
+CONFLICT_WINDOW_S = 120.0  # two 409s within this window: another process polls this token
 HELP_TEXT = (
     "Ask me anything about our products and services and I'll answer from our help pages.\n\n"
     "Under each answer you can tap 👍 or 👎 to tell us whether it helped.\n"
@@ -97,6 +107,16 @@ _CONTENT_KINDS = (
 )
 
 
+class _ConflictsReported(logging.Filter):
+    """Drop the Updater's own traceback of a 409 Conflict: `_polling_error` reports it in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], Conflict))
+
+
+logging.getLogger("telegram.ext.Updater").addFilter(_ConflictsReported())
+
+
 class TelegramChannel:
     """Serves customers on one Telegram bot. `start()` returns once updates are flowing."""
 
@@ -112,6 +132,7 @@ class TelegramChannel:
         outbox_poll_s: float = 1.0,
         retry_base_s: float = 1.0,
         sweep_s: float = 5.0,
+        on_fatal: Callable[[str], None] | None = None,
     ) -> None:
         token = settings.telegram_bot_token.get_secret_value()
         if not token:
@@ -142,6 +163,8 @@ class TelegramChannel:
         self.sweep_s = sweep_s
         self._sweeper: asyncio.Task[None] | None = None
         self._swept: set[str] = set()  # update ids handed in by the sweeper, not yet handled
+        self.on_fatal = on_fatal  # told when this channel cannot go on (another process polls the token)
+        self._conflicts: list[float] = []
         service.deliverers[CHANNEL] = self._deliver
         service.dedup_channels.add(CHANNEL)  # _enqueue drops repeats already in the outbox
 
@@ -152,15 +175,15 @@ class TelegramChannel:
             self.http.add_route("POST", WEBHOOK_PATH, self._webhook)
         try:
             await self.application.initialize()  # getMe: a bad token fails here, loudly
-        except InvalidToken as exc:
-            raise RuntimeError(
+        except InvalidToken:
+            raise ConfigError(
                 "Telegram refused TELEGRAM_BOT_TOKEN; copy the token again from @BotFather (/token)."
-            ) from exc
+            ) from None
         except TelegramError as exc:
-            raise RuntimeError(
-                f"Could not reach the Telegram Bot API at {self.settings.telegram_api_url} ({exc}); "
+            raise ConfigError(
+                f"could not reach the Telegram Bot API at {self.settings.telegram_api_url} ({exc}); "
                 "check the network or APPRENTICE_TELEGRAM_API_URL."
-            ) from exc
+            ) from None
         try:
             self.outbox.start()
             await self.application.start()
@@ -168,9 +191,15 @@ class TelegramChannel:
             self._sweeper = asyncio.create_task(self._sweep_loop(), name="telegram-inbox")
             if self.webhook_url:
                 self._secret = await asyncio.to_thread(self._webhook_secret)
-                await self.application.bot.set_webhook(
-                    self.webhook_url, secret_token=self._secret, allowed_updates=ALLOWED_UPDATES
-                )
+                try:
+                    await self.application.bot.set_webhook(
+                        self.webhook_url, secret_token=self._secret, allowed_updates=ALLOWED_UPDATES
+                    )
+                except TelegramError as exc:
+                    raise ConfigError(
+                        f"Telegram refused APPRENTICE_TELEGRAM_WEBHOOK_URL ({exc}); it must be a public "
+                        "https:// URL on port 443, 80, 88 or 8443 that reaches /telegram (README: Deploy)."
+                    ) from None
                 log.info("Telegram webhook registered at %s", self.webhook_url)
             else:
                 updater = self.application.updater
@@ -179,12 +208,31 @@ class TelegramChannel:
                     timeout=dt.timedelta(seconds=self.poll_timeout_s),
                     allowed_updates=ALLOWED_UPDATES,
                     drop_pending_updates=False,
+                    error_callback=self._polling_error,
                 )
                 log.info("Telegram long polling as @%s", self.application.bot.username)
         except BaseException:
             await self._teardown()
             raise
         self._started = True
+
+    def _polling_error(self, exc: TelegramError) -> None:
+        """Log a failed getUpdates; a lasting 409 Conflict means another process polls this token.
+
+        Two long-pollers on one token take turns stealing each other's updates, so this process
+        stops with one clear line instead. One conflict is forgiven: a process that was just
+        restarted can meet its predecessor's last long poll.
+        """
+        if not isinstance(exc, Conflict):
+            log.warning("Telegram getUpdates failed (%s); retrying", exc)
+            return
+        now = time.monotonic()
+        self._conflicts = [t for t in self._conflicts if now - t < CONFLICT_WINDOW_S] + [now]
+        if len(self._conflicts) >= 2 and self.on_fatal is not None:
+            self.on_fatal(
+                "another process is polling Telegram with this TELEGRAM_BOT_TOKEN (409 Conflict). Run "
+                "one poller per bot, or set APPRENTICE_TELEGRAM_WEBHOOK_URL so replicas share a webhook."
+            )
 
     async def stop(self) -> None:
         """Stop taking updates, finish those in hand, stop the outbox (pending replies stay queued)."""

@@ -195,3 +195,29 @@ def test_unreadable_files_are_reported_by_name_and_the_rest_ingested(tmp_path: P
     assert "unsupported" in reasons["slides.pptx"] and ".md" in reasons["slides.pptx"]
     assert "no such file" in reasons["nowhere"]
     assert "broken.pdf" in report.summary()
+
+
+def test_kb_list_shows_each_document_and_kb_rm_removes_it_from_search(
+    tmp_path: Path, formats: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from bot.cli import main
+
+    monkeypatch.setenv("APPRENTICE_DATA_DIR", str(tmp_path / "data"))
+    assert main(["kb", "ingest", str(formats)]) == 0
+    capsys.readouterr()
+    assert main(["kb", "list"]) == 0
+    listed = capsys.readouterr().out
+    for name in ["helmets.html", "lights.pdf", "loyalty_points.txt", "winter-storage.md"]:
+        assert name in listed
+    assert "2 chunks  helmets.html" in listed
+
+    assert main(["kb", "rm", "helmets.html"]) == 0
+    assert "removed helmets.html (2 chunks)" in capsys.readouterr().out
+    assert main(["kb", "rm", "no-such.md"]) == 1
+    assert "kb list" in capsys.readouterr().err
+    kb = KnowledgeBase(tmp_path / "data")
+    try:
+        assert [d.source for d in kb.documents()] == ["lights.pdf", "loyalty_points.txt", "winter-storage.md"]
+        assert all(p.source != "helmets.html" for p in kb.search("helmet sizes", 4))
+    finally:
+        kb.close()

@@ -4,6 +4,7 @@ hot-swap under load, a killed run, and the lock. Training is kept to a couple of
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import hashlib
 import json
 import shutil
@@ -16,7 +17,7 @@ import pytest
 
 from knowledge.models import TrainingRun
 from knowledge.retrieve import KnowledgeBase
-from knowledge.settings import Settings
+from knowledge.settings import ConfigError, Settings
 from knowledge.store import Store
 from learning import registry
 from learning.evaluate import Gate, token_f1
@@ -367,8 +368,26 @@ async def test_scheduler_uses_the_cron_and_never_overlaps(fresh: Any) -> None:
         assert (fields["minute"], fields["hour"], fields["day_of_week"]) == ("30", "2", "mon,tue,wed,thu,fri")
     finally:
         scheduler.shutdown(wait=False)
-    with pytest.raises(ValueError, match="APPRENTICE_RETRAIN_CRON"):
+    with pytest.raises(ConfigError, match="APPRENTICE_RETRAIN_CRON"):
         start_scheduler(settings.model_copy(update={"retrain_cron": "every night"}), store, kb)
+
+
+async def test_the_nightly_job_can_be_switched_off_and_reads_nicknames_and_the_zone(fresh: Any) -> None:
+    settings, store, kb = fresh
+    for off in ("", "off", " OFF "):
+        assert start_scheduler(settings.model_copy(update={"retrain_cron": off}), store, kb) is None
+    berlin = settings.model_copy(update={"retrain_cron": "@daily", "timezone": "Europe/Berlin"})
+    scheduler = start_scheduler(berlin, store, kb)
+    try:
+        [job] = scheduler.get_jobs()
+        assert str(job.trigger.timezone) == "Europe/Berlin"
+        fields = {f.name: str(f) for f in job.trigger.fields}
+        assert (fields["minute"], fields["hour"]) == ("0", "0")
+        assert job.next_run_time.utcoffset() in (dt.timedelta(hours=1), dt.timedelta(hours=2))
+    finally:
+        scheduler.shutdown(wait=False)
+    with pytest.raises(ValueError, match="IANA"):
+        Settings(_env_file=None, timezone="Mars/Olympus")  # type: ignore[call-arg]
 
 
 def test_crontab_weekdays_count_from_sunday() -> None:
