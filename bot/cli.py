@@ -297,6 +297,19 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     return retrain(_settings(), args)
 
 
+def cmd_export_base(args: argparse.Namespace) -> int:
+    from learning.modelfiles import export_base
+
+    settings = _settings()
+    out, digest = export_base(settings.model, settings.models_dir, Path(args.out))
+    print(f"{out}  (base hash {digest[:12]})")
+    print(
+        f"Serve it: vllm serve {out} --served-model-name {settings.model} --enable-lora "
+        "--max-lora-rank 64 --api-key $APPRENTICE_LLM_API_KEY"
+    )
+    return 0
+
+
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -422,6 +435,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("promote", cmd_adapters_promote, "Make an adapter version active (atomic).", ad)
     p.add_argument("version")
     add("rollback", cmd_adapters_rollback, "Go back to the previously active adapter.", ad)
+    p = add("export-base", cmd_export_base, "Copy the base model adapters are trained on, for vLLM to serve.")
+    p.add_argument("out", help="Folder to create on the volume vLLM reads: /data/base/<model>.")
     p = add("retrain", cmd_retrain, "Run the nightly learning job now.")
     p.add_argument("--force", action="store_true", help="Run even with few new examples.")
     p.add_argument("--json", action="store_true", help="Also print the full report as JSON.")

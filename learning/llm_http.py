@@ -23,6 +23,7 @@ import re
 import threading
 import time
 import uuid
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import httpx
@@ -341,6 +342,30 @@ class HttpGenerator:
                 self._served_base = bases[0]
         return self._served_base
 
+    async def base_hash(self) -> str:
+        """The hash of the weights the server answers with, so adapters are checked against them.
+
+        vLLM's /v1/models names the folder it loaded as the base's `root`. On the shared data volume
+        (the same path here and in vLLM) it is hashed as the in-process runtime hashes its own base;
+        a hub id cannot be checked, and adapters trained on the bundled model do not fit it.
+        """
+        from learning.modelfiles import ModelUnavailable, base_model_hash
+
+        await self._ensure_started()
+        models = await self._models(time.perf_counter() + self.timeout_s)
+        roots = [str(m.get("root") or m["id"]) for m in models if not m.get("parent")]
+        if not roots:
+            raise GenerationError(f"{self.base_url}/v1/models lists no base model.")
+        folder = Path(roots[0])
+        if not (folder.is_dir() and any(folder.glob("*.safetensors"))):
+            raise ModelUnavailable(
+                f"the model server serves {roots[0]!r}, not a model folder this process can read, so "
+                "adapters cannot be checked against it (a hub copy differs from the weights they were "
+                "trained on). Run `apprentice export-base /data/base/MODEL` and serve that folder from the "
+                "shared volume (README: Deploy, vLLM); until then the base model answers."
+            )
+        return await asyncio.to_thread(base_model_hash, folder)
+
     async def _models(self, deadline: float) -> list[dict[str, Any]]:
         body = await self._request("GET", "/v1/models", None, deadline)
         return list(body.get("data") or [])
@@ -409,6 +434,11 @@ class HttpGenerator:
                 f"{self.base_url} gave no answer within {self.timeout_s:g} s "
                 "(raise APPRENTICE_LLM_TIMEOUT_S or add model servers)."
             )
+        if isinstance(exc, ServerError) and exc.status == 401:
+            return GenerationError(
+                f"the model server at {self.base_url} refused the API key: set APPRENTICE_LLM_API_KEY "
+                "to the key vLLM was started with (--api-key)."
+            )
         if isinstance(exc, ServerError) and exc.status == 404:
             return GenerationError(
                 f"the model server does not serve that model: {exc.message} "
@@ -426,6 +456,7 @@ def build_http_generator(settings: Settings) -> HttpGenerator:
         retries=settings.llm_retries,
         max_queue=settings.max_queue,
         max_new_tokens=settings.max_new_tokens,
+        api_key=settings.llm_api_key.get_secret_value(),
     )
 
 

@@ -214,6 +214,26 @@ def resolve_model(name: str, models_dir: Path) -> str:
         ) from exc
 
 
+def export_base(name: str, models_dir: Path, out: Path) -> tuple[Path, str]:
+    """Copy the base model adapters are trained on into `out` (for vLLM); returns (out, its hash).
+
+    The bundled SmolLM2 is trained on as dequantised from its Q4_1 GGUF, so a model server must load
+    these very weights, not the hub's original ones, for an adapter to mean what it meant in training.
+    """
+    source = Path(resolve_model(name, models_dir))
+    if not source.is_dir():
+        raise ModelUnavailable(f"{name!r} is not a local model folder, so there is nothing to export.")
+    want = base_model_hash(source)
+    if _is_complete(out) and base_model_hash(out) == want:
+        return out, want
+    if out.exists():
+        raise ModelUnavailable(f"{out} exists and holds other weights; remove it or choose another folder.")
+    tmp = out.with_name(f"{_TMP_PREFIX}{out.name}-{os.getpid()}")
+    shutil.copytree(source, tmp, ignore=shutil.ignore_patterns(HASH_CACHE, ".*.lock"))
+    os.rename(tmp, out)
+    return out, base_model_hash(out)
+
+
 def _weight_files(folder: Path) -> list[Path]:
     return sorted(folder.glob("*.safetensors"))
 

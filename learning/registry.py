@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import select
 
 from knowledge.models import Adapter, AuditEntry, RegistryState, utcnow
+from knowledge.settings import ConfigError
 
 if TYPE_CHECKING:
     from knowledge.settings import Settings
@@ -211,8 +212,23 @@ class AdapterWatcher:
 
             with contextlib.suppress(ModelUnavailable, OSError):
                 self._base_hash = await asyncio.to_thread(base_model_hash, self.generator.model_path)
-        await self.check()
+        try:
+            await self.check()
+        except Exception as exc:  # the model server may still be starting: the loop tries again
+            log.warning("adapter watcher: first check failed (%s); retry in %.0f s", exc, self.interval_s)
         self._task = asyncio.create_task(self._loop(), name="adapter-watcher")
+
+    async def _served_base(self, adapter: Adapter) -> str | None:
+        """The running base's hash; a model server is asked once (ConfigError: it cannot be known)."""
+        probe = getattr(self.generator, "base_hash", None)
+        if self._base_hash is None and adapter.base_hash and probe is not None:
+            try:
+                self._base_hash = await probe()
+            except Exception as exc:
+                if not isinstance(exc, ConfigError):  # the server is unreachable: not the adapter's fault
+                    self._attempts[adapter.version] -= 1
+                raise
+        return self._base_hash
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -245,8 +261,8 @@ class AdapterWatcher:
             try:
                 if adapter is None:
                     raise RegistryError(f"the active adapter {want} has no registry row")
-                _check(adapter, self._base_hash)
-            except RegistryError as exc:
+                _check(adapter, await self._served_base(adapter))
+            except (RegistryError, ConfigError) as exc:
                 log.error("not switching to adapter %s: %s", want, exc)
                 self._attempts[want] = self.MAX_ATTEMPTS
                 return False

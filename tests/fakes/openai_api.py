@@ -93,8 +93,17 @@ class _Failure:
 class FakeOpenAIServer:
     """`async with FakeOpenAIServer("base") as fake:` then point the client at `fake.base_url`."""
 
-    def __init__(self, base_model: str = "base-model", backend: Backend | None = None) -> None:
+    def __init__(
+        self,
+        base_model: str = "base-model",
+        backend: Backend | None = None,
+        *,
+        root: str = "",
+        api_key: str = "",
+    ) -> None:
         self.base_model = base_model
+        self.root = root or base_model  # what vLLM was started with: a folder or a hub id
+        self.api_key = api_key  # vLLM's --api-key: every /v1 request needs "Authorization: Bearer <key>"
         self.backend: Backend = backend or EchoBackend()
         self.adapters: dict[str, str] = {}  # served name -> path (loaded now)
         self.ever_loaded: list[str] = []
@@ -169,6 +178,10 @@ class FakeOpenAIServer:
 
     # --- handlers ----------------------------------------------------------------------------------
     async def _record(self, request: web.Request) -> tuple[Call, web.Response | None]:
+        if self.api_key and request.headers.get("Authorization") != f"Bearer {self.api_key}":
+            call = Call(request.path, {}, 401)
+            self.calls.append(call)
+            return call, web.json_response({"error": "Unauthorized"}, status=401)  # vLLM's own answer
         body: dict[str, Any] = {}
         if request.method == "POST":
             try:
@@ -194,7 +207,7 @@ class FakeOpenAIServer:
         created = int(time.time())
         perm = [{"id": f"modelperm-{uuid.uuid4().hex}", "object": "model_permission", "created": created}]
         cards = [{"id": self.base_model, "object": "model", "created": created, "owned_by": "vllm",
-                  "root": self.base_model, "parent": None, "max_model_len": 2048, "permission": perm}]
+                  "root": self.root, "parent": None, "max_model_len": 2048, "permission": perm}]
         cards += [{"id": name, "object": "model", "created": created, "owned_by": "vllm", "root": path,
                    "parent": self.base_model, "max_model_len": None, "permission": perm}
                   for name, path in self.adapters.items()]

@@ -207,3 +207,47 @@ async def test_unreachable_server_is_a_generation_error_after_retries() -> None:
             await gen.generate(CHAT)
     finally:
         await gen.aclose()
+
+
+async def test_the_api_key_is_sent_and_a_wrong_one_says_which_setting_to_fix() -> None:
+    async with FakeOpenAIServer(BASE, api_key="k-123") as server:
+        good = client(server, api_key="k-123")
+        bad = client(server, api_key="wrong", retries=0)
+        try:
+            assert (await good.generate(CHAT)).text.endswith("Where is my parcel?")
+            with pytest.raises(GenerationError, match="APPRENTICE_LLM_API_KEY"):
+                await bad.generate(CHAT)
+        finally:
+            await good.aclose()
+            await bad.aclose()
+
+
+async def test_adapters_are_checked_against_the_weights_the_server_loaded(
+    tmp_path: Path, adapter: str, smollm2_dir: Path
+) -> None:
+    """vLLM names the folder it serves as `root`; an adapter trained on other weights is refused."""
+    from knowledge.store import Store
+    from learning import registry
+    from learning.modelfiles import base_model_hash, export_base
+
+    served, digest = export_base("SmolLM2-135M-Instruct", smollm2_dir.parent, tmp_path / "base" / "smol")
+    assert digest == base_model_hash(smollm2_dir)
+    store = Store(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    try:
+        registry.register(store, "v0001", Path(adapter), {"base_model": "smol", "base_hash": digest})
+        registry.register(store, "v0002", Path(adapter), {"base_model": "other", "base_hash": "e" * 64})
+        for root, fits in ((str(served), True), ("HuggingFaceTB/SmolLM2-135M-Instruct", False)):
+            async with FakeOpenAIServer(BASE, root=root) as server:
+                gen = client(server)
+                try:
+                    watcher = registry.AdapterWatcher(store, gen)
+                    registry.promote(store, "v0001")
+                    assert await watcher.check() is fits, root
+                    assert gen.adapter_version == ("v0001" if fits else None)
+                    if fits:
+                        registry.promote(store, "v0002")  # trained on other weights: refused
+                        assert not await watcher.check() and gen.adapter_version == "v0001"
+                finally:
+                    await gen.aclose()
+    finally:
+        store.close()
