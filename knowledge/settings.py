@@ -1,4 +1,4 @@
-"""The one settings object, read from the environment and `.env`.
+"""The one settings object, read from the environment and `.env` (or the file APPRENTICE_ENV_FILE names).
 
 It lives in `knowledge/`, the bottom layer, so that every layer (`knowledge`,
 `learning`, `bot`) can read it without breaking the one-way import rule.
@@ -9,6 +9,7 @@ checked against the fields here by a test.
 
 from __future__ import annotations
 
+import os
 from functools import cached_property
 from importlib import resources
 from pathlib import Path
@@ -42,7 +43,11 @@ class Settings(BaseSettings):
     """Everything configurable, each field documented (the README table lists them all)."""
 
     model_config = SettingsConfigDict(
-        env_prefix="APPRENTICE_", env_file=".env", extra="ignore", frozen=True, populate_by_name=True
+        env_prefix="APPRENTICE_",
+        env_file=os.environ.get("APPRENTICE_ENV_FILE", ".env"),  # the tests point it at /dev/null
+        extra="ignore",
+        frozen=True,
+        populate_by_name=True,
     )
 
     # --- where things live -------------------------------------------------
@@ -186,7 +191,8 @@ class Settings(BaseSettings):
     timezone: str = Field("UTC", description="IANA time zone of APPRENTICE_RETRAIN_CRON, e.g. Europe/Berlin.")
     min_new_examples: int = Field(5, description="The nightly job is skipped with fewer new examples.")
     train_command: str = Field(
-        "", description="Command template replacing the local training subprocess ({dataset}, {out})."
+        "", description="Command template replacing the local training subprocess; placeholders: "
+        "{dataset}, {out}, {base}, {base_name}, {init_adapter}, {python}, {args}."
     )
     log_level: str = Field(
         "WARNING", description="Logging level (DEBUG, INFO, WARNING, ERROR). DEBUG is not for production."

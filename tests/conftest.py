@@ -8,6 +8,9 @@ import pytest
 from chroma_server import chroma_server, chroma_url  # noqa: F401
 from pg import database_url, postgres_server, postgres_url  # noqa: F401
 
+# An operator's `.env` (real tokens) in the checkout must never reach a test; set before any Settings
+# class exists, and passed on to the subprocesses the tests start (tests/replicas.py clean_env).
+os.environ["APPRENTICE_ENV_FILE"] = os.devnull
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("ANONYMIZED_TELEMETRY", "False")

@@ -29,7 +29,7 @@ def clean_env(**settings: str) -> dict[str, str]:
     """The parent environment without our variables, plus offline switches and `settings`."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(_OWN_PREFIXES)}
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", ANONYMIZED_TELEMETRY="False",
-               TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+               TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1", APPRENTICE_ENV_FILE=os.devnull)
     env.update(settings)
     return env
 

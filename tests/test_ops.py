@@ -39,9 +39,18 @@ def compose() -> dict[str, Any]:
     return data
 
 
-def scaling_out_section() -> str:
+def replicas(services: dict[str, Any]) -> list[str]:
+    """The always-on bot services (the one-shot `retrain` and `vllm-base` run the same image)."""
+    return sorted(
+        n
+        for n, s in services.items()
+        if (s.get("image") or "").startswith("apprentice:") and "profiles" not in s
+    )
+
+
+def deploy_section() -> str:
     text = (ROOT / "README.md").read_text(encoding="utf-8")
-    start = text.index("## Scaling out")
+    start = text.index("## Deploy")
     end = text.find("\n## ", start + 1)
     return text[start : end if end != -1 else len(text)]
 
@@ -54,7 +63,7 @@ def test_every_yaml_file_loads(path: Path) -> None:
 def test_every_setting_named_in_ops_and_the_readme_exists() -> None:
     known = known_variables()
     sources = {str(p.relative_to(ROOT)): p.read_text(encoding="utf-8") for p in ops_files()}
-    sources["README.md#scaling-out"] = scaling_out_section()
+    sources["README.md#deploy"] = deploy_section()
     unknown = {
         (where, name)
         for where, text in sources.items()
@@ -69,7 +78,7 @@ def test_every_setting_named_in_ops_and_the_readme_exists() -> None:
 def test_compose_runs_two_replicas_on_shared_engines_and_vllm_under_gpu() -> None:
     data = compose()
     services = data["services"]
-    bots = [name for name, svc in services.items() if (svc.get("image") or "").startswith("apprentice:")]
+    bots = replicas(services)
     assert len(bots) == 2
     for name in bots:
         env = services[name]["environment"]
@@ -80,7 +89,7 @@ def test_compose_runs_two_replicas_on_shared_engines_and_vllm_under_gpu() -> Non
         assert "profiles" not in services[name]
         assert "data:/data" in services[name]["volumes"]
         assert "/readyz" in " ".join(services[name]["healthcheck"]["test"])
-    assert {"postgres", "chroma", "prometheus", "lb"} <= set(services)
+    assert {"postgres", "chroma", "prometheus", "caddy"} <= set(services)
     vllm = services["vllm"]
     assert vllm["profiles"] == ["gpu"] and services["trainer"]["profiles"] == ["gpu"]
     args = " ".join(vllm["command"])
@@ -102,14 +111,15 @@ def test_compose_interpolations_are_well_formed() -> None:
 
 def test_prometheus_and_the_balancer_point_at_the_replicas() -> None:
     services = compose()["services"]
-    bots = sorted(n for n, s in services.items() if (s.get("image") or "").startswith("apprentice:"))
+    bots = replicas(services)
     prom = yaml.safe_load((OPS / "prometheus.yml").read_text(encoding="utf-8"))
     job = next(j for j in prom["scrape_configs"] if j["job_name"] == "apprentice")
     assert job["metrics_path"] == "/metrics"
     assert sorted(job["static_configs"][0]["targets"]) == [f"{b}:8080" for b in bots]
-    nginx = (OPS / "nginx.conf").read_text(encoding="utf-8")
-    assert sorted(re.findall(r"server (\S+?):8080", nginx)) == bots
-    assert "non_idempotent" in nginx  # retrying a webhook POST elsewhere is safe (de-dup in the DB)
+    caddy = (OPS / "Caddyfile").read_text(encoding="utf-8")
+    upstreams = re.search(r"^\s*reverse_proxy ([^{\n]+)\{", caddy, re.M)
+    assert upstreams and sorted(upstreams.group(1).split()) == [f"{b}:8080" for b in bots]
+    assert "method GET POST" in caddy  # retrying a webhook POST elsewhere is safe (de-dup in the DB)
 
 
 def test_dockerfiles_build_what_the_repo_has_and_serve_on_the_configured_port() -> None:

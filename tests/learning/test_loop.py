@@ -7,6 +7,7 @@ import asyncio
 import datetime as dt
 import hashlib
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -209,6 +210,14 @@ def test_train_command_template_replaces_the_subprocess(fresh: Any) -> None:
     with pytest.raises(TrainingFailed, match="unknown placeholder"):
         build_command(run_spec(settings), "{nope}")
     assert [a.version for a in registry.list_adapters(store)] == ["v0001", "v0002", "v0003"]
+    # the settings table and the README name exactly the placeholders the code fills in
+    described = Settings.model_fields["train_command"].description or ""
+    named = re.findall(r"\{(\w+)\}", described)
+    assert len(named) == 7 and "dataset" in named and "args" in named
+    line = build_command(run_spec(settings), " ".join(f"{{{n}}}" for n in named))[-1]
+    assert "{" not in line
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    assert all(f"`{{{n}}}`" in readme for n in named)
 
 
 def _alive(pid: int) -> bool:
