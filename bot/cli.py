@@ -10,10 +10,11 @@ import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from knowledge.settings import Settings
+    from knowledge.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -190,6 +191,30 @@ def cmd_bench_answers(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_cards(args: argparse.Namespace) -> int:
+    from bot.bench_cards import CardsOptions, run_cards_bench
+
+    try:
+        rates = tuple(int(r) for r in args.rates.split(",") if r.strip())
+    except ValueError:
+        rates = ()
+    if not rates or min(rates) <= 0 or args.minutes <= 0 or args.scale <= 0:
+        print("bench cards: --rates (e.g. 60,600), --minutes and --scale must be > 0", file=sys.stderr)
+        return 2
+    options = CardsOptions(rates=rates, minutes=args.minutes, scale=args.scale, flagged=args.flagged)
+    report = run_cards_bench(Path(args.out), options, _settings().slack_digest_after_s)
+    for rate, run in report["rates"].items():
+        lag, flagged = run["lag_s"], run["flagged_lag_s"]
+        print(
+            f"{rate} answers/min: card lag p50 {lag['p50']} s, p95 {lag['p95']} s, max {lag['max']} s "
+            f"(flagged max {flagged['max']} s); {run['cards_posted']} cards, {run['digests_posted']} "
+            f"digests; {run['answers_covered']}/{run['answers']} answers shown, "
+            f"flagged dropped {run['flagged_dropped']}"
+        )
+    print(f"Report: {Path(args.out) / 'report.json'}")
+    return 0 if report["ok"] else 1
+
+
 def cmd_bench_redaction(args: argparse.Namespace) -> int:
     from learning.redact import measure
 
@@ -294,7 +319,17 @@ def cmd_adapters_rollback(args: argparse.Namespace) -> int:
 def cmd_retrain(args: argparse.Namespace) -> int:
     from learning.commands import retrain
 
-    return retrain(_settings(), args)
+    settings = _settings()
+    if not (settings.slack_bot_token.get_secret_value() and settings.slack_channel):
+        return retrain(settings, args)
+
+    def to_slack(store: Store, report: dict[str, Any]) -> None:
+        from bot.channels.slack import queue_report
+
+        if queue_report(store, report):  # a running bot replica posts it from the outbox
+            print("The report is queued for the Slack review channel.")
+
+    return retrain(settings, args, on_report=to_slack)
 
 
 def cmd_export_base(args: argparse.Namespace) -> int:
@@ -389,6 +424,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="Customers asking at once (default: APPRENTICE_MAX_BATCH); 1 times one answer at a time.",
     )
+    p = add("cards", cmd_bench_cards, "Review-card lag at Slack's posting limit (fake Slack).", bench)
+    p.add_argument("--out", required=True, help="Output folder for report.json and report.png.")
+    p.add_argument("--rates", default="60,600", help="Answers a minute, comma-separated (60,600).")
+    p.add_argument("--minutes", type=float, default=4.0, help="Simulated minutes at each rate (4).")
+    p.add_argument("--scale", type=float, default=10.0, help="How many times faster the clock runs (10).")
+    p.add_argument("--flagged", type=float, default=0.05, help="Share of flagged answers (0.05).")
     p = add("redaction", cmd_bench_redaction, "PII redaction precision and recall on a labelled file.", bench)
     p.add_argument("--out", required=True, help="Output folder for redaction.json.")
     p.add_argument(

@@ -9,18 +9,24 @@ take-over) come in through the methods below, from Slack or the terminal alike.
 from __future__ import annotations
 
 import asyncio
-import collections
 import dataclasses
 import logging
 import time
+import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
+from bot import handoff
 from bot.guard import BLOCKED, OutputGuard, Verdict
 from bot.metrics import METRICS
+from bot.ratelimit import CUSTOMER_WINDOW_S, ONCALL_WINDOW_S, RateLimiter
+from bot.ratelimit import verdict as rate_verdict
+from knowledge import embed
+from knowledge.invisible import strip_invisible
 from knowledge.models import Conversation, Correction, Message
 from knowledge.passages import Passage, Retrieval
 from knowledge.retrieve import KnowledgeBase
@@ -29,6 +35,7 @@ from knowledge.store import Store
 from learning.answer import cite, finish, ground
 from learning.prompt import answer_messages
 from learning.runtime import GenerationTimeout, Generator, ModelBusy
+from learning.secrets_scan import secret_kinds
 from learning.trust import review_correction
 
 log = logging.getLogger(__name__)
@@ -117,11 +124,40 @@ class CorrectionResult:
     correction: Correction
     created: bool
     delivered: bool = False
+    # the personal data found in it ("EMAIL", "SSN", "NAME", ...): when any, the memory recalls the
+    # correction only in the conversation it was written for (`scoped`), never for other customers
+    personal: list[str] = field(default_factory=list)
+    scoped: bool = False
 
 
-@dataclass
-class _RateWindow:
-    stamps: collections.deque[float] = field(default_factory=collections.deque)
+class CorrectionRefused(ValueError):
+    """A staff correction that holds a secret: nothing was stored, remembered or delivered.
+
+    `kinds` says what was found ("Stripe key", "password"), never the value; `str(exc)` is the
+    message for the staff member (the same text `correction_problem` returns).
+    """
+
+    def __init__(self, kinds: list[str]) -> None:
+        self.kinds = kinds
+        super().__init__(_secret_message(kinds))
+
+
+def _secret_message(kinds: list[str]) -> str:
+    return (
+        f"It contains what looks like a secret ({', '.join(kinds)}). Remove it and save again: "
+        "secrets are never sent to customers, remembered or trained on."
+    )
+
+
+def correction_problem(text: str) -> str | None:
+    """Why a correction text cannot be saved, for the staff member; None when it can.
+
+    Cheap and synchronous, so a form can call it before acknowledging (Slack: `ack(
+    response_action="errors", errors={"corrected": problem})` keeps the form open). `correct`
+    checks the same and raises `CorrectionRefused`.
+    """
+    kinds = secret_kinds(clean_text(text))
+    return _secret_message(kinds) if kinds else None
 
 
 class ConversationService:
@@ -138,8 +174,12 @@ class ConversationService:
         # channels whose deliverer drops an Outbound(repeat=True) it has queued before (a durable
         # outbox): a correction retried after a crash is delivered through them, never twice
         self.dedup_channels: set[str] = set()
-        self._chat_locks: dict[tuple[str, str], asyncio.Lock] = {}
-        self._rates: dict[str, _RateWindow] = collections.defaultdict(_RateWindow)
+        # a chat's lock lives while a message of that chat is in hand, not for every chat ever seen
+        self._chat_locks: weakref.WeakValueDictionary[tuple[str, str], asyncio.Lock] = (
+            weakref.WeakValueDictionary()
+        )
+        # Customers' rate limit and the on-call pings, counted in the database: every replica agrees.
+        self.limiter = RateLimiter(store)
         # Every reply passes the output guard (prompt, secrets, other customers' data): bot/guard.py.
         self.guard = OutputGuard(settings, store)
 
@@ -174,7 +214,7 @@ class ConversationService:
                 await asyncio.to_thread(self.store.update_message, q, status="error")
             out = await self._notice(conv, APOLOGY, q)
             await asyncio.to_thread(self.store.set_flagged, conv.id, True)
-            await self._each_reviewer("customer_flag", conv, None, why)
+            await self._ping(conv, None, why)
             METRICS.messages_out.labels(channel=inbound.channel, kind=out.kind).inc()
             return [out]
 
@@ -194,6 +234,14 @@ class ConversationService:
             if again is not None:
                 return again
         text = clean_text(inbound.text or "")
+        if seen is None:
+            # The one gate every customer message passes (text, stickers, oversize, relays to staff):
+            # over the limit, the customer hears "slow down" once per window, then nothing.
+            textual = inbound.kind == "text" and inbound.text is not None
+            shown = text[: self.settings.max_input_chars * 5] if textual else f"[{inbound.kind}]"[:64]
+            over = await self._over_limit(conv, inbound, shown)
+            if over is not None:
+                return over
         if inbound.kind != "text" or inbound.text is None:
             q = await self._question(conv, inbound, seen, f"[{inbound.kind}]"[:64], status="refused")
             return [await self._notice(conv, NON_TEXT, q)]
@@ -211,9 +259,11 @@ class ConversationService:
                 await asyncio.to_thread(self.store.update_message, q, status="relayed")
                 await self._each_reviewer("relay", conv, text)
             return []
-        if seen is None and not self._allow(f"{inbound.channel}:{inbound.customer_id}"):
+        # "can I talk to a person?" in any words, or the same question a third time: as /human
+        why = await asyncio.to_thread(self._wants_human, conv.id, q, text)
+        if why:
             await asyncio.to_thread(self.store.update_message, q, status="refused")
-            return [await self._notice(conv, SLOW_DOWN, q)]
+            return [await self._hand_off(conv, q, why)]
         answer = await self._answer(conv, q, text)
         if answer is None:
             return []
@@ -250,6 +300,8 @@ class ConversationService:
         if seen.status == "relayed":
             return []
         reply = await asyncio.to_thread(self.store.first_reply, seen.id)
+        if reply is None and seen.status == "limited":
+            return []  # over the rate limit, and told so once already
         if reply is None:
             return None  # stored, then the process died before the answer: answer it now
         if reply.role == "bot":
@@ -264,8 +316,8 @@ class ConversationService:
 
     async def _answer(self, conv: Conversation, question_id: int, text: str) -> Answer | None:
         started = time.perf_counter()
-        retrieval = await asyncio.to_thread(
-            self.kb.retrieve, text, self.settings.top_k, self.settings.memory_threshold
+        retrieval = await asyncio.to_thread(  # corrections scoped to another conversation stay out
+            self.kb.retrieve, text, self.settings.top_k, self.settings.memory_threshold, conv.id
         )
         METRICS.retrieval_latency.observe(time.perf_counter() - started)
         status, flagged = "ok", False
@@ -292,7 +344,9 @@ class ConversationService:
                 # model text is untrusted too: no control characters or lone surrogates into the store
                 generated, model, adapter = clean_text(gen.text), gen.model, gen.adapter_version
                 cut = gen.new_tokens >= self.settings.max_new_tokens  # stopped by the token cap
-                reply, grounding = await asyncio.to_thread(self._ground, text, generated, retrieval.all, cut)
+                reply, grounding = await asyncio.to_thread(
+                    self._ground, text, generated, retrieval.all, cut, conv.id
+                )
                 if grounding.startswith("fallback"):
                     flagged = True  # staff see that the model's own reply could not be used
                 if not reply:
@@ -332,7 +386,14 @@ class ConversationService:
             grounding=grounding,
         )  # fmt: skip
 
-    def _ground(self, question: str, reply: str, passages: list[Passage], cut: bool) -> tuple[str, str]:
+    def _ground(
+        self,
+        question: str,
+        reply: str,
+        passages: list[Passage],
+        cut: bool,
+        conversation_id: int | None = None,
+    ) -> tuple[str, str]:
         """The reply as the answer mode sends it, and what grounding did ("", "grounded", "fallback:why").
 
         `cut`: the token cap stopped the model, so its last sentence may be unfinished. Staff
@@ -343,13 +404,21 @@ class ConversationService:
             return (finish(reply) if cut else reply), ""
         known = {p.correction_id for p in passages if p.kind == "correction"}
         lessons = [
-            p for p in self.kb.recall(question, 3) if p.score >= EVIDENCE and p.correction_id not in known
+            p
+            for p in self.kb.recall(question, 3, conversation_id)
+            if p.score >= EVIDENCE and p.correction_id not in known
         ]
         g = ground(question, reply, [*passages, *lessons])
         return g.text, (f"fallback:{g.reason}" if g.fallback else "grounded")
 
     def _guard(self, conv: Conversation, reply: str, passages: list[Passage]) -> Verdict:
         own = [m.text for m in self.store.history(conv.id, 200)]
+        with self.store.session() as s:  # corrections written for this customer hold their own details
+            own += s.scalars(
+                select(Correction.corrected).where(
+                    Correction.conversation_id == conv.id, Correction.status != "revoked"
+                )
+            ).all()
         return self.guard.check(reply, own, passages, conv.customer_id)
 
     def _history(self, conversation_id: int, question_id: int) -> list[tuple[str, str]]:
@@ -367,22 +436,38 @@ class ConversationService:
                 out.append(("assistant", m.text))
         return out[-turns:]
 
-    def _allow(self, who: str) -> bool:
-        """Sliding one-minute window per customer (per process)."""
+    async def _rate(self, inbound: Inbound) -> str:
+        """Count one customer message: "ok", "notice" (first over the limit) or "drop" (bot/ratelimit.py)."""
         limit = self.settings.rate_limit_per_minute
         if limit <= 0:
-            return True
-        window = self._rates[who].stamps
-        now = time.monotonic()
-        while window and now - window[0] > 60:
-            window.popleft()
-        if len(window) >= limit:
-            return False
-        window.append(now)
-        return True
+            return "ok"
+        count = await self.limiter.hit(f"customer:{inbound.channel}:{inbound.customer_id}", CUSTOMER_WINDOW_S)
+        return rate_verdict(count, limit)
 
-    async def ask_human(self, inbound: Inbound) -> Outbound:
-        """The customer asked for a person (/human): flag the conversation and tell staff."""
+    async def _over_limit(self, conv: Conversation, inbound: Inbound, text: str) -> list[Outbound] | None:
+        """None within the limit; else the message is stored as "limited", with one notice per window."""
+        verdict = await self._rate(inbound)
+        if verdict == "ok":
+            return None
+        q = await self._question(conv, inbound, None, text, status="limited")
+        return [await self._notice(conv, SLOW_DOWN, q)] if verdict == "notice" else []
+
+    async def admit(self, inbound: Inbound) -> list[Outbound] | None:
+        """For a reply a channel makes itself (/start, /help): counted like any message. None: go
+        ahead; else what to send instead (the one "slow down" notice of the window, or nothing)."""
+        verdict = await self._rate(_safe_ids(inbound))
+        if verdict == "ok":
+            return None
+        return [Outbound(SLOW_DOWN, 0, kind="notice")] if verdict == "notice" else []
+
+    async def _ping(self, conv: Conversation, message_id: int | None, why: str) -> None:
+        """Tell staff (and the on-call group) about this conversation: once per ONCALL_WINDOW_S."""
+        if await self.limiter.hit(f"oncall:{conv.id}", ONCALL_WINDOW_S) == 1:
+            await self._each_reviewer("customer_flag", conv, message_id, why)
+
+    async def ask_human(self, inbound: Inbound) -> list[Outbound]:
+        """The customer asked for a person (/human): flag the conversation and tell staff (the
+        on-call ping at most once per conversation in ONCALL_WINDOW_S). Returns what to send."""
         inbound = _safe_ids(inbound)
         conv = await asyncio.to_thread(
             self.store.conversation_for, inbound.channel, inbound.chat_id, inbound.customer_id, inbound.name
@@ -390,12 +475,52 @@ class ConversationService:
         seen = await asyncio.to_thread(self._seen, conv.id, inbound.external_id)
         if seen is not None:
             again = await self._again(conv, seen)
-            if again:
-                return again[0]
+            if again is not None:
+                return again
+        else:
+            over = await self._over_limit(conv, inbound, "/human")
+            if over is not None:
+                return over
         q = await self._question(conv, inbound, seen, "/human", status="refused")
+        return [await self._hand_off(conv, q, "asked for a human")]
+
+    async def _hand_off(self, conv: Conversation, reply_to: int, why: str) -> Outbound:
+        """What /human does, whatever triggered it: the conversation is flagged, staff get a note with
+        Take over (`why` completes "The customer …"), and the customer the HUMAN notice."""
         await asyncio.to_thread(self.store.set_flagged, conv.id, True)
-        await self._each_reviewer("customer_flag", conv, None, "asked for a human")
-        return await self._notice(conv, HUMAN, q)
+        await self._ping(conv, None, why)
+        return await self._notice(conv, HUMAN, reply_to)
+
+    def _wants_human(self, conversation_id: int, question_id: int, text: str) -> str:
+        """Why this message hands the conversation to staff, "" when it does not (bot/handoff.py)."""
+        if handoff.asks_for_human(text):
+            return "asked for a human"
+        if handoff.countable(text):
+            recent = self._since_handoff(conversation_id)
+            answered = {m.reply_to_id for m in recent if m.role == "bot" and m.status != "busy"}
+            asked = [
+                m.text
+                for m in recent
+                if m.role == "customer" and m.id != question_id and m.status == "ok" and m.id in answered
+            ]
+            if handoff.repeated(text, asked, _cosine):
+                return "asked the same question three times"
+        return ""
+
+    def _since_handoff(self, conversation_id: int) -> list[Message]:
+        """The recent messages (oldest first) after the last hand-off notice: frustration is counted
+        afresh after each hand-off. From the store, so every replica counts the same."""
+        rows = self.store.history(conversation_id, handoff.REPEAT_WINDOW)
+        for i in range(len(rows) - 1, -1, -1):
+            if rows[i].role == "system" and rows[i].text == HUMAN:
+                return rows[i + 1 :]
+        return rows
+
+    def _two_downs(self, conversation_id: int) -> bool:
+        """The customer's last two ratings were both 👎, on answers given since the last hand-off."""
+        answers = {m.id for m in self._since_handoff(conversation_id) if m.role == "bot"}
+        last = self.store.customer_ratings(conversation_id, 2)
+        return len(last) == 2 and all(kind == "down" and mid in answers for mid, kind in last)
 
     async def customer_feedback(self, message_id: int, actor: str, up: bool) -> str | None:
         """A customer's thumbs up/down on an answer. Returns the thanks to show, None if a duplicate."""
@@ -411,6 +536,9 @@ class ConversationService:
             await asyncio.to_thread(self.store.set_flagged, msg.conversation_id, True)
             if conv is not None:
                 await self._each_reviewer("customer_flag", conv, message_id, "customer 👎")
+                if conv.mode != "human" and await asyncio.to_thread(self._two_downs, conv.id):
+                    why = "disliked two answers in a row"
+                    await self._deliver(conv, await self._hand_off(conv, message_id, why))
             return THANKS_DOWN
         return THANKS_UP
 
@@ -428,14 +556,21 @@ class ConversationService:
         """Store a staff correction of a bot answer, remember it, and send it to the customer.
 
         Idempotent on `request_key`: a retried submit returns the first correction untouched.
+        A correction holding a secret raises `CorrectionRefused` and nothing is stored or sent; one
+        holding personal data is remembered for its own conversation only (`result.scoped`).
         """
         corrected = clean_text(corrected)
         if not corrected:
             raise ValueError("The corrected answer is empty; type the answer the customer should get.")
+        kinds = secret_kinds(corrected)
+        if kinds:  # the kinds only: the value must not reach a log either
+            log.warning("correction of message %s refused: a secret (%s)", message_id, ", ".join(kinds))
+            raise CorrectionRefused(kinds)
         answer = await asyncio.to_thread(self.store.message, message_id)
         if answer is None or answer.role != "bot":
             raise LookupError(f"No bot answer with id {message_id}.")
         question = await asyncio.to_thread(self._question_of, answer)
+        personal = await asyncio.to_thread(self._personal_data, answer.conversation_id, question, corrected)
         status, review = "active", ""
         if self.settings.two_person_rule != "off":
             verdict = await asyncio.to_thread(
@@ -444,7 +579,7 @@ class ConversationService:
             status, review = ("pending" if verdict.needs_second else "active"), verdict.reason
         corr, created = await asyncio.to_thread(
             self.store.add_correction,
-            audit={"reason": reason, "status": status, "review": review},
+            audit={"reason": reason, "status": status, "review": review, "personal": personal},
             message_id=message_id,
             conversation_id=answer.conversation_id,
             request_key=request_key,
@@ -456,10 +591,11 @@ class ConversationService:
             remember=remember,
             status=status,
         )
-        result = CorrectionResult(corr, created)
-        if corr.remember and question and self._memory_may_use(corr):
+        scope = corr.conversation_id if personal else None
+        result = CorrectionResult(corr, created, personal=personal, scoped=bool(personal))
+        if corr.remember and question and self._memory_may_use(corr) and (scope is not None or not personal):
             # idempotent (an upsert): a retry after a crash between storing and remembering completes it
-            await asyncio.to_thread(self.kb.remember, corr.id, question, corr.corrected)
+            await asyncio.to_thread(self.kb.remember, corr.id, question, corr.corrected, scope)
         if not created:
             if send:
                 result.delivered = await self._resume_followup(answer, corr)
@@ -473,6 +609,17 @@ class ConversationService:
             result.delivered = await self._deliver(conv, Outbound(corrected, conv.id, mid, kind="correction"))
         await self._each_reviewer("correction_stored", conv, corr)
         return result
+
+    def _personal_data(self, conversation_id: int | None, question: str, corrected: str) -> list[str]:
+        """Personal data in a correction that the shop's documents do not print (see OutputGuard)."""
+        name = ""
+        conv = self.store.conversation(conversation_id) if conversation_id is not None else None
+        if conv is not None:
+            customer = self.store.customer(conv.customer_id)
+            name = customer.display_name if customer is not None else ""
+        k = self.settings.top_k
+        public = [p.text for q in (question, corrected) if q for p in self.kb.search(q, k)]
+        return self.guard.personal_data(corrected, "\n".join(public), name)
 
     def _memory_may_use(self, corr: Correction) -> bool:
         """Staff corrections teach the memory at once ("a correction is knowledge from the next
@@ -519,7 +666,12 @@ class ConversationService:
         """
         corr, outcome = await asyncio.to_thread(self.store.approve_correction, correction_id, staff)
         if outcome == "approved" and corr is not None and corr.remember and corr.question:
-            await asyncio.to_thread(self.kb.remember, corr.id, corr.question, corr.corrected)
+            personal = await asyncio.to_thread(
+                self._personal_data, corr.conversation_id, corr.question, corr.corrected
+            )
+            if not personal or corr.conversation_id is not None:
+                scope = corr.conversation_id if personal else None
+                await asyncio.to_thread(self.kb.remember, corr.id, corr.question, corr.corrected, scope)
         return corr, outcome
 
     async def revoke(self, correction_id: int, staff: str) -> Correction | None:
@@ -586,10 +738,17 @@ _CONTROL = {c: " " for c in range(32) if c not in (9, 10)}
 _CONTROL[127] = " "
 
 
+def _cosine(a: str, b: str) -> float:
+    """MiniLM cosine of two texts (knowledge/embed.py caches each text's embedding)."""
+    x, y = embed.embed_query(a), embed.embed_query(b)
+    return float(sum(p * q for p, q in zip(x, y, strict=True)))
+
+
 def clean_text(text: str) -> str:
-    """Text safe to store and prompt with: control characters and lone surrogates removed, trimmed."""
+    """Text safe to store and prompt with: control characters, lone surrogates and invisible format
+    characters (Unicode tags, zero-width, bidi: knowledge/invisible.py) removed, trimmed."""
     text = text.encode("utf-8", "replace").decode("utf-8", "replace")
-    return text.translate(_CONTROL).replace("\x00", "").strip()
+    return strip_invisible(text.translate(_CONTROL).replace("\x00", "")).strip()
 
 
 def _safe_ids(inbound: Inbound) -> Inbound:
@@ -619,4 +778,14 @@ def passages_from_sources(sources: list[dict[str, Any]]) -> list[Passage]:
     ]
 
 
-__all__ = ["Answer", "ConversationService", "Inbound", "Outbound", "Retrieval", "clean_text"]
+__all__ = [
+    "Answer",
+    "ConversationService",
+    "CorrectionRefused",
+    "CorrectionResult",
+    "Inbound",
+    "Outbound",
+    "Retrieval",
+    "clean_text",
+    "correction_problem",
+]

@@ -7,13 +7,16 @@ reply itself and blocks it when it would leak one of three things:
 - **the system prompt**: a run of `PROMPT_SPAN_WORDS` consecutive words copied from it
   (a verbatim leak; a reply sharing a phrase or two with the brand voice is fine);
 - **a secret**: any configured token value (Telegram, Slack, webhook and signing secrets) or
-  anything shaped like a token (`xoxb-…`, `xapp-…`, a Telegram bot token, an API key);
-- **another customer's identifiers**: an email address, phone number, card number or IBAN
-  that is neither in this conversation nor in the knowledge-base passages the answer was
-  grounded on, and the full name (two words or more) of another customer in the store.
-  The correction memory is deliberately *not* a trusted source here: a staff correction
-  written for one customer can hold that customer's email, and memory answers are sent
-  verbatim to everyone who asks a similar question.
+  anything `learning/secrets_scan.py` finds: vendors' key and token formats (`sk_live_…`,
+  `AKIA…`, `ghp_…`, `xoxb-…`, JWTs, private keys, ...) always; `password: …` values and
+  high-entropy strings unless the documents the answer was grounded on print them;
+- **another customer's personal data**: whatever the redactor (`learning.redact.find_pii`)
+  finds (email, phone, card, IBAN, street address, SSN, birth date) that is neither in this
+  conversation nor in the knowledge-base passages the answer was grounded on, and the full
+  name (two words or more) of another customer in the store. The correction memory is
+  deliberately *not* a trusted source here: a staff correction written for one customer can
+  hold that customer's details. (Such a correction is also recalled only in its own
+  conversation, `ConversationService.correct`; the guard is the second line.)
 
 A blocked reply is replaced by `BLOCKED` (the customer is told a colleague will follow up),
 stored with status "blocked" and flagged for staff; the blocked text itself is never stored
@@ -29,18 +32,18 @@ from dataclasses import dataclass
 
 from sqlalchemy import select
 
-from bot.logsafe import TOKEN_PATTERNS
 from knowledge.models import Customer
 from knowledge.passages import Passage
 from knowledge.settings import Settings
 from knowledge.store import Store
-from learning.redact import find_pii
+from learning.redact import LABELS, Span, find_pii
+from learning.secrets_scan import find_secrets
 
 BLOCKED = "Sorry, I can't share that. I've passed your message to a colleague who will follow up shortly."
 # A verbatim leak of the system prompt: this many consecutive words copied from it.
 PROMPT_SPAN_WORDS = 8
-# Identifier kinds that point at a person (addresses are too fuzzy to match reliably).
-IDENTIFIERS = ("EMAIL", "PHONE", "CARD", "IBAN")
+# Identifier kinds that point at a person: everything the redactor finds.
+IDENTIFIERS = LABELS
 NAMES_TTL_S = 30.0
 MIN_SECRET_CHARS = 8  # shorter configured "secrets" are test placeholders, not worth matching
 
@@ -66,15 +69,34 @@ def _digits(text: str) -> str:
     return re.sub(r"\D", "", text)
 
 
+def _flat(text: str) -> str:
+    return re.sub(r"[^0-9a-zà-ÿß]+", "", text.lower())
+
+
+def _key(label: str, value: str) -> str:
+    """An identifier normalised: emails lower-cased, addresses by their first two words, numbers
+    (and dates) by their digits."""
+    if label == "EMAIL":
+        return value.lower()
+    if label == "ADDRESS":
+        return "ADDRESS:" + " ".join(re.findall(r"[0-9a-zà-ÿß]+", value.lower())[:2])
+    return f"{label}:{_digits(value)[-9:]}"
+
+
 def _identifier_keys(text: str) -> set[str]:
-    """Normalised identifiers in `text`: emails lower-cased, numbers as their digits."""
-    keys = set()
+    """Normalised identifiers in `text`."""
+    return {_key(s.label, text[s.start : s.end]) for s in find_pii(text) if s.label in IDENTIFIERS}
+
+
+def foreign_identifiers(text: str, trusted: str) -> list[Span]:
+    """Personal data in `text` that `trusted` does not hold (the same identifier, or its characters)."""
+    known, flat = _identifier_keys(trusted), _flat(trusted)
+    out = []
     for span in find_pii(text):
-        if span.label not in IDENTIFIERS:
-            continue
         value = text[span.start : span.end]
-        keys.add(value.lower() if span.label == "EMAIL" else f"{span.label}:{_digits(value)[-9:]}")
-    return keys
+        if span.label in IDENTIFIERS and _key(span.label, value) not in known and _flat(value) not in flat:
+            out.append(span)
+    return out
 
 
 class OutputGuard:
@@ -107,12 +129,14 @@ class OutputGuard:
         """Is `reply` safe to send in a conversation whose texts are `conversation`?"""
         if self._leaks_prompt(reply):
             return Verdict(False, "system prompt")
-        if self._leaks_secret(reply):
+        documents = "\n".join(p.text for p in passages if p.kind != "correction")
+        if self._leaks_secret(reply, documents):
             return Verdict(False, "secret")
         own = "\n".join(conversation)
-        trusted = own + "\n" + "\n".join(p.text for p in passages if p.kind != "correction")
-        if _identifier_keys(reply) - _identifier_keys(trusted):
-            return Verdict(False, "identifier not from this conversation")
+        foreign = foreign_identifiers(reply, own + "\n" + documents)
+        if foreign:  # the kinds only: the reason is logged and the values must not be
+            kinds = ", ".join(dict.fromkeys(s.label for s in foreign))
+            return Verdict(False, f"identifier not from this conversation ({kinds})")
         if self._names_other_customer(reply, own, customer_id):
             return Verdict(False, "another customer's name")
         return Verdict(True)
@@ -122,11 +146,32 @@ class OutputGuard:
             return False
         return bool(_spans(_words(reply), PROMPT_SPAN_WORDS) & self._prompt_spans)
 
-    def _leaks_secret(self, reply: str) -> bool:
+    def _leaks_secret(self, reply: str, documents: str = "") -> bool:
         squashed = re.sub(r"\s", "", reply)
         if any(s in reply or s in squashed for s in self._secrets):
             return True
-        return any(p.search(reply) for p in TOKEN_PATTERNS)
+        # a vendor's key format always; a password or random-looking string unless the documents print it
+        return any(s.known or reply[s.start : s.end] not in documents for s in find_secrets(reply))
+
+    def personal_data(self, text: str, public: str = "", customer_name: str = "") -> list[str]:
+        """The kinds of personal data in `text` (a staff correction) that `public` (the shop's own
+        documents) does not hold: identifiers, the full name of any customer in the store, and a
+        word of `customer_name` (the customer it was written for: "Hi Grace, ...")."""
+        kinds = [s.label for s in foreign_identifiers(text, public)]
+        names = set(self._customer_names().values())
+        words = [w for w in re.findall(r"[^\W\d_]{3,}", customer_name) if w.lower() not in public.lower()]
+        if self._mentions(text, names) or any(
+            m.group()[0].isupper()
+            for w in words
+            for m in re.finditer(rf"(?<!\w){re.escape(w)}(?!\w)", text, re.IGNORECASE)
+        ):
+            kinds.append("NAME")
+        return list(dict.fromkeys(kinds))
+
+    @staticmethod
+    def _mentions(text: str, names: Iterable[str]) -> bool:
+        lowered = " ".join(text.lower().split())
+        return any(re.search(rf"(?<!\w){re.escape(n)}(?!\w)", lowered) for n in names)
 
     def _names_other_customer(self, reply: str, own: str, customer_id: int | None) -> bool:
         lowered, own_lower = reply.lower(), own.lower()
@@ -159,4 +204,4 @@ class OutputGuard:
         self._names = None
 
 
-__all__ = ["BLOCKED", "OutputGuard", "Verdict"]
+__all__ = ["BLOCKED", "OutputGuard", "Verdict", "foreign_identifiers"]

@@ -3,36 +3,53 @@
 Two leaks are easy to miss. httpx (which python-telegram-bot uses) logs every request at INFO with
 its URL, and Telegram puts the bot token in the URL path; `quiet_http_clients` keeps those
 loggers at WARNING. And a library may put a secret into an exception message; `SecretFilter`
-masks every configured secret and anything shaped like a token in what the handlers write.
-Our own modules log ids and counts, never message text, at INFO and above.
+masks every configured secret and anything shaped like a credential in what the handlers write.
+The shapes are the known ones of `learning/secrets_scan.py` (the one list of them, shared with
+the output guard and the redactor); its entropy heuristic is left out here, because logs are
+full of hashes and ids that are not secrets.
+Our own modules log ids and counts, never message text, at any level.
+
+Customers' words are easy to leak at DEBUG: python-telegram-bot logs whole updates and API calls
+there, Slack's SDK whole request bodies, SQLAlchemy result rows. `quiet_http_clients` keeps those
+loggers at INFO or above whatever APPRENTICE_LOG_LEVEL says, so DEBUG (for development) does not
+write customer text either.
+
+`ThrottleFilter` keeps a repeated warning or error (a flood of "too many open files", a failing
+dependency) from filling the disk: the same line at most once per `every_s`, the next one written
+saying how many were left out.
 """
 
 from __future__ import annotations
 
 import logging
-import re
+import time
+from typing import Any
 
 from knowledge.settings import Settings
+from learning.secrets_scan import mask_secrets
 
 NOISY_HTTP_LOGGERS = ("httpx", "httpcore", "hpack")
+# Libraries whose DEBUG lines carry customers' words (whole updates, request bodies, result rows),
+# with the lowest level each may have: at these none of them writes message text. SQLAlchemy stays
+# at its own default, WARNING (at INFO it logs every statement).
+TEXT_AT_DEBUG_LOGGERS = {
+    "telegram": logging.INFO,
+    "aiohttp.access": logging.INFO,
+    "slack_sdk": logging.INFO,
+    "slack_bolt": logging.INFO,
+    "sqlalchemy": logging.WARNING,
+}
 MASK = "[secret]"
-
-# Shapes of credentials, whether or not they are ours.
-TOKEN_PATTERNS = (
-    re.compile(r"\bxox[abposr]-[A-Za-z0-9-]{8,}"),  # Slack bot/user/legacy tokens
-    re.compile(r"\bxapp-\d-[A-Za-z0-9-]{8,}"),  # Slack app-level tokens
-    re.compile(r"(?<![0-9])\d{6,12}:[A-Za-z0-9_-]{30,}"),  # Telegram bot tokens (id:secret), also in URLs
-    re.compile(r"\bsk-[A-Za-z0-9_-]{20,}"),  # OpenAI-style API keys
-    re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----"),
-)
 
 
 def quiet_http_clients() -> None:
-    """HTTP client request logs (URLs with tokens) only from WARNING up, whatever the root level."""
-    for name in NOISY_HTTP_LOGGERS:
+    """HTTP client request logs (URLs with tokens) only from WARNING up, and libraries that log customer
+    text at DEBUG only from INFO up, whatever the root level (APPRENTICE_LOG_LEVEL=DEBUG included)."""
+    floors = {**dict.fromkeys(NOISY_HTTP_LOGGERS, logging.WARNING), **TEXT_AT_DEBUG_LOGGERS}
+    for name, floor in floors.items():
         logger = logging.getLogger(name)
-        if logger.level < logging.WARNING:
-            logger.setLevel(logging.WARNING)
+        if logger.level < floor:  # NOTSET (0) too: it would inherit the root's DEBUG
+            logger.setLevel(floor)
 
 
 def secret_values(settings: Settings) -> list[str]:
@@ -57,9 +74,7 @@ class SecretFilter(logging.Filter):
     def mask(self, text: str) -> str:
         for secret in self.secrets:
             text = text.replace(secret, MASK)
-        for pattern in TOKEN_PATTERNS:
-            text = pattern.sub(MASK, text)
-        return text
+        return mask_secrets(text, MASK, heuristic=False)  # shapes of credentials, ours or not
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
@@ -73,13 +88,50 @@ class SecretFilter(logging.Filter):
         return True
 
 
-def install(settings: Settings) -> None:
-    """Apply both protections to the root logger's handlers (the CLI calls this once at start)."""
+class ThrottleFilter(logging.Filter):
+    """The same warning or error at most once per `every_s`; the next one written counts the rest.
+
+    "The same" is the logger, the level, the message and the exception type. Records below WARNING
+    pass untouched. At most `max_keys` different lines are tracked; the least recent is forgotten.
+    """
+
+    def __init__(self, every_s: float = 60.0, max_keys: int = 1000, clock: Any = time.monotonic) -> None:
+        super().__init__()
+        self.every_s, self.max_keys, self.clock = every_s, max_keys, clock
+        self._seen: dict[tuple[str, int, str, str], tuple[float, int]] = {}  # -> (written at, left out)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        exc = record.exc_info[0].__name__ if record.exc_info and record.exc_info[0] else ""
+        text = getattr(record, "unthrottled", None) or record.getMessage()  # another handler's count added
+        key = (record.name, record.levelno, text[:500], exc)
+        now = self.clock()
+        last = self._seen.pop(key, None)
+        if last is not None and now - last[0] < self.every_s:
+            self._seen[key] = (last[0], last[1] + 1)  # re-inserted: the most recent is last
+            return False
+        if last is not None and last[1]:
+            left_out = f" [{last[1]} more like this in the last {now - last[0]:.0f} s not logged]"
+            record.unthrottled = text
+            record.msg, record.args = text + left_out, None
+        self._seen[key] = (now, 0)
+        while len(self._seen) > self.max_keys:
+            del self._seen[next(iter(self._seen))]
+        return True
+
+
+def install(settings: Settings, throttle_s: float = 60.0) -> None:
+    """Apply the protections to the root logger's handlers (the CLI calls this once at start): quiet
+    libraries, repeated warnings and errors throttled, secrets masked."""
     quiet_http_clients()
     guard = SecretFilter(secret_values(settings))
     for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, ThrottleFilter) for f in handler.filters):
+            # one per handler (each sees every record once); first: a dropped repeat costs no masking
+            handler.addFilter(ThrottleFilter(throttle_s))
         if not any(isinstance(f, SecretFilter) for f in handler.filters):
             handler.addFilter(guard)
 
 
-__all__ = ["SecretFilter", "install", "quiet_http_clients", "secret_values"]
+__all__ = ["SecretFilter", "ThrottleFilter", "install", "quiet_http_clients", "secret_values"]

@@ -2,7 +2,11 @@
 
 A channel enqueues an item (a customer reply, a Slack card) and the drainer delivers due
 items oldest first with exponential backoff. An item leaves the outbox only when delivered,
-so an outage or a restart never loses a message. `Retry(after)` honours a server's Retry-After.
+so an outage or a restart never loses a message. `Retry(after)` honours a server's Retry-After;
+`Retry(after, hold=True)` says the limit covers the whole channel (Slack allows about one message a
+second per channel), so the drainer sends nothing at all until then instead of trying every other
+item into the same limit. A `rank` lets urgent items overtake others (Slack: flagged answers' cards
+before the rest) without reordering any one key.
 """
 
 from __future__ import annotations
@@ -10,21 +14,25 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from knowledge.models import utcnow
+from knowledge.models import OutboxItem, utcnow
 from knowledge.store import Store
 
 log = logging.getLogger(__name__)
 
 
 class Retry(Exception):
-    """Raised by a sender: try this item again after `after` seconds (None: backoff)."""
+    """Raised by a sender: try this item again after `after` seconds (None: backoff).
 
-    def __init__(self, reason: str, after: float | None = None) -> None:
+    `hold`: the whole channel waits `after` seconds (a per-channel rate limit), not just this item.
+    """
+
+    def __init__(self, reason: str, after: float | None = None, *, hold: bool = False) -> None:
         super().__init__(reason)
-        self.after = after
+        self.after, self.hold = after, hold
 
 
 class Drop(Exception):
@@ -48,8 +56,16 @@ class Outbox:
         base_delay_s: float = 1.0,
         max_delay_s: float = 300.0,
         lease_s: float = 120.0,
+        before_round: Callable[[], Awaitable[None]] | None = None,
+        rank: Callable[[OutboxItem], int] | None = None,
+        batch: int = 200,
     ) -> None:
         self.store, self.channel, self.send = store, channel, send
+        # called at the start of every round (the Slack channel folds its review backlog there)
+        self.before_round = before_round
+        # lower ranks go first (see by_rank); `batch` items are read per round, oldest first
+        self.rank, self.batch = rank, batch
+        self._held_until = 0.0  # time.monotonic() before which a Retry(hold=True) stops all sending
         self.lease_s = lease_s  # a claimed item is retried by any replica after this (sender died)
         self.poll_s, self.base_delay_s, self.max_delay_s = poll_s, base_delay_s, max_delay_s
         self._wake = asyncio.Event()
@@ -84,8 +100,13 @@ class Outbox:
         """Try every due item once, in order; returns how many were delivered.
 
         Items sharing a key stay in order: after one fails, later items of that key wait.
+        A `Retry(hold=True)` ends the round: every other item would meet the same limit.
         """
-        items = await self._call(self.store.pending_outbox, self.channel)
+        if self.before_round is not None:
+            await self.before_round()
+        items = await self._call(self.store.pending_outbox, self.channel, self.batch)
+        if self.rank is not None:
+            items = by_rank(items, self.rank)
         now = utcnow()
         blocked: set[str] = set()
         delivered = 0
@@ -126,6 +147,9 @@ class Outbox:
                     "outbox %s item %s retry in %.1fs: %s", self.channel, item.id, delay, type(exc).__name__
                 )
                 await self._call(self.store.outbox_retry, item.id, delay, repr(exc))
+                if isinstance(exc, Retry) and exc.hold:
+                    self._held_until = time.monotonic() + delay
+                    break
                 if item.key:
                     blocked.add(item.key)
                 continue
@@ -135,6 +159,9 @@ class Outbox:
 
     async def _run(self) -> None:
         while True:
+            held = self._held_until - time.monotonic()
+            if held > 0:  # the server's Retry-After for the whole channel: wake-ups cannot shorten it
+                await asyncio.sleep(held)
             # cleared BEFORE draining: an item put while the drain runs wakes the next round at once
             self._wake.clear()
             try:
@@ -150,3 +177,16 @@ class Outbox:
                     await self._wake.wait()
             except TimeoutError:
                 pass
+
+
+def by_rank(items: list[OutboxItem], rank: Callable[[OutboxItem], int]) -> list[OutboxItem]:
+    """`items` (oldest first) by rank, then age. An item goes as early as the most urgent item of its
+    key behind it, so the items of one key keep their order."""
+    best: dict[str, int] = {}
+    ranked = []
+    for item in reversed(items):
+        r = rank(item)
+        if item.key:
+            r = best[item.key] = min(r, best.get(item.key, r))
+        ranked.append((r, item.id, item))
+    return [item for _, _, item in sorted(ranked, key=lambda x: (x[0], x[1]))]

@@ -62,7 +62,8 @@ class Message(Base):
     model: Mapped[str | None] = mapped_column(String(256), nullable=True)
     adapter_version: Mapped[str | None] = mapped_column(String(64), nullable=True)
     latency_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
-    # "ok", "unsure" (nothing relevant found), "error" (model failed), "refused", "relayed"
+    # "ok", "unsure" (nothing relevant found), "error" (model failed), "refused", "relayed",
+    # "limited" (over the customer's rate limit: neither answered nor relayed)
     status: Mapped[str] = mapped_column(String(16), default="ok")
     flagged: Mapped[bool] = mapped_column(Boolean, default=False)
     approved: Mapped[bool] = mapped_column(Boolean, default=False)
@@ -174,7 +175,7 @@ class OutboxItem(Base):
     # Items of one ordering key are delivered in id order.
     key: Mapped[str] = mapped_column(String(128), default="")
     payload: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
-    # pending | sent | dead
+    # pending | sending (claimed) | sent | dead | folded (listed in a Slack digest item instead)
     status: Mapped[str] = mapped_column(String(16), default="pending", index=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
@@ -208,3 +209,17 @@ class KvState(Base):
     __tablename__ = "kv_state"
     key: Mapped[str] = mapped_column(String(64), primary_key=True)
     value: Mapped[str] = mapped_column(Text)
+
+
+class RateLimit(Base):
+    """One rate-limit window (a customer's messages, a conversation's on-call ping), shared by replicas.
+
+    `count` hits since `window_start`; the window ends at `expires_at`, and a hit after that starts a
+    new one (one atomic upsert, `Store.rate_hit`). Rows of ended windows are deleted periodically.
+    """
+
+    __tablename__ = "rate_limits"
+    key: Mapped[str] = mapped_column(String(200), primary_key=True)
+    window_start: Mapped[dt.datetime] = mapped_column(DateTime)
+    expires_at: Mapped[dt.datetime] = mapped_column(DateTime, index=True)
+    count: Mapped[int] = mapped_column(Integer, default=0)

@@ -108,6 +108,12 @@ class Settings(BaseSettings):
         64, description="Most requests waiting for the model; beyond it customers get 'busy'."
     )
     max_new_tokens: int = Field(160, description="Maximum tokens the model may generate for one answer.")
+    context_tokens: int = Field(
+        0,
+        ge=0,
+        description="The model's context window in tokens; prompts are cut to it minus the answer's tokens. "
+        "0: the model's own (config.json). Set it to the server's --max-model-len with APPRENTICE_LLM_URL.",
+    )
     system_prompt: str = Field(
         DEFAULT_SYSTEM_PROMPT,
         description="Brand voice: the system prompt text, or a path to a file holding it.",
@@ -120,6 +126,15 @@ class Settings(BaseSettings):
     )
     memory_threshold: float = Field(
         0.75, description="Cosine similarity at which a stored correction wins over the documents."
+    )
+    embedding_model: str = Field(
+        "",
+        description="Sentence-transformers model of dense retrieval and correction memory. Empty: the "
+        "bundled all-MiniLM-L6-v2 (trained on English). Else a local folder, or a model id already in the "
+        "local Hugging Face cache (nothing is downloaded), e.g. paraphrase-multilingual-MiniLM-L12-v2 for "
+        "customers who write in other languages. Another model gets Chroma collections of its own: "
+        "switching re-ingests the documents once and re-embeds the corrections remembered with the "
+        "bundled model.",
     )
     memory_mode: Literal["verbatim", "prompt"] = Field(
         "verbatim",
@@ -195,7 +210,10 @@ class Settings(BaseSettings):
         "{dataset}, {out}, {base}, {base_name}, {init_adapter}, {python}, {args}."
     )
     log_level: str = Field(
-        "WARNING", description="Logging level (DEBUG, INFO, WARNING, ERROR). DEBUG is not for production."
+        "WARNING",
+        description="Logging level (DEBUG, INFO, WARNING, ERROR). DEBUG is for development; even there the "
+        "libraries that would log customers' words (python-telegram-bot, slack_sdk, SQLAlchemy) stay at "
+        "INFO or above.",
     )
     log_format: Literal["text", "json"] = Field(
         "text", description="Log lines as text, or as one JSON object each for log shippers."

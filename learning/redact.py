@@ -2,10 +2,15 @@
 
 Everything that goes into a dataset passes through `redact` first. Each detector is a regular
 expression plus a validity check where one exists (Luhn for payment cards, ISO 7064 mod-97 for
-IBANs), and a few context rules for the look-alikes support chats are full of: order and tracking
-numbers, dates, prices, IP addresses and version strings. Placeholders keep the sentence shape
-(`[EMAIL]`, `[PHONE]`, `[CARD]`, `[IBAN]`, `[ADDRESS]`) so the model still learns "send it to
-[EMAIL]" and never the address itself.
+IBANs, the never-issued ranges of US Social Security numbers), and a few context rules for the
+look-alikes support chats are full of: order and tracking numbers, dates (a date is personal only
+next to "date of birth", "DOB", "born"), prices, IP addresses and version strings. Placeholders
+keep the sentence shape (`[EMAIL]`, `[PHONE]`, `[CARD]`, `[IBAN]`, `[ADDRESS]`, `[SSN]`, `[DOB]`)
+so the model still learns "send it to [EMAIL]" and never the address itself. Secrets (API keys,
+tokens, passwords: `learning/secrets_scan.py`, their one home) become `[SECRET]`.
+
+`find_pii` is also what the output guard (`bot/guard.py`) and the correction check
+(`bot/conversation.py`) use to find personal data: one list of detectors for all three.
 
 `measure(path)` scores the detectors against a labelled JSONL file (`tests/data/pii_labelled.jsonl`):
 `python -m learning.redact tests/data/pii_labelled.jsonl` prints precision and recall.
@@ -21,7 +26,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-LABELS = ("EMAIL", "IBAN", "CARD", "PHONE", "ADDRESS")
+from learning.secrets_scan import find_secrets
+
+LABELS = ("EMAIL", "IBAN", "CARD", "PHONE", "ADDRESS", "SSN", "DOB")
 
 
 @dataclass(frozen=True)
@@ -135,6 +142,25 @@ _PHONE_CONTEXT = re.compile(
     re.IGNORECASE,
 )
 _DATE_LIKE = re.compile(r"^(?:\d{1,4}[./-]\d{1,2}[./-]\d{1,4})$")
+# US Social Security numbers, 3-2-4 digits. Dashed ones stand alone; spaced or bare ones need the word.
+_SSN = re.compile(r"(?<![\d/.-])\d{3}([- ]?)\d{2}\1\d{4}(?![\d/-]|[.,]\d)")
+_SSN_CONTEXT = re.compile(
+    r"(?:\bssn|social\s+security(?:\s+(?:no\.?|number|#))?|\btin|\bitin)\W{0,4}(?:is\s+)?$", re.IGNORECASE
+)
+_MONTH = (
+    r"(?:Jan(?:uary)?|Feb(?:ruary)?|Mar(?:ch)?|Apr(?:il)?|May|June?|July?|Aug(?:ust)?|Sept?(?:ember)?|"
+    r"Oct(?:ober)?|Nov(?:ember)?|Dec(?:ember)?)\.?"
+)
+_DATE = (
+    r"(?:\d{4}[./-]\d{1,2}[./-]\d{1,2}|\d{1,2}[./-]\d{1,2}[./-](?:\d{4}|\d{2})"
+    rf"|\d{{1,2}}(?:st|nd|rd|th)?\s+{_MONTH},?\s+\d{{4}}|{_MONTH}\s+\d{{1,2}}(?:st|nd|rd|th)?,?\s+\d{{4}})"
+)
+# A date is personal data when it is a birth date: "DOB 1985-03-12", "born on 12 March 1985".
+_DOB = re.compile(
+    r"\b(?:d\.?o\.?b\.?|date\s+of\s+birth|birth\s*date|birthday|born(?:\s+on)?)"
+    rf"(?:\s+is)?\s*[:=-]?\s*(?:on\s+)?({_DATE})(?![\d/.-]\d)",
+    re.IGNORECASE,
+)
 _IP_LIKE = re.compile(r"^\d{1,3}(?:\.\d{1,3}){3}$")
 
 
@@ -158,6 +184,29 @@ def _phone_ok(text: str, start: int, match: str) -> bool:
     if not grouped:
         return match.startswith("0") or bool(_PHONE_CONTEXT.search(before))
     return not ("." in match and not re.fullmatch(r"\(?\d{2,4}\)?(?:\.\d{2,4}){2,4}", match))
+
+
+def _ssn_ok(text: str, start: int, match: str) -> bool:
+    digits = re.sub(r"\D", "", match)
+    area, group, serial = digits[:3], digits[3:5], digits[5:]
+    if area in ("000", "666") or area.startswith("9") or group == "00" or serial == "0000":
+        return False  # never issued
+    before = text[max(0, start - 40) : start]
+    if _SSN_CONTEXT.search(before):
+        return True
+    # without the word, only the dashed form, and not as an order, ticket or serial number
+    return "-" in match and not _ID_CONTEXT.search(before)
+
+
+def _ssns(text: str) -> Iterable[Span]:
+    for m in _SSN.finditer(text):
+        if _ssn_ok(text, m.start(), m.group()):
+            yield Span(m.start(), m.end(), "SSN")
+
+
+def _dobs(text: str) -> Iterable[Span]:
+    for m in _DOB.finditer(text):
+        yield Span(m.start(1), m.end(1), "DOB")
 
 
 def _emails(text: str) -> Iterable[Span]:
@@ -197,7 +246,9 @@ def _addresses(text: str) -> Iterable[Span]:
 
 
 # Order matters: earlier detectors win overlaps (an IBAN's digits would otherwise look like a phone).
-DETECTORS: tuple[Callable[[str], Iterable[Span]], ...] = (_emails, _ibans, _cards, _addresses, _phones)
+DETECTORS: tuple[Callable[[str], Iterable[Span]], ...] = (
+    _emails, _ibans, _cards, _ssns, _dobs, _addresses, _phones
+)
 
 
 def find_pii(text: str) -> list[Span]:
@@ -211,8 +262,10 @@ def find_pii(text: str) -> list[Span]:
 
 
 def redact(text: str) -> tuple[str, dict[str, int]]:
-    """`text` with personal data replaced by placeholders, and how many of each kind were replaced."""
-    spans = find_pii(text)
+    """`text` with personal data and secrets replaced by placeholders, and how many of each kind."""
+    spans = [Span(s.start, s.end, "SECRET") for s in find_secrets(text)]
+    spans += [p for p in find_pii(text) if all(p.end <= s.start or p.start >= s.end for s in spans)]
+    spans.sort(key=lambda s: s.start)
     counts: Counter[str] = Counter()
     out, last = [], 0
     for span in spans:

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from learning.modelfiles import export_dirs, offline_by_default, resolve_model
+from learning.prompt import PromptBudget, fit_messages
 
 if TYPE_CHECKING:
     from knowledge.settings import Settings
@@ -520,16 +521,24 @@ class LocalRuntime:
 
     # --- generation -------------------------------------------------------------------------------
     def _encode(self, messages: Messages, budget: int) -> list[int]:
+        """The prompt's token ids, within the context window less the answer's `budget`.
+
+        Prompts from `learning.prompt.answer_messages` fit already. Any other is cut the same way
+        (`learning.prompt.fit_messages`): the system prompt and the end stay, never just the last
+        tokens, which cut away the system prompt and the passage fence.
+        """
         text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         ids: list[int] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         room = max(1, self.context_tokens - budget)
         if self.max_input_tokens:
             room = min(room, self.max_input_tokens)
         if len(ids) > room:
-            log.warning("prompt of %d tokens cut to the last %d to fit the context window", len(ids), room)
+            fitted = fit_messages(messages, PromptBudget(room, self.tokenizer))
+            text = self.tokenizer.apply_chat_template(fitted, tokenize=False, add_generation_prompt=True)
+            log.warning("prompt of %d tokens cut to fit the context window (%d)", len(ids), room)
             with self._cond:
                 self.stats.truncated += 1
-            ids = ids[-room:]
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         return ids
 
     def _run_batch(self, batch: list[_Request]) -> None:

@@ -14,6 +14,8 @@ FORBIDDEN = {"knowledge": {"learning", "bot"}, "learning": {"bot"}, "bot": set()
 SDK_HOMES = {
     "chromadb": {"knowledge/vectors.py"},
     "sentence_transformers": {"knowledge/embed.py"},
+    "lingua": {"knowledge/language.py"},
+    "Stemmer": {"knowledge/language.py"},
     "telegram": {"bot/channels/telegram.py"},
     "slack_bolt": {"bot/channels/slack.py"},
     "slack_sdk": {"bot/channels/slack.py"},

@@ -4,12 +4,19 @@ The only module that imports `slack_bolt` / `slack_sdk`. It connects through Soc
 SLACK_APP_TOKEN is set and serves `/slack/events` on the project's HTTP server when
 SLACK_SIGNING_SECRET is set (bolt verifies every signature there).
 
-Two rules shape it:
+Three rules shape it:
 - Posting to Slack never delays a customer. Cards, card updates, thread notes and the nightly
   report (its text, then its chart as an uploaded PNG) go into the durable outbox (keyed by
   conversation, or "report", so each stays in order) and a background drainer posts them;
   a 429 waits its Retry-After, other failures back off, nothing is lost.
   The drainer creates a conversation's thread parent the first time it needs one.
+- Slack posts about one message a second per channel, so at volume cards would queue for ever.
+  A 429 holds the whole outbox for its Retry-After (every other card would meet the same limit).
+  Flagged answers (unsure, fallback, model error, guard-blocked) go first and always get their
+  own card with buttons. Once an unflagged card has waited APPRENTICE_SLACK_DIGEST_AFTER_S, every
+  unflagged card still waiting is folded into digest messages (one line per answer, up to
+  DIGEST_SIZE each) queued behind the flagged cards, and for a while a conversation's first card
+  opens its thread itself (one message, not two). Nothing is dropped; nothing lags for minutes.
 - A Slack request is answered fast and handled after. Listeners check who is acting, ack,
   and hand the work to a task; work on one conversation runs in arrival order. Retried
   events (same event_id) and double clicks never store anything twice.
@@ -38,13 +45,13 @@ from slack_bolt.adapter.socket_mode.aiohttp import AsyncSocketModeHandler
 from slack_bolt.app.async_app import AsyncApp
 from slack_sdk.errors import SlackApiError, SlackRequestError
 from slack_sdk.web.async_client import AsyncWebClient
-from sqlalchemy import select
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import SQLAlchemyError
 
-from bot.conversation import Answer, ConversationService
+from bot.conversation import Answer, ConversationService, correction_problem
 from bot.http import HttpServer
 from bot.outbox import Drop, Outbox, Retry
-from knowledge.models import Conversation, Correction, Feedback, Message, RegistryState
+from knowledge.models import Conversation, Correction, Feedback, Message, OutboxItem, RegistryState, utcnow
 from knowledge.settings import Settings
 from knowledge.store import Store
 
@@ -55,6 +62,10 @@ EVENTS_PATH = "/slack/events"
 SIGNATURE_MAX_AGE_S = 300  # Slack's own rule: older (or future) timestamps are replays
 STAFF_CACHE_S = 300.0
 MAX_SECTION = 2900  # Slack allows 3000 characters in a section text
+DIGEST_SIZE = 100  # answers per digest message: 100 one-line summaries fit Slack's 50 blocks
+# outbox items read per round: flagged cards behind the unflagged backlog (which folding keeps to
+# APPRENTICE_SLACK_DIGEST_AFTER_S of answers, about 650 at 1,300 answers a minute) are still seen
+OUTBOX_BATCH = 1000
 REASONS = [
     ("wrong_fact", "Wrong fact"),
     ("missing_info", "Missing information"),
@@ -97,8 +108,10 @@ class SlackChannel:
         poll_s: float = 1.0,
         base_delay_s: float = 1.0,
         lease_s: float = 120.0,
+        behind_s: float = 120.0,
     ) -> None:
         self.settings, self.service, self.store = settings, service, store
+        self.behind_s = behind_s  # after a fold, the channel counts as behind this long (see _behind)
         self.token = settings.slack_bot_token.get_secret_value()
         self.app_token = settings.slack_app_token.get_secret_value()
         self.signing_secret = settings.slack_signing_secret.get_secret_value()
@@ -120,8 +133,9 @@ class SlackChannel:
         self.channel_id = settings.slack_channel
         self.client = AsyncWebClient(token=self.token, base_url=_api_url(settings.slack_api_url))
         self.outbox = Outbox(
-            store, CHANNEL, self._send, poll_s=poll_s, base_delay_s=base_delay_s, lease_s=lease_s
-        )
+            store, CHANNEL, self._send, poll_s=poll_s, base_delay_s=base_delay_s, lease_s=lease_s,
+            before_round=self._fold_backlog, rank=_rank, batch=OUTBOX_BATCH,
+        )  # fmt: skip
         self._app: AsyncApp | None = None
         self._socket: AsyncSocketModeHandler | None = None
         self._socket_task: asyncio.Task[None] | None = None
@@ -129,6 +143,7 @@ class SlackChannel:
         self._chains: dict[str, asyncio.Task[None]] = {}
         self._names: dict[str, str] = {}
         self._staff_cache: tuple[float, frozenset[str]] | None = None
+        self._behind_until = 0.0  # time.monotonic() until which the channel counts as behind (_behind)
         users, groups = _parse_staff(settings.staff)
         self._staff_users, self._staff_groups = users, groups
         if self.signing_secret:
@@ -262,7 +277,8 @@ class SlackChannel:
         if answer.repeat and await asyncio.to_thread(self._carded, answer.message_id):
             return  # a redelivered message whose card is already posted or queued
         if review == "all" or (review == "flagged" and answer.flagged):
-            await self._put("card", conv.id, {"message_id": answer.message_id})
+            # "flagged": False marks a card that may be folded into a digest at volume
+            await self._put("card", conv.id, {"message_id": answer.message_id, "flagged": answer.flagged})
 
     def _carded(self, message_id: int) -> bool:
         if self.store.get_kv(_card_key(message_id)):
@@ -294,13 +310,8 @@ class SlackChannel:
 
     async def post_report(self, result: dict[str, Any]) -> None:
         """The nightly learning report, posted to the review channel (through the outbox, like cards)."""
-        if result.get("status") == "skipped":
-            return
-        from learning.nightly import format_report  # lazy: the learning job's imports are not ours
-
-        await self.outbox.put("report", {"text": format_report(result)}, key="report")
-        if result.get("chart"):  # same key: the chart follows its text, never overtakes it
-            await self.outbox.put("report_chart", _chart_payload(result), key="report")
+        for kind, payload in report_items(result):
+            await self.outbox.put(kind, payload, key="report")
 
     async def _put(self, kind: str, conversation_id: int, payload: dict[str, Any]) -> None:
         await self.outbox.put(
@@ -323,6 +334,8 @@ class SlackChannel:
                 )
             elif kind == "report_chart":
                 await self._upload_chart(payload)
+            elif kind == "digest":
+                await self._post_digest(payload)
             else:
                 raise Drop(f"unknown Slack outbox item kind {kind!r}")
         except SlackApiError as exc:
@@ -338,8 +351,8 @@ class SlackChannel:
                 raise Drop("Slack app lacks the files:write scope; chart not posted") from exc
             status = getattr(exc.response, "status_code", 0)
             if status == 429 or error == "ratelimited":
-                after = _retry_after(exc)
-                raise Retry("Slack rate limit", after) from exc
+                # the limit is per channel and every item posts to the review channel: all wait
+                raise Retry("Slack rate limit", _retry_after(exc), hold=True) from exc
             if error in PERMANENT:
                 raise Drop(f"Slack refused the {kind}: {error}") from exc
             if error in AUTH_ERRORS or error in ("channel_not_found", "not_in_channel"):
@@ -373,21 +386,30 @@ class SlackChannel:
         except SlackRequestError as exc:  # the upload step itself (not a Web API method) failed
             raise Retry(f"Slack file upload failed: {exc}") from exc
 
-    async def _thread(self, conversation_id: int) -> str:
-        """The ts of the conversation's thread parent, posting the parent the first time."""
+    async def _existing_thread(self, conversation_id: int) -> tuple[Conversation, str]:
+        """The conversation and the ts of its thread parent in the review channel ("" when none yet)."""
         conv = await asyncio.to_thread(self.store.conversation, conversation_id)
         if conv is None:
             raise Drop(f"conversation {conversation_id} no longer exists")
-        if conv.review_thread:
-            channel, _, ts = conv.review_thread.rpartition(":")
-            if channel == self.channel_id and ts:
-                return ts
-        customer = await asyncio.to_thread(self.store.customer, conv.customer_id)
+        channel, _, ts = (conv.review_thread or "").rpartition(":")
+        return conv, ts if channel == self.channel_id else ""
+
+    def _header(self, conv: Conversation) -> tuple[str, str]:
+        """Who the conversation is with: the customer's name, and the line that heads its thread."""
+        customer = self.store.customer(conv.customer_id)
         name = (customer.display_name if customer else "") or "A customer"
         text = (
             f"🧑 *{_esc(name)}* on *{_esc(conv.channel)}* (chat `{_esc(conv.chat_id)}`) · "
             f"conversation #{conv.id}"
         )
+        return name, text
+
+    async def _thread(self, conversation_id: int) -> str:
+        """The ts of the conversation's thread parent, posting the parent the first time."""
+        conv, ts = await self._existing_thread(conversation_id)
+        if ts:
+            return ts
+        name, text = await asyncio.to_thread(self._header, conv)
         blocks: list[dict[str, Any]] = [
             {"type": "section", "text": {"type": "mrkdwn", "text": text}},
             {
@@ -412,12 +434,18 @@ class SlackChannel:
         state = await asyncio.to_thread(self._card_state, message_id)
         if state is None:
             raise Drop(f"answer {message_id} no longer exists")
-        thread = await self._thread(state.conversation_id)
+        conv, thread = await self._existing_thread(state.conversation_id)
+        if not thread and not self._behind():
+            thread = await self._thread(conv.id)
         names = await self._names_for(state.actors())
         text, blocks = render_card(state, names, self.settings.oncall_group)
+        if not thread:  # behind Slack's pace: the card opens the thread itself, one message instead of two
+            blocks = [_context((await asyncio.to_thread(self._header, conv))[1]), *blocks]
         resp = await self.client.chat_postMessage(
-            channel=self.channel_id, thread_ts=thread, text=text, blocks=blocks
+            channel=self.channel_id, thread_ts=thread or None, text=text, blocks=blocks
         )
+        if not thread:
+            await asyncio.to_thread(self.store.set_review_thread, conv.id, f"{self.channel_id}:{resp['ts']}")
         await asyncio.to_thread(self.store.set_kv, _card_key(message_id), f"{self.channel_id}:{resp['ts']}")
 
     async def _update_card(self, message_id: int) -> None:
@@ -454,6 +482,91 @@ class SlackChannel:
             blocks=blocks,
             reply_broadcast=bool(payload.get("broadcast")),
         )
+
+    # --- digests: the review backlog at Slack's pace ----------------------------------------
+    async def _fold_backlog(self) -> None:
+        """Before each outbox round: past APPRENTICE_SLACK_DIGEST_AFTER_S, fold the unflagged backlog.
+
+        A failure only postpones the fold to the next round; the cards themselves stay queued.
+        """
+        after = self.settings.slack_digest_after_s
+        if after <= 0:
+            return
+        try:
+            folded = await asyncio.to_thread(self._fold, after)
+        except SQLAlchemyError:
+            log.exception("could not fold the Slack review backlog into a digest")
+            return
+        if folded:
+            log.info("Slack is behind: %d unflagged answers folded into digests", folded)
+            self._behind_until = time.monotonic() + self.behind_s
+
+    def _behind(self) -> bool:
+        """Whether this replica folded a digest lately: the review channel is at Slack's limit, and a
+        conversation's first card opens its thread itself instead of after a separate parent."""
+        return time.monotonic() < self._behind_until
+
+    def _fold(self, after_s: float) -> int:
+        """When the oldest unflagged card has waited `after_s`, mark every unflagged card still
+        pending "folded" and queue digest items listing them; returns how many were folded.
+
+        One transaction, and only "pending" rows: a card another replica claimed (or folded) at the
+        same moment is in exactly one place. The digests are queued last, so the flagged cards
+        already waiting go first. A folded card still counts as queued for `_carded`.
+        """
+        waiting = (
+            OutboxItem.channel == CHANNEL,
+            OutboxItem.kind == "card",
+            OutboxItem.status == "pending",
+            OutboxItem.payload["flagged"].as_boolean().is_(False),
+        )
+        with self.store.session() as s:
+            oldest = s.scalar(select(func.min(OutboxItem.created_at)).where(*waiting))
+            if oldest is None or (utcnow() - oldest).total_seconds() < after_s:
+                return 0
+            rows = s.execute(
+                update(OutboxItem)
+                .where(*waiting)
+                .values(status="folded")
+                .returning(OutboxItem.id, OutboxItem.payload)
+                .execution_options(synchronize_session=False)
+            ).all()
+            answers = [[int(p["conversation_id"]), int(p["message_id"])] for _, p in sorted(rows)]
+            for start in range(0, len(answers), DIGEST_SIZE):
+                digest = {"answers": answers[start : start + DIGEST_SIZE]}
+                s.add(OutboxItem(channel=CHANNEL, kind="digest", key="", payload=digest))
+        return len(answers)
+
+    async def _post_digest(self, payload: dict[str, Any]) -> None:
+        """One top-level message listing the folded answers, one line each (no thread parents)."""
+        answers = [(int(c), int(m)) for c, m in payload["answers"]]
+        lines = await asyncio.to_thread(self._digest_lines, answers)
+        text, blocks = render_digest(lines)
+        meta = [{"conversation": c, "answer": m} for c, m in answers]
+        await self.client.chat_postMessage(
+            channel=self.channel_id,
+            text=text,
+            blocks=blocks,
+            metadata={"event_type": "apprentice_digest", "event_payload": {"answers": meta}},
+        )
+
+    def _digest_lines(self, answers: list[tuple[int, int]]) -> list[str]:
+        """`#conversation · answer #id: “question” → answer`, shortened to one line each."""
+        ids = [m for _, m in answers]
+        with self.store.session() as s:
+            replies = {m.id: m for m in s.scalars(select(Message).where(Message.id.in_(ids))).all()}
+            asked = [m.reply_to_id for m in replies.values() if m.reply_to_id]
+            questions = {m.id: m.text for m in s.scalars(select(Message).where(Message.id.in_(asked))).all()}
+        lines = []
+        for cid, mid in answers:
+            msg = replies.get(mid)
+            if msg is None:
+                lines.append(f"#{cid} · answer #{mid}: (erased)")
+                continue
+            question = _one_line(questions.get(msg.reply_to_id or 0, ""), 70)
+            mark = " ⏳" if msg.status == "busy" else ""
+            lines.append(f"#{cid} · answer #{mid}{mark}: “{question}” → {_one_line(msg.text, 100)}")
+        return lines
 
     def _card_state(self, message_id: int) -> CardState | None:
         with self.store.session() as s:
@@ -637,6 +750,10 @@ class SlackChannel:
             await ack(
                 response_action="errors", errors={"corrected": "Type the answer the customer should get."}
             )
+            return
+        problem = correction_problem(text)  # a pasted secret: the form stays open, nothing is stored
+        if problem:
+            await ack(response_action="errors", errors={"corrected": problem})
             return
         if meta is None:
             await ack(response_action="errors", errors={"corrected": STALE_FORM})
@@ -921,6 +1038,25 @@ def render_card(state: CardState, names: dict[str, str], oncall_group: str = "")
     return text, blocks
 
 
+def render_digest(lines: list[str]) -> tuple[str, list[Any]]:
+    """A digest's fallback text and blocks: a header, then the answer lines in sections."""
+    header = (
+        f"🗂️ *{len(lines)} answers without a flag*: the review channel is at Slack's posting limit "
+        "(about one message a second), so they are listed here. Flagged answers still get their own "
+        "cards; a customer's 👎 brings an answer's full card."
+    )
+    blocks: list[dict[str, Any]] = [_section(header)]
+    chunk: list[str] = []
+    for line in lines:
+        if chunk and len("\n".join([*chunk, line])) > MAX_SECTION:
+            blocks.append(_section("\n".join(chunk)))
+            chunk = []
+        chunk.append(line)
+    if chunk:
+        blocks.append(_section("\n".join(chunk)))
+    return f"Digest of {len(lines)} answers", blocks
+
+
 _BUTTONS = {
     "approve": ("Approve", "primary"),
     "flag": ("Flag", "danger"),
@@ -1149,6 +1285,11 @@ def _api_url(url: str) -> str:
     return url if url.endswith("/") else url + "/"
 
 
+def _rank(item: OutboxItem) -> int:
+    """Outbox order: an unflagged answer's card (which a digest may replace) after everything else."""
+    return 1 if item.kind == "card" and item.payload.get("flagged") is False else 0
+
+
 def _card_key(message_id: int) -> str:
     return f"slack:card:{message_id}"
 
@@ -1162,6 +1303,29 @@ def _needed_scope(exc: SlackApiError) -> str:
     """The scope Slack names in a missing_scope error ("" when it names none)."""
     data = getattr(exc.response, "data", None)
     return str(data.get("needed") or "") if isinstance(data, dict) else ""
+
+
+def report_items(result: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """The outbox items of a learning report: its text, then its chart (nothing for a skipped run)."""
+    if result.get("status") == "skipped":
+        return []
+    from learning.nightly import format_report  # lazy: the learning job's imports are not ours
+
+    items: list[tuple[str, dict[str, Any]]] = [("report", {"text": format_report(result)})]
+    if result.get("chart"):  # one key for both: the chart follows its text, never overtakes it
+        items.append(("report_chart", _chart_payload(result)))
+    return items
+
+
+def queue_report(store: Store, result: dict[str, Any]) -> int:
+    """Queue a report made outside `serve` (`apprentice retrain`, the CronJob) for the review channel.
+
+    Whichever bot replica drains the Slack outbox posts it; returns how many items were queued.
+    """
+    items = report_items(result)
+    for kind, payload in items:
+        store.enqueue(CHANNEL, kind, payload, "report")
+    return len(items)
 
 
 def _chart_payload(result: dict[str, Any]) -> dict[str, Any]:
@@ -1203,6 +1367,11 @@ def _short(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+def _one_line(text: str, limit: int) -> str:
+    """Customer or model text as one escaped line of at most `limit` characters."""
+    return _esc(_short(" ".join(text.split()), limit))
+
+
 def _section(text: str) -> dict[str, Any]:
     return {"type": "section", "text": {"type": "mrkdwn", "text": _short(text, MAX_SECTION)}}
 
@@ -1211,4 +1380,12 @@ def _context(text: str) -> dict[str, Any]:
     return {"type": "context", "elements": [{"type": "mrkdwn", "text": _short(text, MAX_SECTION)}]}
 
 
-__all__ = ["CardState", "SlackChannel", "correct_modal", "render_card", "request_key", "slack_to_plain"]
+__all__ = [
+    "CardState",
+    "SlackChannel",
+    "correct_modal",
+    "render_card",
+    "render_digest",
+    "request_key",
+    "slack_to_plain",
+]

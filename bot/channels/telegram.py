@@ -444,13 +444,17 @@ class TelegramChannel:
     async def _command(self, msg: Message, inbound: Inbound) -> None:
         command = _command_of(msg)
         name = command[0] if command is not None else "help"
-        if name == "human":
-            out = await self.service.ask_human(inbound)
-        elif name == "start":
-            out = Outbound(self.settings.start_text, 0, kind="notice")
-        else:  # /help and anything we do not know
-            out = Outbound(HELP_TEXT, 0, kind="notice")
-        await self._enqueue(inbound.chat_id, inbound.customer_id, out)
+        outs: list[Outbound] | None
+        if name == "human":  # rate-limited, and one on-call ping per conversation per window
+            outs = await self.service.ask_human(inbound)
+        else:  # counted against the customer's rate limit like any message
+            outs = await self.service.admit(inbound)
+        if outs is None and name == "start":
+            outs = [Outbound(self.settings.start_text, 0, kind="notice")]
+        elif outs is None:  # /help and anything we do not know
+            outs = [Outbound(HELP_TEXT, 0, kind="notice")]
+        for out in outs:
+            await self._enqueue(inbound.chat_id, inbound.customer_id, out)
 
     async def _on_button(self, query: CallbackQuery) -> None:
         """👍/👎 on an answer: stored once per customer and answer; every press gets an answer."""

@@ -12,13 +12,14 @@ import logging
 import sys
 from typing import BinaryIO, TextIO
 
-from bot.conversation import ConversationService, Inbound, Outbound
+from bot.conversation import ConversationService, CorrectionRefused, Inbound, Outbound
 from knowledge.models import Conversation
 
 log = logging.getLogger(__name__)
 
 CHANNEL = "terminal"
-HELP = """Type a question as the customer. Staff commands act on the last answer:
+HELP = """Type a question as the customer. /human (or "can I talk to a person?") asks for staff.
+Staff commands act on the last answer:
   /correct TEXT    correct the last answer (stored, remembered, sent to the customer)
   /approve         mark the last answer as a good example
   /flag [REASON]   flag the last answer for review
@@ -103,6 +104,11 @@ class TerminalChannel:
         if cmd == "/help":
             self._print(HELP)
             return True
+        if cmd == "/human":  # the customer's command, as on Telegram: flags the chat, tells staff
+            inbound = Inbound(CHANNEL, self.user, self.user, "/human", name=self.user)
+            for out in await self.service.ask_human(inbound):
+                await self._deliver_reply(out)
+            return True
         if cmd not in ("/correct", "/approve", "/flag", "/sources"):
             self._print(f"Unknown command {cmd[:40]!r}. Type /help for the list.")
             return True
@@ -114,7 +120,16 @@ class TerminalChannel:
             if not arg:
                 self._print("Usage: /correct THE RIGHT ANSWER")
                 return True
-            result = await svc.correct(self.last_answer, arg, staff=f"{CHANNEL}:{self.user}")
+            try:
+                result = await svc.correct(self.last_answer, arg, staff=f"{CHANNEL}:{self.user}")
+            except CorrectionRefused as exc:  # a secret: nothing stored, nothing sent
+                self._print(f"(correction not stored: {exc})")
+                return True
+            if result.scoped:
+                self._print(
+                    f"(it holds personal data ({', '.join(result.personal)}): the memory uses it "
+                    "only in this conversation)"
+                )
             if result.correction.status == "pending":
                 self._print(
                     f"(correction #{result.correction.id} stored and sent; it disagrees with the documents "

@@ -168,12 +168,14 @@ async def test_a_customer_may_hear_their_own_details_and_the_shops_public_contac
 
 
 async def test_correction_memory_cannot_carry_one_customers_email_to_another(flow) -> None:
-    """Memory answers are verbatim and bypass the model; the guard still checks them."""
+    """Memory answers are verbatim and bypass the model: a correction holding an identifier is private
+    to its conversation, so the memory never offers it to another customer (and the guard would block
+    it: tests/security/test_correction_leaks.py)."""
     service, _model, _store = flow
     [first] = await service.handle(ask("Where is my order 5512?", "grace", OTHER_NAME))
     await service.correct(first.message_id, f"We emailed the tracking link to {OTHER_EMAIL}.", "staff:ann")
     [out] = await service.handle(ask("Where is my order 5512?", "mallory"))
-    assert OTHER_EMAIL not in out.text and out.text == BLOCKED
+    assert OTHER_EMAIL not in out.text and out.text == "Our bikes start at $749."  # the model answered
     # ...while the customer it was written for still gets it
     [again] = await service.handle(ask("Where is my order 5512?", "grace", OTHER_NAME))
     assert OTHER_EMAIL in again.text

@@ -22,7 +22,7 @@ from sqlalchemy import select
 from bot.channels.slack import SlackChannel
 from bot.conversation import ConversationService, Inbound
 from bot.http import HttpServer
-from knowledge.models import AuditEntry
+from knowledge.models import AuditEntry, Message
 from knowledge.retrieve import KnowledgeBase
 from knowledge.settings import Settings
 from knowledge.store import Store
@@ -98,6 +98,10 @@ async def test_customer_text_is_never_a_training_target(env: Any, tmp_path: Path
     await service.take_over(a3.conversation_id, "staff:ann")
     await service.handle(ask(f"Hello? {poison}", "c3"))  # relayed to staff, not answered
     await service.staff_reply(a3.conversation_id, "Bikes are not free, sorry.", "staff:ann")
+    # a staff reply is one person's word: trained on once a second staff member approves it
+    with service.store.session() as s:
+        reply = s.scalar(select(Message.id).where(Message.role == "staff", Message.status == "ok"))
+    await service.staff_feedback(reply, "approve", "staff:bob")
 
     manifest, rows = dataset(service, tmp_path / "ds")
     assert manifest["counts"]["lessons"] == 3  # the correction, the approval, the staff reply

@@ -31,7 +31,7 @@ from fakes.slack_api import (
 from scripted import ScriptedModel
 from sqlalchemy import func, select
 
-from bot.channels.slack import SlackChannel, slack_to_plain
+from bot.channels.slack import SlackChannel, queue_report, slack_to_plain
 from bot.conversation import ConversationService, Inbound, Outbound
 from bot.http import HttpServer
 from knowledge.models import AuditEntry, Conversation, Feedback, RegistryState
@@ -309,6 +309,18 @@ async def test_empty_correction_is_refused_inside_the_modal(rig: Rig) -> None:
     assert rig.store.corrections() == []
 
 
+async def test_a_correction_holding_a_secret_keeps_the_modal_open_and_stores_nothing(rig: Rig) -> None:
+    out = await rig.ask("How do I pay by card?")
+    card = await rig.card(out.message_id)
+    await rig.press(STAFF_ADA, card, "correct")
+    key = "sk_live_" + "4eC39HqLyjWDarjtT1zdp7dc"
+    status, body = await rig.submit(STAFF_ADA, rig.slack.views[0], correct_values(f"Use the key {key}."))
+    errors = json.loads(body)
+    assert status == 200 and errors["response_action"] == "errors"
+    assert "secret" in errors["errors"]["corrected"] and key not in errors["errors"]["corrected"]
+    assert rig.store.corrections() == [] and rig.customer.received == []
+
+
 async def test_approve_and_flag_with_reason_update_the_card_once(rig: Rig) -> None:
     out = await rig.ask("How long is the warranty on a bike?")
     card = await rig.card(out.message_id)
@@ -575,6 +587,14 @@ async def test_nightly_report_is_posted_to_the_review_channel(rig: Rig) -> None:
     [call] = await rig.slack.wait_for("chat.postMessage")
     assert call.params["channel"] == REVIEW and "adapter v3 promoted" in call.params["text"]
     assert "wins &amp; no regressions" in json.dumps(call.params["blocks"])  # escaped for mrkdwn
+
+
+async def test_a_report_queued_by_a_separate_retrain_job_is_posted_by_the_running_bot(rig: Rig) -> None:
+    # bot replicas run with the nightly job off; `apprentice retrain` (a CronJob) queues its report
+    assert queue_report(rig.store, {"status": "skipped"}) == 0
+    assert queue_report(rig.store, {"status": "rejected", "candidate": "v4", "reason": "no better"}) == 1
+    [call] = await rig.slack.wait_for("chat.postMessage")
+    assert call.params["channel"] == REVIEW and "v4" in call.params["text"]
 
 
 def tiny_png(path: Path) -> bytes:

@@ -176,6 +176,24 @@ async def test_start_help_and_human(bot) -> None:
     assert [c.params["text"] for c in fake.sent(7)] == ["Hi! Ask me about orders.", HELP_TEXT, HUMAN]
 
 
+async def test_plain_words_and_two_thumbs_down_reach_a_person_like_human(bot) -> None:
+    """bot/handoff.py: no /human needed; the 👎 hand-off notice arrives through the outbox."""
+    fake, app, model = bot
+    await fake.push_message(8, "Можно поговорить с оператором?")
+    await fake.wait_for_text(8, HUMAN)
+    assert stored(app.store, Conversation, chat_id="8")[0].flagged and model.started == []
+
+    await fake.push_message(9, "Where is my parcel?")
+    first = await fake.wait_for_text(9, "Answer:")
+    await fake.push_message(9, "How long is the warranty on a bike?")
+    second = await fake.wait_for_text(9, "warranty")
+    await fake.push_callback(9, buttons(first)[1])
+    await fake.wait_for("answerCallbackQuery")  # one 👎 is feedback, not a hand-off
+    await fake.push_callback(9, buttons(second)[1])
+    await fake.wait_for_text(9, HUMAN)
+    assert fake.texts(9) == [first.params["text"], second.params["text"], HUMAN]
+
+
 async def test_feedback_buttons_store_once_and_always_answer(bot) -> None:
     fake, app, _ = bot
     await fake.push_message(42, "Where is my parcel?")

@@ -5,6 +5,11 @@ It accepts what slack_sdk sends: JSON and form-encoded POSTs, and GETs with quer
 Point the app's `AsyncWebClient(base_url=fake.api_url)` at it. It keeps the messages it was
 sent (with their threads and later edits), can be told to fail the next calls of a method
 (429 with Retry-After, 500, or `ok: false`), and lets tests wait for calls without sleeping.
+Like Slack, it lets chat.postMessage post about one message a second per channel after a short
+burst, and answers beyond that with HTTP 429, `Retry-After: <seconds>` and `"error": "ratelimited"`
+(a token bucket per channel: `post_rate`, `post_burst`; `post_rate=None` lifts the limit).
+`time_scale` runs that clock faster: at 10 the fake is Slack at ten times the speed (10 messages a
+second, Retry-After in tenths of a second), for benchmarks that simulate minutes in seconds.
 Files arrive through Slack's upload flow: `files.getUploadURLExternal` hands out an upload URL
 on this server, the bytes are POSTed there, and `files.completeUploadExternal` shares them into
 a channel (`uploaded` holds them, with the channel and title).
@@ -21,6 +26,7 @@ import hashlib
 import hmac
 import itertools
 import json
+import math
 import time
 import urllib.parse
 import uuid
@@ -42,6 +48,8 @@ class Call:
     params: dict[str, Any]
     token: str
     ok: bool
+    status: int = 200
+    at: float = field(default_factory=time.monotonic)  # when the fake answered (time.monotonic())
 
 
 @dataclass
@@ -110,8 +118,14 @@ class FakeSlack:
         members: dict[str, list[str]] | None = None,
         usergroups: dict[str, list[str]] | None = None,
         users: dict[str, str] | None = None,
+        post_rate: float | None = 1.0,
+        post_burst: int = 5,
+        time_scale: float = 1.0,
     ) -> None:
         self.team_id, self.bot_user_id, self.bot_id = team_id, bot_user_id, bot_id
+        # chat.postMessage per channel: `post_rate` a second after `post_burst` at once (Slack's rule)
+        self.post_rate, self.post_burst, self.time_scale = post_rate, post_burst, time_scale
+        self._buckets: dict[str, tuple[float, float]] = {}  # channel -> (tokens, time.monotonic())
         self.members = members or {}  # channel -> user ids
         self.usergroups = usergroups or {}  # group id -> user ids
         self.users = users or {}  # user id -> name
@@ -236,7 +250,7 @@ class FakeSlack:
         failures = self._failures.get(method)
         if failures:
             f = failures.pop(0)
-            self.calls.append(Call(method, params, token, ok=False))
+            self.calls.append(Call(method, params, token, ok=False, status=f.status))
             await self._notify()
             headers = {"Retry-After": str(f.retry_after)} if f.retry_after is not None else {}
             if f.status >= 500:
@@ -247,6 +261,15 @@ class FakeSlack:
             self.calls.append(Call(method, params, token, ok=False))
             await self._notify()
             return web.json_response({"ok": False, "error": "not_authed"})
+        wait = self._rate_limited(str(params.get("channel", ""))) if method == "chat.postMessage" else 0.0
+        if wait > 0:
+            self.calls.append(Call(method, params, token, ok=False, status=429))
+            await self._notify()
+            return web.json_response(
+                {"ok": False, "error": "ratelimited"},
+                status=429,
+                headers={"Retry-After": self._retry_after(wait)},
+            )
         handler = getattr(self, "_m_" + method.replace(".", "_"), None)
         if handler is None:
             body: dict[str, Any] = {"ok": False, "error": "unknown_method"}
@@ -255,6 +278,25 @@ class FakeSlack:
         self.calls.append(Call(method, params, token, ok=bool(body.get("ok"))))
         await self._notify()
         return web.json_response(body)
+
+    def _rate_limited(self, channel: str) -> float:
+        """Take a token from the channel's bucket: 0 when the post may go, else the (real) seconds
+        until the next token. A refused post takes no token, as at Slack."""
+        if self.post_rate is None:
+            return 0.0
+        rate = self.post_rate * self.time_scale  # tokens per real second
+        now = time.monotonic()
+        tokens, last = self._buckets.get(channel, (float(self.post_burst), now))
+        tokens = min(float(self.post_burst), tokens + (now - last) * rate)
+        if tokens >= 1:
+            self._buckets[channel] = (tokens - 1, now)
+            return 0.0
+        self._buckets[channel] = (tokens, now)
+        return (1 - tokens) / rate
+
+    def _retry_after(self, wait: float) -> str:
+        """Whole seconds, as Slack sends them (of the fake's clock: tenths of a second at time_scale 10)."""
+        return f"{math.ceil(wait * self.time_scale) / self.time_scale:g}"
 
     def _next_ts(self) -> str:
         return f"{1_700_000_000 + next(self._ts)}.000100"

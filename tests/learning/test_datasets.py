@@ -51,6 +51,7 @@ def teach(
     *,
     status: str = "active",
     approve: bool = False,
+    approved_by: str | None = None,
 ) -> tuple[int, int | None]:
     """A customer asks, the bot answers, staff correct or approve. Returns (answer id, correction id)."""
     conv = store.conversation_for("terminal", chat, f"cust-{chat}")
@@ -62,7 +63,7 @@ def teach(
         return a.id, None
     corr, _ = store.add_correction(
         message_id=a.id, conversation_id=conv.id, question=question, original=answer,
-        corrected=corrected, staff="staff", status=status,
+        corrected=corrected, staff="staff", status=status, approved_by=approved_by,
     )  # fmt: skip
     if status == "active":
         kb.remember(corr.id, question, corrected)
@@ -192,6 +193,7 @@ def test_personal_data_is_redacted_before_anything_is_written(env: Any, tmp_path
     teach(
         store, kb, "pii", "I'm jo.doe@example.com, call me on +44 20 7946 0958 about my parcel",
         "Sure.", "We emailed jo.doe@example.com; refund to IBAN DE89 3704 0044 0532 0130 00 is on its way.",
+        approved_by="staff:bob",  # an email and an IBAN no document has: the two-person rule applies
     )  # fmt: skip
     ds = tmp_path / "ds"
     manifest = build_datasets(settings, store, kb, ds, BuildOptions(heldout_fraction=0.0))
@@ -206,8 +208,9 @@ def test_duplicates_collapse_and_the_newest_correction_wins(env: Any, tmp_path: 
     settings, store, kb = env
     _, old = teach(store, kb, "d1", "How long is the warranty?", "1 year", "OLD two years on frames.")
     _, new = teach(
-        store, kb, "d2", "how long is the warranty", "one year", "NEW: frames two years, batteries one."
-    )
+        store, kb, "d2", "how long is the warranty", "one year", "NEW: frames two years, batteries one.",
+        approved_by="staff:bob",  # it contradicts the earlier correction: a second person approved it
+    )  # fmt: skip
     ds = tmp_path / "ds"
     manifest = build_datasets(settings, store, kb, ds, BuildOptions(heldout_fraction=0.0))
     completions = {r["completion"][0]["content"] for r in read(ds, "sft.jsonl")}
@@ -222,6 +225,9 @@ def test_duplicates_collapse_and_the_newest_correction_wins(env: Any, tmp_path: 
 
 def test_heldout_conversations_never_reach_training(env: Any, tmp_path: Path) -> None:
     settings, store, kb = env
+    # near-identical questions with different answers: the two-person rule would hold back all but
+    # the first (tests/security/test_two_person_rule.py); this test is about the split
+    settings = settings.model_copy(update={"two_person_rule": "off"})
     for i in range(10):
         teach(
             store,
@@ -246,6 +252,7 @@ def test_heldout_conversations_never_reach_training(env: Any, tmp_path: Path) ->
 
 def test_replay_mixes_in_older_lessons(env: Any, tmp_path: Path) -> None:
     settings, store, kb = env
+    settings = settings.model_copy(update={"two_person_rule": "off"})  # as in the held-out test above
     for i in range(4):
         teach(store, kb, f"old{i}", f"Old question {i} about bikes?", "?", f"Old answer {i}.")
     cutoff = dt.datetime(2030, 1, 1)

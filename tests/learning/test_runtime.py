@@ -240,12 +240,18 @@ def test_set_adapter_refuses_a_folder_without_an_adapter(tiny_model_dir: Path, t
 
 
 @ENGINES
-def test_overlong_prompts_keep_their_end(tiny_model_dir: Path, engine: str) -> None:
+def test_overlong_prompts_keep_the_system_prompt_and_their_end(tiny_model_dir: Path, engine: str) -> None:
+    """A prompt over the window loses the middle of its last message, never its start (the system prompt
+    and, in a real prompt, the passage fence) as it did when only its last tokens were kept."""
     with tiny(tiny_model_dir, max_input_tokens=40, engine=engine) as rt:
         long_history = chat("word " * 500 + "Where is my order?")
         [answer] = rt.generate_batch([long_history])
-    assert answer.prompt_tokens == 40
-    assert rt.stats.truncated == 1
+        ids = rt._encode(long_history, rt.max_new_tokens)
+    assert answer.prompt_tokens == len(ids) <= 40
+    assert rt.stats.truncated == 2  # the answer, and the _encode above
+    text = rt.tokenizer.decode(ids)
+    assert text.startswith("<|im_start|>system\nYou are a support bot.<|im_end|>")
+    assert "word […] " in text and text.endswith("Where is my order?<|im_end|>\n<|im_start|>assistant\n")
 
 
 async def test_build_runtime_applies_the_settings(tiny_model_dir: Path, tmp_path: Path) -> None:
