@@ -54,7 +54,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import func, select
 
 from knowledge.models import Conversation, Correction, Customer, Message, TrainingRun
-from learning.prompt import answer_messages
+from learning.prompt import answer_messages, defang
 from learning.redact import redact
 from learning.trust import (
     Review,
@@ -638,7 +638,7 @@ def build_datasets(
         for les in group:
             for view, prompt in _views(les, opts, render):
                 sft_rows.append(
-                    {"prompt": prompt, "completion": [{"role": "assistant", "content": les.answer}]}
+                    {"prompt": prompt, "completion": [{"role": "assistant", "content": defang(les.answer)}]}
                 )
                 sft_lineage.append(
                     {"ids": les.ids, "view": view, "origin": origin, "conversations": les.conversations()}
@@ -658,8 +658,9 @@ def build_datasets(
                         "prompt": render.messages(
                             les.question, context, les.history if view != "bare" else ()
                         ),
-                        "chosen": [{"role": "assistant", "content": les.answer}],
-                        "rejected": [{"role": "assistant", "content": les.rejected}],
+                        # a staff member's `<|im_end|>` must not teach the model to end a turn early
+                        "chosen": [{"role": "assistant", "content": defang(les.answer)}],
+                        "rejected": [{"role": "assistant", "content": defang(les.rejected)}],
                     }
                 )
                 dpo_lineage.append(
