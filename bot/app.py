@@ -103,7 +103,8 @@ class App:
         self.channels.append(channel)
 
     def start_scheduler(self) -> None:
-        """Schedule the nightly learning job; its report goes to Slack when connected, else stdout."""
+        """Schedule the nightly learning job (its report goes to Slack when connected, else stdout),
+        the weekly resolution figures and the satisfaction question's sweep."""
         from learning.nightly import format_report, start_scheduler
 
         async def report(result: dict[str, Any]) -> None:
@@ -117,6 +118,32 @@ class App:
 
         scheduler = start_scheduler(self.settings, self.store, self.kb, report)
         if scheduler is not None:  # None: APPRENTICE_RETRAIN_CRON is off in this process
+            self._stack.callback(scheduler.shutdown, wait=False)
+        self._start_figures()
+
+    def _start_figures(self) -> None:
+        """The satisfaction sweep (each minute) and the weekly resolution figures (bot/stats.py)."""
+        from bot import stats
+        from learning.nightly import start_report_scheduler
+
+        if self.settings.csat_after > 0:
+            sweep = asyncio.create_task(stats.sweep_forever(self.service), name="csat-sweep")
+            self._stack.push_async_callback(stats.stop, sweep)
+
+        async def post() -> None:
+            figures = await asyncio.to_thread(stats.compute, self.store, 7)
+            text = stats.format_stats(figures)
+            for channel in self.channels:
+                post_stats = getattr(channel, "post_stats", None)
+                if post_stats is not None:
+                    folder = self.settings.data_dir / "stats" / f"{figures.until:%Y-%m-%d}"
+                    _, chart = await asyncio.to_thread(stats.write, figures, folder)
+                    await post_stats(text, str(chart))
+                    return
+            print(text, flush=True)
+
+        scheduler = start_report_scheduler(self.settings, self.store, post)
+        if scheduler is not None:  # None: APPRENTICE_REPORT_CRON is off
             self._stack.callback(scheduler.shutdown, wait=False)
 
     async def start_http(self) -> None:

@@ -245,7 +245,9 @@ def cmd_forget(args: argparse.Namespace) -> int:
     store = Store(settings.database)
     kb = None if args.dry_run else KnowledgeBase.from_settings(settings)
     try:
-        report = forget_customer(store, kb, args.customer, actor=args.actor, dry_run=args.dry_run)
+        report = forget_customer(
+            store, kb, args.customer, actor=args.actor, dry_run=args.dry_run, data_dir=settings.data_dir
+        )
     except CustomerNotFound as exc:
         print(str(exc), file=sys.stderr)
         return 1
@@ -257,9 +259,13 @@ def cmd_forget(args: argparse.Namespace) -> int:
         print(json.dumps(report.as_dict(), indent=1))
         return 0
     verb = "Would erase" if report.dry_run else "Erased"
+    groups = len(report.group_conversations)
     print(
         f"{verb} {', '.join(report.customers)}: {len(report.conversations)} conversation(s), "
-        f"{report.messages_erased} message(s), {len(report.corrections_revoked)} correction(s)."
+        f"{report.messages_erased} message(s), {len(report.corrections_revoked)} correction(s)"
+        + (f", their messages in {groups} group chat(s)" if groups else "")
+        + (f", {report.copies_erased} copied answer(s) of other customers" if report.copies_erased else "")
+        + "."
     )
     if report.adapters_trained_on_them:
         active = " (including the ACTIVE one)" if report.active_adapter_affected else ""
@@ -271,11 +277,38 @@ def cmd_forget(args: argparse.Namespace) -> int:
     else:
         print("No adapter was trained on their data.")
     if report.datasets_with_their_data:
-        print("Dataset folders holding their (redacted) text: " + ", ".join(report.datasets_with_their_data))
+        done = "" if report.dry_run else f" ({report.dataset_rows_removed} row(s) removed)"
+        folders = ", ".join(report.datasets_with_their_data)
+        print(f"Dataset folders holding their (redacted) text{done}: {folders}")
+    if report.chroma_queue_purged is None and report.corrections_revoked and not report.dry_run:
+        print(
+            "Chroma server: its write-ahead log may still hold their corrections until it is purged; "
+            "see docs/security.md (erasure)."
+        )
     if report.manifests_unreadable:
         print("Lineage unknown (manifest missing) for: " + ", ".join(report.manifests_unreadable))
     if report.slack_threads:
         print("Slack review threads to delete in Slack: " + ", ".join(report.slack_threads))
+    return 0
+
+
+# --- resolution figures ------------------------------------------------------------------
+def cmd_stats(args: argparse.Namespace) -> int:
+    from bot import stats
+    from knowledge.store import Store
+
+    if not 1 <= args.days <= 366:
+        print("--days must be 1 to 366", file=sys.stderr)
+        return 2
+    store = Store(_settings().database)
+    try:
+        figures = stats.compute(store, args.days)
+    finally:
+        store.close()
+    print(stats.format_stats(figures))
+    if args.out:
+        data, chart = stats.write(figures, Path(args.out))
+        print(f"Wrote {data} and {chart}")
     return 0
 
 
@@ -444,6 +477,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="Only report what would be erased.")
     p.add_argument("--json", action="store_true", help="Print the report as JSON.")
     p.add_argument("--actor", default="cli", help="Who asked (recorded in the audit log).")
+
+    p = add("stats", cmd_stats, "Resolution figures: resolution rate, CSAT, hand-offs, time to answer.")
+    p.add_argument("--days", type=int, default=7, help="The last N days (7).")
+    p.add_argument("--out", help="Also write stats.json and stats.png to this folder.")
 
     from learning.commands import add_train_arguments
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import datetime as dt
 import logging
 import time
 import weakref
@@ -20,14 +21,15 @@ from typing import Any, Protocol
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
-from bot import handoff
+from bot import handoff, hours
 from bot.guard import BLOCKED, OutputGuard, Verdict
+from bot.messages import CATALOG, Messages
 from bot.metrics import METRICS
 from bot.ratelimit import CUSTOMER_WINDOW_S, ONCALL_WINDOW_S, RateLimiter
 from bot.ratelimit import verdict as rate_verdict
 from knowledge import embed
 from knowledge.invisible import strip_invisible
-from knowledge.models import Conversation, Correction, Message
+from knowledge.models import Conversation, Correction, Message, utcnow
 from knowledge.passages import Passage, Retrieval
 from knowledge.retrieve import KnowledgeBase
 from knowledge.settings import Settings
@@ -40,19 +42,22 @@ from learning.trust import review_correction
 
 log = logging.getLogger(__name__)
 
-# What customers read. Short, polite, and never a stack trace.
-UNSURE = (
-    "I'm not sure about that one, so I've passed your question to a colleague who will follow up shortly."
-)
-APOLOGY = "Sorry, I couldn't answer just now. A colleague has been notified and will get back to you."
-BUSY = "We're answering a lot of customers right now. Please send your question again in a minute."
-TOO_LONG = "Sorry, that message is too long for me ({n} characters). Please keep it under {limit} characters."
-EMPTY = "It looks like your message was empty. What can I help you with?"
-NON_TEXT = "Sorry, I can only read text messages for now. Please type your question."
-SLOW_DOWN = "You're sending messages faster than I can answer. Please wait a moment and try again."
-HUMAN = "Thanks, I've asked a colleague to join. Someone will reply here as soon as possible."
-THANKS_DOWN = "Thanks for the feedback. A colleague will review this answer."
-THANKS_UP = "Thanks for the feedback!"
+# What customers read. Short, polite, and never a stack trace. Every language's text is in the
+# catalog (bot/messages.py); these are the English ones.
+UNSURE = CATALOG["unsure"]["en"]
+APOLOGY = CATALOG["apology"]["en"]
+BUSY = CATALOG["busy"]["en"]
+TOO_LONG = CATALOG["too_long"]["en"]
+EMPTY = CATALOG["empty"]["en"]
+NON_TEXT = CATALOG["non_text"]["en"]
+SLOW_DOWN = CATALOG["slow_down"]["en"]
+HUMAN = CATALOG["human"]["en"]
+THANKS_DOWN = CATALOG["thanks_down"]["en"]
+THANKS_UP = CATALOG["thanks_up"]["en"]
+# The satisfaction question (CSAT), asked once when a conversation goes quiet after an answer.
+CSAT_QUESTION = "Did this solve your problem?"
+CSAT_THANKS_YES = "Great, glad I could help!"
+CSAT_THANKS_NO = "Sorry about that. I've asked a colleague to look at your conversation."
 # Staff corrections of questions at least this close count as evidence for a model reply.
 EVIDENCE = 0.5
 
@@ -68,6 +73,8 @@ class Inbound:
     external_id: str = ""
     name: str = ""
     kind: str = "text"  # text | photo | voice | sticker | document | location | edited | other
+    # the sender's language as the channel reports it (Telegram's language_code), "" when unknown
+    language: str = ""
 
 
 @dataclass
@@ -77,7 +84,7 @@ class Outbound:
     text: str
     conversation_id: int
     message_id: int | None = None
-    kind: str = "answer"  # answer | notice | correction | staff
+    kind: str = "answer"  # answer | notice | correction | staff | csat (the Yes/No question)
     feedback_buttons: bool = False
     # The stored reply to a message seen before (a redelivery, or a retry after a crash): a channel
     # with a durable outbox sends it only if it has not queued it already.
@@ -182,6 +189,10 @@ class ConversationService:
         self.limiter = RateLimiter(store)
         # Every reply passes the output guard (prompt, secrets, other customers' data): bot/guard.py.
         self.guard = OutputGuard(settings, store)
+        # What customers read, in their language (bot/messages.py), and when staff are in (bot/hours.py)
+        self.messages = Messages.from_settings(settings)
+        self.hours = hours.from_settings(settings)
+        self.clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC)  # tests pin it
 
     # --- customers -------------------------------------------------------------------
     async def handle(self, inbound: Inbound) -> list[Outbound]:
@@ -212,7 +223,7 @@ class ConversationService:
             q = await self._question(conv, inbound, seen, text or f"[{inbound.kind}]"[:64], status="error")
             if seen is not None:  # stored by an attempt that died before answering
                 await asyncio.to_thread(self.store.update_message, q, status="error")
-            out = await self._notice(conv, APOLOGY, q)
+            out = await self._notice(conv, await self._say("apology", inbound, text), q)
             await asyncio.to_thread(self.store.set_flagged, conv.id, True)
             await self._ping(conv, None, why)
             METRICS.messages_out.labels(channel=inbound.channel, kind=out.kind).inc()
@@ -244,15 +255,17 @@ class ConversationService:
                 return over
         if inbound.kind != "text" or inbound.text is None:
             q = await self._question(conv, inbound, seen, f"[{inbound.kind}]"[:64], status="refused")
-            return [await self._notice(conv, NON_TEXT, q)]
+            return [await self._notice(conv, await self._say("non_text", inbound), q)]
         if not text:
             q = await self._question(conv, inbound, seen, "", status="refused")
-            return [await self._notice(conv, EMPTY, q)]
+            return [await self._notice(conv, await self._say("empty", inbound), q)]
         if len(text) > self.settings.max_input_chars:
             stored = text[: self.settings.max_input_chars * 5]
             q = await self._question(conv, inbound, seen, stored, status="refused")
-            msg = TOO_LONG.format(n=f"{len(text):,}", limit=f"{self.settings.max_input_chars:,}")
-            return [await self._notice(conv, msg, q)]
+            lang = await self._language(inbound, stored)
+            group = "," if lang == "en" else ""  # "4,000" is four in German
+            n, limit = f"{len(text):{group}}", f"{self.settings.max_input_chars:{group}}"
+            return [await self._notice(conv, self.messages.text("too_long", lang, n=n, limit=limit), q)]
         q = await self._question(conv, inbound, seen, text)
         if conv.mode == "human":
             if seen is None or seen.status != "relayed":
@@ -263,8 +276,8 @@ class ConversationService:
         why = await asyncio.to_thread(self._wants_human, conv.id, q, text)
         if why:
             await asyncio.to_thread(self.store.update_message, q, status="refused")
-            return [await self._hand_off(conv, q, why)]
-        answer = await self._answer(conv, q, text)
+            return [await self._hand_off(conv, q, why, await self._language(inbound, text))]
+        answer = await self._answer(conv, q, text, inbound)
         if answer is None:
             return []
         await self._each_reviewer("answer_posted", conv, answer)
@@ -285,6 +298,8 @@ class ConversationService:
         """The stored customer message: the one seen before, else a new row (a racing insert is reused)."""
         if seen is not None:
             return seen.id
+        # who sent it (the channel's user id): in a group chat not always the conversation's customer
+        fields.setdefault("sender_id", inbound.customer_id or None)
         try:
             return await self._save(conv.id, "customer", text, inbound.external_id, **fields)
         except IntegrityError:  # the same message stored a moment ago by another replica
@@ -314,7 +329,9 @@ class ConversationService:
         kind = "answer" if reply.role == "bot" else "notice"
         return [Outbound(reply.text, conv.id, reply.id, kind=kind, feedback_buttons=ok, repeat=True)]
 
-    async def _answer(self, conv: Conversation, question_id: int, text: str) -> Answer | None:
+    async def _answer(
+        self, conv: Conversation, question_id: int, text: str, inbound: Inbound | None = None
+    ) -> Answer | None:
         started = time.perf_counter()
         retrieval = await asyncio.to_thread(  # corrections scoped to another conversation stay out
             self.kb.retrieve, text, self.settings.top_k, self.settings.memory_threshold, conv.id
@@ -330,7 +347,7 @@ class ConversationService:
             # A small model paraphrases (and garbles) context, so the verified text is safer.
             reply, model = retrieval.memory.text, "correction-memory"
         elif retrieval.memory is None and retrieval.best_score < self.settings.relevance_threshold:
-            reply, status, flagged = UNSURE, "unsure", True
+            reply, status, flagged = await self._unsure(inbound, text), "unsure", True
         elif self.settings.answer_mode == "extract" and retrieval.passages:
             # the extract answer mode: the best passage's relevant sentences, no model
             reply = await asyncio.to_thread(cite, text, retrieval.passages[0])
@@ -350,19 +367,20 @@ class ConversationService:
                 if grounding.startswith("fallback"):
                     flagged = True  # staff see that the model's own reply could not be used
                 if not reply:
-                    reply, status, flagged = UNSURE, "unsure", True
+                    reply, status, flagged = await self._unsure(inbound, text), "unsure", True
             except ModelBusy:
-                reply, status = BUSY, "busy"
+                reply, status = await self._say("busy", inbound, text), "busy"
             except (GenerationTimeout, Exception) as exc:  # the customer gets an apology, staff a flag
                 log.warning("generation failed for conversation %s: %s", conv.id, type(exc).__name__)
-                reply, status, flagged = APOLOGY, "error", True
+                reply, status, flagged = await self._say("apology", inbound, text), "error", True
         if status == "ok":
             # a leak attempt is blocked and shown to staff even when grounding would have dropped it
             checked = reply if generated in ("", reply) else f"{generated}\n\n{reply}"
             verdict = await asyncio.to_thread(self._guard, conv, checked, retrieval.all)
             if not verdict.ok:  # never stored or logged: it may hold the very secret it leaked
                 log.warning("output guard blocked a reply in conversation %s: %s", conv.id, verdict.reason)
-                reply, status, flagged = BLOCKED, "blocked", True
+                blocked = await self._say("blocked", inbound, text) if inbound is not None else BLOCKED
+                reply, status, flagged = blocked, "blocked", True
         latency_ms = (time.perf_counter() - started) * 1000
         METRICS.answer_latency.labels(status=status).observe(latency_ms / 1000)
         sources = [p.as_dict() for p in retrieval.all]
@@ -450,7 +468,9 @@ class ConversationService:
         if verdict == "ok":
             return None
         q = await self._question(conv, inbound, None, text, status="limited")
-        return [await self._notice(conv, SLOW_DOWN, q)] if verdict == "notice" else []
+        if verdict != "notice":
+            return []
+        return [await self._notice(conv, await self._say("slow_down", inbound, text), q)]
 
     async def admit(self, inbound: Inbound) -> list[Outbound] | None:
         """For a reply a channel makes itself (/start, /help): counted like any message. None: go
@@ -458,7 +478,9 @@ class ConversationService:
         verdict = await self._rate(_safe_ids(inbound))
         if verdict == "ok":
             return None
-        return [Outbound(SLOW_DOWN, 0, kind="notice")] if verdict == "notice" else []
+        if verdict != "notice":
+            return []
+        return [Outbound(await self._say("slow_down", inbound), 0, kind="notice")]
 
     async def _ping(self, conv: Conversation, message_id: int | None, why: str) -> None:
         """Tell staff (and the on-call group) about this conversation: once per ONCALL_WINDOW_S."""
@@ -482,14 +504,42 @@ class ConversationService:
             if over is not None:
                 return over
         q = await self._question(conv, inbound, seen, "/human", status="refused")
-        return [await self._hand_off(conv, q, "asked for a human")]
+        return [await self._hand_off(conv, q, "asked for a human", await self._language(inbound))]
 
-    async def _hand_off(self, conv: Conversation, reply_to: int, why: str) -> Outbound:
+    async def _hand_off(self, conv: Conversation, reply_to: int, why: str, lang: str = "") -> Outbound:
         """What /human does, whatever triggered it: the conversation is flagged, staff get a note with
-        Take over (`why` completes "The customer …"), and the customer the HUMAN notice."""
+        Take over (`why` completes "The customer …"), and the customer the HUMAN notice (in `lang`;
+        outside business hours it says when a colleague will reply)."""
         await asyncio.to_thread(self.store.set_flagged, conv.id, True)
         await self._ping(conv, None, why)
-        return await self._notice(conv, HUMAN, reply_to)
+        return await self._notice(conv, self._later("human", lang), reply_to, status="handoff")
+
+    # --- what customers read, in their language -------------------------------------------
+    async def _language(self, inbound: Inbound | None, text: str | None = None) -> str:
+        """The reply language: the channel's (Telegram's language_code), else the message's, else
+        APPRENTICE_LANGUAGE (bot/messages.py). Detection runs in a thread: lingua is CPU work."""
+        if inbound is None:
+            return self.messages.default
+        if text is None and inbound.kind == "text":
+            text = inbound.text
+        return await asyncio.to_thread(self.messages.choose, inbound.language, text)
+
+    async def _say(self, key: str, inbound: Inbound | None, text: str | None = None, **values: Any) -> str:
+        return self.messages.text(key, await self._language(inbound, text), **values)
+
+    def _later(self, key: str, lang: str) -> str:
+        """The `key` notice ("unsure", "human"), or outside business hours its `_later` form: "… A
+        colleague will reply on Monday at 09:00." (the time in the business's zone)."""
+        if self.hours is not None:
+            now = self.clock()
+            opening = self.hours.closed_until(now)
+            if opening is not None:
+                when = self.messages.when(lang, opening, now)
+                return self.messages.text(f"{key}_later", lang, when=when)
+        return self.messages.text(key, lang)
+
+    async def _unsure(self, inbound: Inbound | None, text: str) -> str:
+        return self._later("unsure", await self._language(inbound, text))
 
     def _wants_human(self, conversation_id: int, question_id: int, text: str) -> str:
         """Why this message hands the conversation to staff, "" when it does not (bot/handoff.py)."""
@@ -512,7 +562,9 @@ class ConversationService:
         afresh after each hand-off. From the store, so every replica counts the same."""
         rows = self.store.history(conversation_id, handoff.REPEAT_WINDOW)
         for i in range(len(rows) - 1, -1, -1):
-            if rows[i].role == "system" and rows[i].text == HUMAN:
+            if rows[i].role == "system" and (
+                rows[i].status == "handoff" or self.messages.is_text(rows[i].text, "human", "human_later")
+            ):
                 return rows[i + 1 :]
         return rows
 
@@ -522,8 +574,12 @@ class ConversationService:
         last = self.store.customer_ratings(conversation_id, 2)
         return len(last) == 2 and all(kind == "down" and mid in answers for mid, kind in last)
 
-    async def customer_feedback(self, message_id: int, actor: str, up: bool) -> str | None:
-        """A customer's thumbs up/down on an answer. Returns the thanks to show, None if a duplicate."""
+    async def customer_feedback(
+        self, message_id: int, actor: str, up: bool, language: str = ""
+    ) -> str | None:
+        """A customer's thumbs up/down on an answer. Returns the thanks to show (in `language`, the
+        channel's language code of the customer; else APPRENTICE_LANGUAGE), None if a duplicate."""
+        lang = self.messages.choose(language)
         msg = await asyncio.to_thread(self.store.message, message_id)
         if msg is None or msg.role != "bot":
             return None
@@ -538,9 +594,52 @@ class ConversationService:
                 await self._each_reviewer("customer_flag", conv, message_id, "customer 👎")
                 if conv.mode != "human" and await asyncio.to_thread(self._two_downs, conv.id):
                     why = "disliked two answers in a row"
-                    await self._deliver(conv, await self._hand_off(conv, message_id, why))
-            return THANKS_DOWN
-        return THANKS_UP
+                    await self._deliver(conv, await self._hand_off(conv, message_id, why, lang))
+            return self.messages.text("thanks_down", lang)
+        return self.messages.text("thanks_up", lang)
+
+    async def ask_satisfaction(self, now: dt.datetime | None = None) -> int:
+        """Ask "Did this solve your problem?" in every conversation quiet for APPRENTICE_CSAT_AFTER
+        minutes since a bot answer, once per conversation ever; returns how many were asked.
+
+        Called periodically by every replica (App's sweep): each conversation is claimed in the
+        database (`store.claim_csat`) before the question goes out, so restarts and replicas never
+        ask twice. Only conversations of channels connected here are considered.
+        """
+        minutes = self.settings.csat_after
+        channels = sorted(self.deliverers)
+        if minutes <= 0 or not channels:
+            return 0
+        now = now or utcnow()
+        due = await asyncio.to_thread(self.store.csat_due, minutes * 60.0, now, channels)
+        asked = 0
+        for cid, answer_id in due:
+            if not await asyncio.to_thread(self.store.claim_csat, cid, answer_id, now):
+                continue  # another replica (or an earlier sweep) asked
+            conv = await asyncio.to_thread(self.store.conversation, cid)
+            if conv is None:
+                continue
+            mid = await self._save(cid, "system", CSAT_QUESTION, None, reply_to_id=answer_id, status="csat")
+            asked += await self._deliver(conv, Outbound(CSAT_QUESTION, cid, mid, kind="csat"))
+        return asked
+
+    async def satisfaction(
+        self, conversation_id: int, yes: bool, now: dt.datetime | None = None
+    ) -> str | None:
+        """The customer's Yes/No to the satisfaction question. No flags the conversation for staff,
+        as a 👎 does. Returns the thanks to show; None when it was not asked or answered already."""
+        if not await asyncio.to_thread(self.store.record_csat, conversation_id, yes, now):
+            return None
+        METRICS.feedback.labels(kind="csat_yes" if yes else "csat_no").inc()
+        if yes:
+            return CSAT_THANKS_YES
+        await asyncio.to_thread(self.store.set_flagged, conversation_id, True)
+        conv = await asyncio.to_thread(self.store.conversation, conversation_id)
+        ask = await asyncio.to_thread(self.store.csat, conversation_id)
+        if conv is not None:
+            why = "said the answer did not solve their problem"
+            await self._each_reviewer("customer_flag", conv, ask.message_id if ask else None, why)
+        return CSAT_THANKS_NO
 
     # --- staff -----------------------------------------------------------------------
     async def correct(
@@ -709,8 +808,10 @@ class ConversationService:
         )
         return msg.id
 
-    async def _notice(self, conv: Conversation, text: str, question_id: int) -> Outbound:
-        mid = await self._save(conv.id, "system", text, None, reply_to_id=question_id, status="notice")
+    async def _notice(
+        self, conv: Conversation, text: str, question_id: int, status: str = "notice"
+    ) -> Outbound:
+        mid = await self._save(conv.id, "system", text, None, reply_to_id=question_id, status=status)
         return Outbound(text, conv.id, mid, kind="notice")
 
     async def _deliver(self, conv: Conversation, out: Outbound) -> bool:

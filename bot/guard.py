@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 from sqlalchemy import select
 
+from bot.messages import CATALOG
 from knowledge.models import Customer
 from knowledge.passages import Passage
 from knowledge.settings import Settings
@@ -39,7 +40,7 @@ from knowledge.store import Store
 from learning.redact import LABELS, Span, find_pii
 from learning.secrets_scan import find_secrets
 
-BLOCKED = "Sorry, I can't share that. I've passed your message to a colleague who will follow up shortly."
+BLOCKED = CATALOG["blocked"]["en"]  # every language's text: bot/messages.py
 # A verbatim leak of the system prompt: this many consecutive words copied from it.
 PROMPT_SPAN_WORDS = 8
 # Identifier kinds that point at a person: everything the redactor finds.

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import datetime as dt
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -78,9 +79,12 @@ class Outbox:
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._db, fn, *args)
 
-    async def put(self, kind: str, payload: dict[str, Any], key: str = "") -> int:
-        """Persist an item and wake the drainer. Returns the item id."""
-        item_id = await self._call(self.store.enqueue, self.channel, kind, payload, key)
+    async def put(
+        self, kind: str, payload: dict[str, Any], key: str = "", not_before: dt.datetime | None = None
+    ) -> int:
+        """Persist an item and wake the drainer. Returns the item id. With `not_before` the item is
+        scheduled: not sent before then (give it a key of its own; see Store.enqueue)."""
+        item_id = await self._call(self.store.enqueue, self.channel, kind, payload, key, not_before)
         self._wake.set()
         return item_id
 

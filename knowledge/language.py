@@ -94,6 +94,22 @@ def detect(text: str, candidates: Iterable[str] = CATALOG, default: str = DEFAUL
     return code if code in langs else default
 
 
+def detect_confident(text: str, candidates: Iterable[str] = CATALOG, min_confidence: float = 0.6) -> str:
+    """`text`'s language among `candidates` when lingua gives it at least `min_confidence` (0..1),
+    else "". For choosing a customer's reply language from a short message, where a wrong guess
+    (gibberish read as Turkish) is worse than none; `detect` abstains only on near ties."""
+    langs = frozenset(c for c in candidates if c in CATALOG)
+    if not langs or not text.strip():
+        return ""
+    with _lock:
+        detector = _detector(langs)
+    values = detector.compute_language_confidence_values(text[:SAMPLE_CHARS])
+    if not values or values[0].value < min_confidence:
+        return ""
+    code = str(values[0].language.iso_code_639_1.name).lower()
+    return code if code in langs else ""
+
+
 @cache
 def _stemmer(algorithm: str) -> Any:
     import Stemmer

@@ -58,6 +58,9 @@ class Message(Base):
     # The channel's own id of the inbound message (dedup), or of the sent reply.
     external_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
     reply_to_id: Mapped[int | None] = mapped_column(ForeignKey("messages.id"), nullable=True)
+    # Customer messages: the channel's id of the person who sent it (Telegram from_user.id); in a
+    # group chat that is not always the conversation's customer. NULL for replies and old rows.
+    sender_id: Mapped[str | None] = mapped_column(String(128), nullable=True, index=True)
     sources: Mapped[list[Any]] = mapped_column(JSON, default=list)
     model: Mapped[str | None] = mapped_column(String(256), nullable=True)
     adapter_version: Mapped[str | None] = mapped_column(String(64), nullable=True)
@@ -223,3 +226,19 @@ class RateLimit(Base):
     window_start: Mapped[dt.datetime] = mapped_column(DateTime)
     expires_at: Mapped[dt.datetime] = mapped_column(DateTime, index=True)
     count: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class CsatAsk(Base):
+    """The "Did this solve your problem?" question of one conversation (asked once, ever).
+
+    The row is the claim: the sweeper inserts it before sending, so a restart or a second replica
+    finds it and never asks twice. `answer` is "yes" or "no" once the customer replies.
+    """
+
+    __tablename__ = "csat_asks"
+    conversation_id: Mapped[int] = mapped_column(ForeignKey("conversations.id"), primary_key=True)
+    # the bot answer the question follows
+    message_id: Mapped[int | None] = mapped_column(ForeignKey("messages.id"), nullable=True)
+    asked_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow, index=True)
+    answer: Mapped[str | None] = mapped_column(String(8), nullable=True)
+    answered_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)

@@ -315,6 +315,18 @@ class KnowledgeBase:
         """Remove a correction from memory (a no-op when it is not there)."""
         vectors.delete(self._corrections, ids=[f"correction-{correction_id}"])
 
+    def purge_forgotten(self, correction_ids: Sequence[int]) -> int | None:
+        """Erasure: after `forget`, remove what embedded Chroma's write-ahead queue and free pages
+        still hold of these corrections (vectors.purge_log); None for a Chroma server."""
+        ids = [f"correction-{int(c)}" for c in correction_ids]
+        removed = vectors.purge_log(self._client, self._corrections, ids)
+        if self._corrections.name != CORRECTIONS:  # the bundled model's copy, carried from at start
+            old = vectors.collection(self._client, CORRECTIONS)
+            vectors.delete(old, ids=ids)
+            more = vectors.purge_log(self._client, old, ids)
+            removed = None if removed is None else removed + (more or 0)
+        return removed
+
     def recall(self, query: str, k: int = 1, conversation_id: int | None = None) -> list[Passage]:
         """The k stored corrections whose questions are closest to `query`, best first: the shared
         ones, and the private ones of `conversation_id` (none without it).

@@ -158,7 +158,25 @@ class Settings(BaseSettings):
     rate_limit_per_minute: int = Field(10, description="Messages one customer may send per minute.")
     start_text: str = Field(
         "Hello! I am the support assistant. Ask me anything about our products and services.",
-        description="Greeting for /start.",
+        description="Greeting for /start. Changed from this default, it is the greeting in every language "
+        "(per-language greetings: the `start` key of APPRENTICE_MESSAGES).",
+    )
+    language: str = Field(
+        "en",
+        description="Language (ISO 639-1) of the bot's notices when neither the channel (Telegram's "
+        "language_code) nor the message itself tells the customer's: en, es, pt, de, fr, ru, uk, tr, ar, fa.",
+    )
+    messages: str = Field(
+        "",
+        description="JSON or YAML file of customer-facing texts merged over the built-in catalog "
+        "(bot/messages.py): `{key: {lang: text}}`, or `{key: text}` for every language.",
+    )
+    business_hours: str = Field(
+        "",
+        description="When staff answer, e.g. `Mon-Fri 09:00-18:00; Sat 10:00-14:00 Europe/Berlin; "
+        "holidays=2026-12-24,2026-12-25` (zone: APPRENTICE_TIMEZONE when left out). Outside them the "
+        "customer is told when a colleague will reply and the on-call mention waits for the opening. "
+        "Empty: always open.",
     )
 
     # --- channels -----------------------------------------------------------
@@ -203,7 +221,22 @@ class Settings(BaseSettings):
         description="Crontab expression (or @daily, @weekly...) of the in-process nightly learning job. "
         "Empty or `off`: no nightly job in this process (bot replicas when a separate job trains).",
     )
-    timezone: str = Field("UTC", description="IANA time zone of APPRENTICE_RETRAIN_CRON, e.g. Europe/Berlin.")
+    timezone: str = Field(
+        "UTC",
+        description="IANA time zone of APPRENTICE_RETRAIN_CRON and APPRENTICE_REPORT_CRON, "
+        "e.g. Europe/Berlin.",
+    )
+    report_cron: str = Field(
+        "0 9 * * 1",
+        description="Crontab expression of the weekly resolution figures (`/apprentice stats 7d`) posted to "
+        "the Slack review channel; one replica posts. Empty or `off`: not posted.",
+    )
+    csat_after: int = Field(
+        30,
+        ge=0,
+        description="Minutes a conversation stays quiet after a bot answer before the customer is asked "
+        "once \"Did this solve your problem?\" (Yes/No; No flags it for staff). 0: never asked.",
+    )
     min_new_examples: int = Field(5, description="The nightly job is skipped with fewer new examples.")
     train_command: str = Field(
         "", description="Command template replacing the local training subprocess; placeholders: "

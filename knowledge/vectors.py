@@ -161,6 +161,49 @@ def delete(col: Any, ids: Sequence[str] | None = None, where: Metadata | None = 
         col.delete(where=dict(where))
 
 
+def purge_log(client: Any, col: Any, ids: Sequence[str]) -> int | None:
+    """Remove what embedded Chroma still keeps of deleted items; None for a Chroma server.
+
+    Embedded Chroma writes every add/upsert (document, metadata and vector) to a write-ahead
+    queue, the `embeddings_queue` table of `chroma.sqlite3`, and purges a row only once every
+    segment has applied it: the HNSW segment persists every `hnsw:sync_threshold` (1,000) writes,
+    so a deleted item's text stays there until about 1,000 later writes, and SQLite leaves the
+    freed pages of its deleted rows in the file. Chroma 1.5 has no API to purge one item's log.
+    So, after the delete: the queue rows that carry these ids' data (add, update, upsert) are
+    deleted, the delete rows (an id and no data) are kept, so a segment replaying the log from
+    an older point still ends without the items, then the full-text index is merged and the file
+    rewritten (`VACUUM`) so no freed page keeps their bytes. Returns the queue rows removed.
+    """
+    import sqlite3
+
+    settings = getattr(client, "get_settings", lambda: None)()
+    if settings is None or not getattr(settings, "is_persistent", False):
+        return None  # a Chroma server: its operator purges (see docs/security.md, erasure)
+    path = Path(str(settings.persist_directory)) / "chroma.sqlite3"
+    if not ids or not path.exists():
+        return 0
+    marks = ",".join("?" * len(ids))
+    db = sqlite3.connect(path, timeout=30)
+    try:
+        db.execute("PRAGMA secure_delete = ON")
+        with db:
+            cur = db.execute(
+                f"DELETE FROM embeddings_queue WHERE topic LIKE ? AND operation != 3 AND id IN ({marks})",
+                [f"%/{col.id}", *ids],
+            )
+            removed = cur.rowcount
+            try:  # merge the trigram index so deleted entries leave its segments too
+                db.execute(
+                    "INSERT INTO embedding_fulltext_search(embedding_fulltext_search) VALUES ('optimize')"
+                )
+            except sqlite3.DatabaseError:
+                log.info("chroma full-text index not merged")
+        db.execute("VACUUM")
+    finally:
+        db.close()
+    return removed
+
+
 def get(
     col: Any,
     ids: Sequence[str] | None = None,

@@ -46,7 +46,7 @@ import math
 import random
 import re
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -135,6 +135,18 @@ def _erased_conversations(store: Store) -> set[int]:
             .where(Customer.erased_at.is_not(None))
         ).all()
     return set(rows)
+
+
+def known_names(store: Store) -> dict[int, list[str]]:
+    """Conversation id -> what the channel profile told us about its customer (the display name:
+    Telegram's first and last name, Slack's name), redacted from that conversation's lessons."""
+    with store.session() as s:
+        rows = s.execute(
+            select(Conversation.id, Customer.display_name).join(
+                Customer, Customer.id == Conversation.customer_id
+            )
+        ).all()
+    return {int(cid): [name] for cid, name in rows if name and name.strip()}
 
 
 def _history(store: Store, question: Message | None, turns: int) -> list[tuple[str, str]]:
@@ -375,16 +387,22 @@ def count_new_examples(store: Store, since: dt.datetime | None) -> int:
 # --- cleaning ---------------------------------------------------------------------------------
 
 
-def redact_lessons(lessons: Iterable[Lesson]) -> Counter[str]:
-    """Redact every text of every lesson in place; return placeholder counts by kind."""
+def redact_lessons(
+    lessons: Iterable[Lesson], known: Mapping[int, Sequence[str]] | None = None
+) -> Counter[str]:
+    """Redact every text of every lesson in place; return placeholder counts by kind. `known`:
+    conversation id -> the customer's name(s) (`known_names`), taken out of that conversation's
+    lessons, staff corrections included ("Hi Grace, ...")."""
     report: Counter[str] = Counter()
+    names: list[str] = []
 
     def clean(text: str) -> str:
-        out, counts = redact(text)
+        out, counts = redact(text, names)
         report.update(counts)
         return out
 
     for les in lessons:
+        names = [n for cid in les.conversations() for n in (known or {}).get(cid, ())]
         les.question = clean(les.question)
         les.answer = clean(les.answer)
         les.rejected = clean(les.rejected)
@@ -605,7 +623,8 @@ def build_datasets(
     since = opts.since if opts.since is not None else last_promotion(store)
     lessons, excluded = collect_lessons(store, settings.history_turns)
     lessons, held = hold_back(settings, store, kb, lessons)  # the two-person rule, on the raw text
-    redaction = redact_lessons(lessons)  # before anything is compared, retrieved or written
+    # before anything is compared, retrieved or written; the customers' own names too
+    redaction = redact_lessons(lessons, known_names(store))
     lessons, merged = collapse_duplicates(lessons, opts.near_duplicate)
     if merged:
         excluded["duplicates"] = merged

@@ -320,21 +320,36 @@ def nightly_trigger(settings: Settings) -> Any:
 
     The expression is read as crontab reads it (weekday 0 and 7 are Sunday, @daily and friends).
     """
+    return cron_trigger(
+        settings.retrain_cron, settings.timezone, "APPRENTICE_RETRAIN_CRON", "'0 3 * * *'", "no nightly job"
+    )
+
+
+def report_trigger(settings: Settings) -> Any:
+    """The trigger of APPRENTICE_REPORT_CRON (the weekly resolution figures); None when it is off."""
+    return cron_trigger(
+        settings.report_cron, settings.timezone, "APPRENTICE_REPORT_CRON", "'0 9 * * 1'", "no weekly figures"
+    )
+
+
+def cron_trigger(expression: str, timezone: str, variable: str, example: str, off: str) -> Any:
+    """A crontab expression as an APScheduler trigger in `timezone`; None for "" or "off"."""
     from apscheduler.triggers.cron import CronTrigger
 
-    expression = settings.retrain_cron.strip()
+    given = expression
+    expression = expression.strip()
     if expression.lower() in ("", "off"):
         return None
     try:
         minute, hour, day, month, weekday = NICKNAMES.get(expression.lower(), expression).split()
         return CronTrigger(
             minute=minute, hour=hour, day=day, month=month, day_of_week=crontab_weekdays(weekday),
-            timezone=settings.timezone,
+            timezone=timezone,
         )  # fmt: skip
     except ValueError as exc:
         raise ConfigError(
-            f"APPRENTICE_RETRAIN_CRON={settings.retrain_cron!r} is not a crontab expression "
-            "(minute hour day month weekday, e.g. '0 3 * * *', or @daily; empty or off: no nightly job): "
+            f"{variable}={given!r} is not a crontab expression "
+            f"(minute hour day month weekday, e.g. {example}, or @daily; empty or off: {off}): "
             f"{exc}"
         ) from None
 
@@ -385,6 +400,41 @@ def start_scheduler(
         settings.retrain_cron,
         scheduler.get_job(LOCK).next_run_time,
     )
+    return scheduler
+
+
+REPORT_JOB = "weekly-report"
+
+
+def start_report_scheduler(settings: Settings, store: Store, post: Callable[[], Awaitable[None]]) -> Any:
+    """Run `post` (the weekly resolution figures) on APPRENTICE_REPORT_CRON; call inside the loop.
+
+    Every replica schedules it; the first to claim the slot in the database posts, the others skip.
+    Returns the started APScheduler, or None when APPRENTICE_REPORT_CRON is off.
+    """
+    from apscheduler.schedulers.asyncio import AsyncIOScheduler
+
+    trigger = report_trigger(settings)
+    if trigger is None:
+        log.info("weekly figures are off (APPRENTICE_REPORT_CRON=%r)", settings.report_cron)
+        return None
+
+    async def job() -> None:
+        slot = scheduled_slot(trigger)
+        if not await asyncio.to_thread(store.claim_update, REPORT_JOB, slot):
+            log.info("weekly figures for %s already posted by another replica", slot)
+            return
+        try:
+            await post()
+        except Exception:
+            log.exception("posting the weekly figures failed")
+
+    scheduler = AsyncIOScheduler(timezone=settings.timezone)
+    scheduler.add_job(
+        job, trigger, id=REPORT_JOB, name="weekly figures", coalesce=True, max_instances=1,
+        misfire_grace_time=6 * 3600, replace_existing=True,
+    )  # fmt: skip
+    scheduler.start()
     return scheduler
 
 

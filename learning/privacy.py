@@ -2,22 +2,43 @@
 
 What erasure does, and why each step is there:
 
-- **Conversations**: every message of the customer's conversations (theirs, the bot's, staff's)
-  loses its text and sources; the rows stay so feedback, corrections and answer counts keep
-  their shape. Flag reasons staff typed about those answers are cleared too.
+- **What they sent**: every customer message they sent (`messages.sender_id`, migration 0004), in
+  their own chats and in group chats where another member spoke first and owns the conversation,
+  and every reply to those messages (the bot's answer, notices, the staff follow-up), lose their
+  text and sources; the rows stay so feedback, corrections and answer counts keep their shape.
+  Their sender id becomes `erased[:<customer row>]`. Messages stored before 0004 have no sender:
+  they count as the conversation customer's.
+- **Their conversations**: a conversation they own where nobody else spoke (a private chat) is
+  emptied whole (theirs, the bot's, staff's messages). A group conversation they own where others
+  spoke keeps the others' messages. Flag reasons staff typed about erased answers are cleared.
 - **The customer**: name cleared, channel id replaced by `erased:<id>`, `erased_at` set. Their
   conversations' chat ids are replaced the same way, so if they write again they start afresh
-  instead of landing in the erased record.
-- **Corrections** made in their conversations are revoked, emptied and removed from the
-  correction memory (their question is the memory's key). Dataset building already skips
-  erased customers, revoked corrections and paraphrases from erased conversations.
-- **Outbox and audit log**: queued and sent items for their conversations are deleted (they hold
-  reply texts); audit entries about their messages keep who did what, but not the text.
-- **Lineage**: each dataset manifest records, row by row, the store ids and the conversations a
-  row came from. An adapter trained on a dataset with one of this customer's rows (or started
-  from such an adapter) is listed. Weights cannot be un-trained: roll back or retrain without
-  them (`apprentice retrain --force` now builds datasets without the customer). The dataset
-  folders on disk that still hold their (redacted) text are listed for deletion.
+  instead of landing in the erased record. A group member who never wrote to the bot alone has
+  no customer record; they are found by their sender id (`telegram:ID`).
+- **Feedback** they gave (`feedback.actor` = `telegram:ID`) keeps its kind, so ratings still
+  count, but its actor becomes `erased:f<feedback id>`.
+- **Corrections** made on their messages or in their private conversations are revoked, emptied
+  and removed from the correction memory (their question is the memory's key). Copies of such a
+  correction served from the memory to other customers are answers that cite it in `sources`:
+  their text becomes `[erased]` (the rows stay, so other customers' counts and ratings stay
+  right); a later correction whose `original` was that copy loses it too. Embedded Chroma's
+  write-ahead queue and free pages are purged of them (`KnowledgeBase.purge_forgotten`). Dataset
+  building already skips erased customers, revoked corrections and paraphrases from erased
+  conversations.
+- **Outbox, inbox, rate limits, audit log**: queued and sent items for their messages and
+  private conversations are deleted (they hold reply texts), and so are Telegram updates not yet
+  handled that they sent, and their rate-limit windows (keyed by their id); audit entries about
+  their records keep who did what, but not the text.
+- **Lineage and datasets**: each dataset manifest records, row by row, the store ids and the
+  conversations a row came from. An adapter trained on a dataset with one of this customer's
+  rows (or started from such an adapter) is listed. Weights cannot be un-trained: roll back or
+  retrain without them (`apprentice retrain --force` now builds datasets without the customer).
+  Every dataset folder (the adapters', `<data_dir>/runs/*/dataset`, `<data_dir>/datasets/**`)
+  is searched: a row whose lineage holds their ids or private conversations, or whose text holds
+  one of their (redacted) messages, is removed from sft/dpo/eval.jsonl and the manifest's
+  lineage, counts and hashes are rewritten (`manifest.erasures` records what was removed); rows
+  of `eval.json` reports in `runs/` and `evals/` get `[erased]` texts. The datasets hold
+  redacted text and store ids (`message:40`, conversation numbers), never channel ids.
 
 Slack keeps its own copy of the review threads; their ids are listed so they can be deleted there.
 """
@@ -27,6 +48,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -40,10 +62,13 @@ from knowledge.models import (
     Correction,
     Customer,
     Feedback,
+    InboxItem,
     Message,
     OutboxItem,
+    RateLimit,
     utcnow,
 )
+from learning.redact import redact
 from learning.registry import pointer
 
 if TYPE_CHECKING:
@@ -51,6 +76,10 @@ if TYPE_CHECKING:
     from knowledge.store import Store
 
 log = logging.getLogger(__name__)
+
+ERASED = "[erased]"  # what copies of an erased correction in other customers' answers now say
+DATASET_FILES = ("sft.jsonl", "dpo.jsonl", "eval.jsonl")
+MIN_MATCH = 16  # shorter texts of theirs are not searched for in datasets (too many false hits)
 
 
 class CustomerNotFound(LookupError):
@@ -73,6 +102,14 @@ class ForgetReport:
     manifests_unreadable: list[str] = field(default_factory=list)
     slack_threads: list[str] = field(default_factory=list)
     dry_run: bool = False
+    # group chats owned by someone else where they wrote (their messages are erased there)
+    group_conversations: list[int] = field(default_factory=list)
+    copies_erased: int = 0  # other customers' answers that were copies of their corrections
+    feedback_scrubbed: int = 0
+    dataset_rows_removed: int = 0
+    eval_reports_scrubbed: list[str] = field(default_factory=list)
+    # rows removed from embedded Chroma's write-ahead queue; None: a Chroma server (purge there)
+    chroma_queue_purged: int | None = 0
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -95,6 +132,27 @@ def find_customers(store: Store, ref: str) -> list[Customer]:
         return list(s.scalars(select(Customer).where(Customer.external_id == ref)).all())
 
 
+def find_senders(store: Store, ref: str) -> set[tuple[str, str]]:
+    """(channel, sender id) pairs with stored messages matching `ref` ("channel:id" or a bare id):
+    a group member who never wrote to the bot alone has messages but no customer record."""
+    ref = ref.strip()
+    if ref.startswith("#"):
+        return set()
+    pairs = select(Conversation.channel, Message.sender_id).join(
+        Conversation, Conversation.id == Message.conversation_id
+    )
+    channel, sep, external = ref.partition(":")
+    with store.session() as s:
+        if sep and channel and external:
+            rows = s.execute(
+                pairs.where(Conversation.channel == channel, Message.sender_id == external).distinct()
+            ).all()
+            if rows:
+                return {(str(c), str(x)) for c, x in rows}
+        rows = s.execute(pairs.where(Message.sender_id == ref).distinct()).all()
+        return {(str(c), str(x)) for c, x in rows}
+
+
 def _lineage_hits(manifest: dict[str, Any], ids: set[str], conversations: set[int]) -> bool:
     lineage = manifest.get("lineage", {})
     for entry in [*lineage.get("sft", []), *lineage.get("dpo", [])]:
@@ -106,13 +164,15 @@ def _lineage_hits(manifest: dict[str, Any], ids: set[str], conversations: set[in
 
 
 def trained_on(
-    store: Store, ids: set[str], conversations: set[int]
+    store: Store, ids: set[str], conversations: set[int], texts: Iterable[str] = ()
 ) -> tuple[list[str], list[str], list[str]]:
-    """(adapter versions, dataset folders, unreadable manifests) touching these store ids/conversations.
+    """(adapter versions, dataset folders, unreadable manifests) touching these store ids/conversations
+    (or, with `texts`, holding one of these redacted texts).
 
     An adapter counts when its own dataset has such a row, or when it was trained on top of
     (`init_adapter`) an adapter that counts.
     """
+    texts = list(texts)
     with store.session() as s:
         adapters = list(s.scalars(select(Adapter).order_by(Adapter.id)).all())
     hit_paths: set[str] = set()
@@ -129,7 +189,9 @@ def trained_on(
             except (OSError, ValueError):
                 unreadable.append(folder)
             else:
-                if _lineage_hits(manifest, ids, conversations):
+                if _lineage_hits(manifest, ids, conversations) or _dataset_rows(
+                    Path(folder), manifest, ids, conversations, texts
+                ):
                     hit = True
                     if folder not in datasets:
                         datasets.append(folder)
@@ -141,57 +203,208 @@ def trained_on(
     return versions, datasets, unreadable
 
 
+@dataclass
+class _Plan:
+    """The records of one erasure, found before anything changes."""
+
+    customers: list[Customer]
+    senders: set[tuple[str, str]]
+    private: list[Conversation]  # conversations they own where nobody else spoke: emptied whole
+    owned: list[Conversation]  # every conversation they own (re-keyed)
+    groups: list[int]  # conversations owned by someone else where they wrote
+    messages: list[int]  # every message to empty
+    corrections: list[int]
+    own_texts: list[str]  # what they wrote and what was written for them (searched in datasets)
+    copies: list[int]  # other customers' answers that copied one of their corrections
+    copied_originals: list[int]  # other corrections whose `original` was such a copy
+
+
+def _plan(s: Any, customers: list[Customer], senders: set[tuple[str, str]]) -> _Plan:
+    cust_ids = [c.id for c in customers]
+    owned = list(s.scalars(select(Conversation).where(Conversation.customer_id.in_(cust_ids))).all())
+    sent: set[int] = set()
+    for channel, sender in senders:
+        sent.update(
+            s.scalars(
+                select(Message.id)
+                .join(Conversation, Conversation.id == Message.conversation_id)
+                .where(Conversation.channel == channel, Message.sender_id == sender)
+            ).all()
+        )
+    private: list[Conversation] = []
+    msg_ids: set[int] = set(sent)
+    for conv in owned:
+        others = [
+            x
+            for x in s.scalars(
+                select(Message.sender_id)
+                .where(
+                    Message.conversation_id == conv.id,
+                    Message.role == "customer",
+                    Message.sender_id.is_not(None),
+                )
+                .distinct()
+            ).all()
+            if (conv.channel, x) not in senders
+        ]
+        if others:  # a group where others spoke: only their own (and unattributed, older) messages
+            msg_ids.update(
+                s.scalars(
+                    select(Message.id).where(
+                        Message.conversation_id == conv.id,
+                        Message.role == "customer",
+                        Message.sender_id.is_(None),
+                    )
+                ).all()
+            )
+        else:
+            private.append(conv)
+            msg_ids.update(s.scalars(select(Message.id).where(Message.conversation_id == conv.id)).all())
+    frontier = set(msg_ids)
+    for _ in range(3):  # replies to their messages (answers, notices, follow-ups), and theirs
+        frontier = set(
+            s.scalars(
+                select(Message.id).where(Message.reply_to_id.in_(frontier), Message.role != "customer")
+            ).all()
+        ) - msg_ids
+        if not frontier:
+            break
+        msg_ids |= frontier
+    private_ids = [c.id for c in private]
+    owned_ids = {c.id for c in owned}
+    groups = sorted(
+        set(s.scalars(select(Message.conversation_id).where(Message.id.in_(sent))).all()) - owned_ids
+    )
+    corrections = list(
+        s.scalars(
+            select(Correction).where(
+                or_(Correction.conversation_id.in_(private_ids), Correction.message_id.in_(msg_ids))
+            )
+        ).all()
+    )
+    corr_ids = {c.id for c in corrections}
+    own_texts = [
+        t
+        for t in s.scalars(
+            select(Message.text).where(Message.id.in_(msg_ids), Message.role == "customer")
+        ).all()
+        if t
+    ]
+    own_texts += [t for c in corrections for t in (c.question, c.corrected) if t]
+    copies: list[int] = []
+    if corr_ids:
+        since = min(c.created_at for c in corrections)
+        for m in s.scalars(
+            select(Message).where(
+                Message.role == "bot", Message.created_at >= since, Message.id.not_in(msg_ids)
+            )
+        ).all():
+            cited = {
+                src.get("correction_id")
+                for src in (m.sources or [])
+                if isinstance(src, dict) and src.get("kind") == "correction"
+            }
+            if cited & corr_ids:
+                copies.append(m.id)
+    corrected = {c.corrected for c in corrections if c.corrected}
+    copied_originals = [
+        c.id
+        for c in s.scalars(select(Correction).where(Correction.original.in_(corrected))).all()
+        if c.id not in corr_ids
+    ] if corrected else []  # fmt: skip
+    return _Plan(
+        customers=customers,
+        senders=senders,
+        private=private,
+        owned=owned,
+        groups=groups,
+        messages=sorted(msg_ids),
+        corrections=sorted(corr_ids),
+        own_texts=own_texts,
+        copies=copies,
+        copied_originals=copied_originals,
+    )
+
+
 def forget_customer(
-    store: Store, kb: KnowledgeBase | None, ref: str, actor: str = "cli", dry_run: bool = False
+    store: Store,
+    kb: KnowledgeBase | None,
+    ref: str,
+    actor: str = "cli",
+    dry_run: bool = False,
+    data_dir: Path | None = None,
 ) -> ForgetReport:
-    """Erase the customer(s) matching `ref` (see the module docstring). Raises CustomerNotFound."""
+    """Erase the customer(s) matching `ref` (see the module docstring). Raises CustomerNotFound.
+
+    `data_dir`: where `runs/*/dataset`, `datasets/` and eval reports are searched (default: the
+    knowledge base's); adapters' dataset folders are searched wherever they are.
+    """
     customers = find_customers(store, ref)
-    if not customers:
+    senders = {(c.channel, c.external_id) for c in customers if not c.external_id.startswith("erased:")}
+    senders |= find_senders(store, ref)
+    if not customers and not senders:
         raise CustomerNotFound(
             f"No customer matches {ref!r}. Use CHANNEL:ID as the bot sees it (for example telegram:12345), "
             "or #ROW from the customers table."
         )
     cust_ids = [c.id for c in customers]
     with store.session() as s:
-        convs = list(s.scalars(select(Conversation).where(Conversation.customer_id.in_(cust_ids))).all())
-        conv_ids = [c.id for c in convs]
-        msg_ids = list(s.scalars(select(Message.id).where(Message.conversation_id.in_(conv_ids))).all())
-        corr_ids = list(
-            s.scalars(
-                select(Correction.id).where(
-                    or_(Correction.conversation_id.in_(conv_ids), Correction.message_id.in_(msg_ids))
-                )
-            ).all()
-        )
-    lineage_ids = {f"message:{m}" for m in msg_ids} | {f"correction:{c}" for c in corr_ids}
-    versions, datasets, unreadable = trained_on(store, lineage_ids, set(conv_ids))
+        plan = _plan(s, customers, senders)
+    private_ids = [c.id for c in plan.private]
+    corr_ids = plan.corrections
+    lineage_ids = {f"message:{m}" for m in plan.messages} | {f"correction:{c}" for c in corr_ids}
+    texts = _searchable(plan.own_texts)
+    versions, datasets, unreadable = trained_on(store, lineage_ids, set(private_ids), texts)
+    if data_dir is None and kb is not None:
+        data_dir = Path(kb.data_dir)
+    folders = _dataset_folders(data_dir, datasets)
+    for folder in folders:
+        if folder not in datasets and _dataset_rows(Path(folder), None, lineage_ids, set(private_ids), texts):
+            datasets.append(folder)
     report = ForgetReport(
-        customers=[f"{c.channel}:{c.external_id}" for c in customers],
-        conversations=conv_ids,
-        messages_erased=len(msg_ids),
+        customers=[f"{c.channel}:{c.external_id}" for c in customers]
+        + sorted(f"{ch}:{x}" for ch, x in senders - {(c.channel, c.external_id) for c in customers}),
+        conversations=[c.id for c in plan.owned],
+        messages_erased=len(plan.messages),
         corrections_revoked=corr_ids,
         adapters_trained_on_them=versions,
         active_adapter_affected=pointer(store).active in versions,
         datasets_with_their_data=datasets,
         manifests_unreadable=unreadable,
-        slack_threads=[c.review_thread for c in convs if c.review_thread],
+        slack_threads=[c.review_thread for c in plan.owned if c.review_thread],
         dry_run=dry_run,
+        group_conversations=plan.groups,
+        copies_erased=len(plan.copies),
     )
     if dry_run:
         return report
-    chats = {(c.channel, c.chat_id) for c in convs}
+    msg_ids = plan.messages
+    chats = {(c.channel, c.chat_id) for c in plan.private}
+    actors = {f"{ch}:{x}" for ch, x in senders}
     now = utcnow()
     with store.session() as s:
         s.execute(
             update(Message).where(Message.id.in_(msg_ids)).values(text="", sources=[], external_id=None)
         )
+        for ch, x in senders:  # their sender id goes too; the row stays theirs (erased:<customer>)
+            mine = [c.id for c in customers if c.channel == ch and c.external_id == x]
+            s.execute(
+                update(Message)
+                .where(Message.sender_id == x, Message.id.in_(msg_ids))
+                .values(sender_id=f"erased:{mine[0]}" if mine else "erased")
+            )
+        s.execute(update(Message).where(Message.id.in_(plan.copies)).values(text=ERASED))
+        s.execute(update(Correction).where(Correction.id.in_(plan.copied_originals)).values(original=ERASED))
         s.execute(update(Feedback).where(Feedback.message_id.in_(msg_ids)).values(reason=""))
+        for fb in s.scalars(select(Feedback).where(Feedback.actor.in_(actors))).all():
+            fb.actor = f"erased:f{fb.id}"
+            report.feedback_scrubbed += 1
         s.execute(
             update(Correction)
             .where(Correction.id.in_(corr_ids))
             .values(question="", original="", corrected="", status="revoked", revoked_at=now)
         )
-        for conv in convs:
+        for conv in plan.owned:
             s.execute(
                 update(Conversation).where(Conversation.id == conv.id).values(chat_id=f"erased:{conv.id}")
             )
@@ -201,17 +414,23 @@ def forget_customer(
                 .where(Customer.id == cust.id)
                 .values(display_name="", external_id=f"erased:{cust.id}", erased_at=now)
             )
-        report.outbox_items_deleted = _delete_outbox(s, chats, set(conv_ids), set(msg_ids))
-        report.audit_entries_scrubbed = _scrub_audit(s, conv_ids, msg_ids, corr_ids)
+        report.outbox_items_deleted = _delete_outbox(
+            s, chats, set(private_ids), set(msg_ids), {x for _, x in senders}
+        )
+        _delete_inbox(s, senders)
+        s.execute(delete(RateLimit).where(RateLimit.key.in_([f"customer:{ch}:{x}" for ch, x in senders])))
+        report.audit_entries_scrubbed = _scrub_audit(s, private_ids, msg_ids, corr_ids)
         s.add(
             AuditEntry(
                 actor=actor,
                 action="forget",
-                target=f"customers:{','.join(str(i) for i in cust_ids)}",
+                target=f"customers:{','.join(str(i) for i in cust_ids)}"[:128],
                 after={
-                    "conversations": len(conv_ids),
+                    "conversations": len(plan.owned),
+                    "group_conversations": len(plan.groups),
                     "messages": len(msg_ids),
                     "corrections": corr_ids,
+                    "copies": len(plan.copies),
                     "adapters_trained_on_them": versions,
                     "at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
                 },
@@ -220,14 +439,171 @@ def forget_customer(
     if kb is not None:
         for cid in corr_ids:
             kb.forget(cid)
+        report.chroma_queue_purged = kb.purge_forgotten(corr_ids) if corr_ids else 0
+    for folder in datasets:
+        report.dataset_rows_removed += _erase_dataset_rows(Path(folder), lineage_ids, set(private_ids), texts)
+    report.eval_reports_scrubbed = _scrub_eval_reports(data_dir, lineage_ids, texts)
     log.warning(
-        "erased %d customer record(s): %d conversations, %d messages, %d corrections",
-        len(cust_ids), len(conv_ids), len(msg_ids), len(corr_ids),
+        "erased %d customer record(s) and %d sender(s): %d conversations, %d messages, %d corrections",
+        len(cust_ids), len(senders), len(plan.owned), len(msg_ids), len(corr_ids),
     )  # fmt: skip
     return report
 
 
-def _delete_outbox(s: Any, chats: set[tuple[str, str]], conv_ids: set[int], msg_ids: set[int]) -> int:
+# --- datasets on disk ---------------------------------------------------------------------------
+
+
+def _searchable(texts: Iterable[str]) -> list[str]:
+    """Their texts as a dataset holds them (redacted), long enough to search for."""
+    out: set[str] = set()
+    for t in texts:
+        for form in (t.strip(), redact(t)[0].strip()):
+            if len(form) >= MIN_MATCH:
+                out.add(form)
+    return sorted(out)
+
+
+def _dataset_folders(data_dir: Path | None, known: Iterable[str]) -> list[str]:
+    """Dataset folders (with a manifest.json) under `data_dir`: runs/*/dataset, datasets/**."""
+    found = list(known)
+    if data_dir is None:
+        return found
+    root = Path(data_dir)
+    manifests = [*root.glob("runs/*/dataset/manifest.json"), *root.glob("datasets/**/manifest.json")]
+    for m in sorted(manifests):
+        if str(m.parent) not in found:
+            found.append(str(m.parent))
+    return found
+
+
+def _strings(value: Any) -> Iterable[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _strings(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _strings(v)
+
+
+def _holds(row: Any, texts: list[str]) -> bool:
+    return any(t in v for v in _strings(row) for t in texts)
+
+
+def _read_rows(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _doomed(
+    folder: Path, manifest: dict[str, Any] | None, ids: set[str], conversations: set[int], texts: list[str]
+) -> dict[str, list[int]]:
+    """Per dataset file, the indexes of the rows that hold this customer's data."""
+    if manifest is None:
+        try:
+            manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+    lineage = manifest.get("lineage", {})
+    hit_lessons: set[tuple[str, ...]] = set()
+    out: dict[str, list[int]] = {}
+    for name, key in (("sft.jsonl", "sft"), ("dpo.jsonl", "dpo")):
+        entries = lineage.get(key, [])
+        rows = _read_rows(folder / name)
+        doomed = []
+        for i, row in enumerate(rows):
+            entry = entries[i] if i < len(entries) else {}
+            if (
+                ids.intersection(entry.get("ids", []))
+                or conversations.intersection(entry.get("conversations", []))
+                or _holds(row, texts)
+            ):
+                doomed.append(i)
+                hit_lessons.add(tuple(entry.get("ids", [])))
+        out[name] = doomed
+    rows = _read_rows(folder / "eval.jsonl")
+    out["eval.jsonl"] = [
+        i
+        for i, row in enumerate(rows)
+        if ids.intersection(row.get("ids", []))
+        or tuple(row.get("ids", [])) in hit_lessons
+        or _holds(row, texts)
+    ]
+    return out
+
+
+def _dataset_rows(
+    folder: Path, manifest: dict[str, Any] | None, ids: set[str], conversations: set[int], texts: list[str]
+) -> int:
+    return sum(len(v) for v in _doomed(folder, manifest, ids, conversations, texts).values())
+
+
+def _erase_dataset_rows(folder: Path, ids: set[str], conversations: set[int], texts: list[str]) -> int:
+    """Remove their rows from a dataset folder; the manifest's lineage, counts and hashes follow."""
+    import hashlib
+
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return 0
+    doomed = _doomed(folder, manifest, ids, conversations, texts)
+    removed = {name: len(v) for name, v in doomed.items()}
+    if not sum(removed.values()):
+        return 0
+    lineage = manifest.setdefault("lineage", {})
+    for name in DATASET_FILES:
+        path = folder / name
+        if not path.exists():
+            continue
+        drop = set(doomed.get(name, []))
+        rows = [r for i, r in enumerate(_read_rows(path)) if i not in drop]
+        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+        key = name.split(".")[0]
+        if key in ("sft", "dpo"):
+            lineage[key] = [e for i, e in enumerate(lineage.get(key, [])) if i not in drop]
+            manifest.setdefault("counts", {})[key] = len(rows)
+        else:
+            manifest.setdefault("counts", {})["eval_rows"] = len(rows)
+        manifest.setdefault("files", {})[name] = hashlib.sha256(path.read_bytes()).hexdigest()
+    manifest.setdefault("erasures", []).append(
+        {"at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "removed": removed}
+    )
+    text = json.dumps(manifest, indent=1, ensure_ascii=False)
+    (folder / "manifest.json").write_text(text, encoding="utf-8")
+    return sum(removed.values())
+
+
+def _scrub_eval_reports(data_dir: Path | None, ids: set[str], texts: list[str]) -> list[str]:
+    """eval.json reports (runs/*/, evals/*/): rows about them keep their scores, not their texts."""
+    if data_dir is None:
+        return []
+    scrubbed = []
+    for path in sorted([*Path(data_dir).glob("runs/*/eval.json"), *Path(data_dir).glob("evals/*/eval.json")]):
+        try:
+            report = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        n = 0
+        for row in report.get("rows", []) if isinstance(report, dict) else []:
+            if isinstance(row, dict) and (ids.intersection(row.get("ids", [])) or _holds(row, texts)):
+                for k in ("question", "reference", "candidate", "baseline"):
+                    if k in row:
+                        row[k] = ERASED
+                n += 1
+        if n:
+            path.write_text(json.dumps(report, indent=1, ensure_ascii=False), encoding="utf-8")
+            scrubbed.append(str(path))
+    return scrubbed
+
+
+# --- the database's other copies ----------------------------------------------------------------
+
+
+def _delete_outbox(
+    s: Any, chats: set[tuple[str, str]], conv_ids: set[int], msg_ids: set[int], senders: set[str]
+) -> int:
     """Outbox items (queued or sent) that carry this customer's texts."""
     doomed = []
     for item in s.scalars(select(OutboxItem)).all():
@@ -236,10 +612,27 @@ def _delete_outbox(s: Any, chats: set[tuple[str, str]], conv_ids: set[int], msg_
             (item.channel, str(payload.get("chat_id"))) in chats
             or payload.get("conversation_id") in conv_ids
             or payload.get("message_id") in msg_ids
+            or str(payload.get("customer_id")) in senders
         ):
             doomed.append(item.id)
     if doomed:
         s.execute(delete(OutboxItem).where(OutboxItem.id.in_(doomed)))
+    return len(doomed)
+
+
+def _delete_inbox(s: Any, senders: set[tuple[str, str]]) -> int:
+    """Updates received from them and not yet handled (the raw update holds their text and id)."""
+    doomed = []
+    for item in s.scalars(select(InboxItem)).all():
+        payload = item.payload or {}
+        for key in ("message", "edited_message", "callback_query"):
+            part = payload.get(key)
+            sender = part.get("from") if isinstance(part, dict) else None
+            if isinstance(sender, dict) and (item.channel, str(sender.get("id"))) in senders:
+                doomed.append(item.id)
+                break
+    if doomed:
+        s.execute(delete(InboxItem).where(InboxItem.id.in_(doomed)))
     return len(doomed)
 
 
@@ -258,4 +651,12 @@ def _scrub_audit(s: Any, conv_ids: list[int], msg_ids: list[int], corr_ids: list
     return n
 
 
-__all__ = ["CustomerNotFound", "ForgetReport", "find_customers", "forget_customer", "trained_on"]
+__all__ = [
+    "ERASED",
+    "CustomerNotFound",
+    "ForgetReport",
+    "find_customers",
+    "find_senders",
+    "forget_customer",
+    "trained_on",
+]

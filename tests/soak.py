@@ -28,6 +28,7 @@ import argparse
 import asyncio
 import contextlib
 import hashlib
+import itertools
 import json
 import os
 import random
@@ -167,7 +168,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     from replicas import clean_env
     from sqlalchemy import func, select
 
-    from bot.channels.slack import correct_modal
+    from bot.channels.slack import FORM_SECRET_KV, correct_modal, form_metadata
     from knowledge.models import Correction, InboxItem, Message, OutboxItem
     from knowledge.store import Store
     from learning import registry
@@ -249,7 +250,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 await asyncio.gather(*pending)
 
             async def submit(cid: int, mid: int, text: str) -> None:
-                meta = json.dumps({"c": cid, "m": mid, "ch": REVIEW})
+                # the form's metadata as `serve` signs it when staff press Correct (key in the database)
+                secret = str(await asyncio.to_thread(store.get_kv, FORM_SECRET_KV)).encode()
+                meta = form_metadata(secret, {"c": cid, "m": mid, "ch": REVIEW, "u": STAFF})
                 view = correct_modal("", meta)
                 view["state"] = {
                     "values": {
@@ -263,8 +266,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 }  # fmt: skip
                 payload = {"type": "view_submission", "team": {"id": "T0001"}, "user": {"id": STAFF},
                            "api_app_id": "A0001", "trigger_id": "t", "view": view}  # fmt: skip
-                body = urllib.parse.urlencode({"payload": json.dumps(payload)}).encode()
-                while True:  # staff see an error and press Save again: the same form, the same text
+                for attempt in itertools.count():  # staff see an error and press Save again: the same
+                    # form, the same text, a new request (Slack gives each its trigger id and signature)
+                    payload["trigger_id"] = f"t{attempt}"
+                    body = urllib.parse.urlencode({"payload": json.dumps(payload)}).encode()
                     with contextlib.suppress(Exception):
                         headers = {"Content-Type": "application/x-www-form-urlencoded", **_sign(body)}
                         async with http.post(f"{serve.url}/slack/events", data=body, headers=headers,

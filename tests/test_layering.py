@@ -23,6 +23,8 @@ SDK_HOMES = {
     "apscheduler": {"learning/nightly.py"},
     "onnxruntime_genai": {"learning/onnx_engine.py"},
     "prometheus_client": {"bot/metrics.py"},
+    "stdnum": {"learning/pii.py"},
+    "phonenumbers": {"learning/pii.py"},
 }
 
 

@@ -2,7 +2,14 @@
 
 The only module that imports `slack_bolt` / `slack_sdk`. It connects through Socket Mode when
 SLACK_APP_TOKEN is set and serves `/slack/events` on the project's HTTP server when
-SLACK_SIGNING_SECRET is set (bolt verifies every signature there).
+SLACK_SIGNING_SECRET is set (slack_sdk's SignatureVerifier checks every signature there, on the
+raw body, before bolt reads it; a signature is accepted once, see `_replayed`).
+
+Who may act (issue #18): a request must come from our own workspace (or Enterprise Grid
+organisation) and our own app, as `auth.test` and `bots.info` name them at start; Slack Connect
+users from other organisations, strangers and guests are never staff, even in the review channel.
+A form's `private_metadata` is signed (HMAC, key in the database), so a submission can only
+touch the answer its form was opened for, by the person it was opened for.
 
 Three rules shape it:
 - Posting to Slack never delays a customer. Cards, card updates, thread notes and the nightly
@@ -32,9 +39,10 @@ import hmac
 import json
 import logging
 import re
+import secrets
 import time
 import urllib.parse
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,13 +52,19 @@ from slack_bolt.adapter.aiohttp import to_aiohttp_response, to_bolt_request
 from slack_bolt.adapter.socket_mode.aiohttp import AsyncSocketModeHandler
 from slack_bolt.app.async_app import AsyncApp
 from slack_sdk.errors import SlackApiError, SlackRequestError
+from slack_sdk.signature import SignatureVerifier
+from slack_sdk.socket_mode.async_client import AsyncBaseSocketModeClient
+from slack_sdk.socket_mode.request import SocketModeRequest
+from slack_sdk.socket_mode.response import SocketModeResponse
 from slack_sdk.web.async_client import AsyncWebClient
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import SQLAlchemyError
 
 from bot.conversation import Answer, ConversationService, correction_problem
+from bot.hours import short as short_time
 from bot.http import HttpServer
 from bot.outbox import Drop, Outbox, Retry
+from bot.ratelimit import RateLimiter
 from knowledge.models import Conversation, Correction, Feedback, Message, OutboxItem, RegistryState, utcnow
 from knowledge.settings import Settings
 from knowledge.store import Store
@@ -59,7 +73,13 @@ log = logging.getLogger(__name__)
 
 CHANNEL = "slack"  # outbox channel, staff-id prefix and update-claim namespace
 EVENTS_PATH = "/slack/events"
-SIGNATURE_MAX_AGE_S = 300  # Slack's own rule: older (or future) timestamps are replays
+SIGNATURE_MAX_AGE_S = 300  # Slack's own rule (and SignatureVerifier's): older or future timestamps fail
+# An accepted signature (HTTP) or envelope id (Socket Mode) is remembered in the shared rate-limit
+# table under this prefix until its timestamp leaves the window (plus a margin for replicas' clocks)
+REPLAY_KEY = "slack:replay:"
+REPLAY_MARGIN_S = 60
+ENVELOPE_KEEP_S = 600.0
+FORM_SECRET_KV = "slack_form_secret"  # HMAC key of the forms' private_metadata, shared by replicas
 STAFF_CACHE_S = 300.0
 MAX_SECTION = 2900  # Slack allows 3000 characters in a section text
 DIGEST_SIZE = 100  # answers per digest message: 100 one-line summaries fit Slack's 50 blocks
@@ -143,6 +163,11 @@ class SlackChannel:
         self._chains: dict[str, asyncio.Task[None]] = {}
         self._names: dict[str, str] = {}
         self._staff_cache: tuple[float, frozenset[str]] | None = None
+        self._verifier = SignatureVerifier(self.signing_secret) if self.signing_secret else None
+        self._seen = RateLimiter(store)  # accepted signatures and envelope ids, shared by replicas
+        self._me: Identity | None = None  # our workspace, organisation and app (auth.test, bots.info)
+        self._members: dict[str, tuple[float, str]] = {}  # user -> (when, why not staff; "" = may be)
+        self._form_key = b""  # HMAC key of the forms' private_metadata (FORM_SECRET_KV)
         self._behind_until = 0.0  # time.monotonic() until which the channel counts as behind (_behind)
         users, groups = _parse_staff(settings.staff)
         self._staff_users, self._staff_groups = users, groups
@@ -153,6 +178,8 @@ class SlackChannel:
     async def start(self) -> None:
         """Check the token, start the outbox drainer, connect Socket Mode, and begin reviewing."""
         await self._check_token()
+        key = await asyncio.to_thread(self.store.setdefault_kv, FORM_SECRET_KV, secrets.token_urlsafe(32))
+        self._form_key = key.encode()
         app = AsyncApp(
             client=self.client,
             signing_secret=self.signing_secret,
@@ -167,7 +194,7 @@ class SlackChannel:
         self._app = app
         self.outbox.start()
         if self.app_token:
-            self._socket = AsyncSocketModeHandler(app, self.app_token)
+            self._socket = _SocketHandler(app, self.app_token, self._envelope_seen)
             # connect() retries on its own until Slack answers; never hold up start-up for it
             self._socket_task = asyncio.create_task(self._socket.connect_async(), name="slack-socket")
         self.service.reviewers.append(self)
@@ -198,7 +225,8 @@ class SlackChannel:
     async def _check_token(self) -> None:
         """Fail start-up on a rejected token; only warn when Slack is merely unreachable."""
         try:
-            await self.client.auth_test()
+            auth = await self.client.auth_test()
+            self._me = await self._identity(auth)
         except SlackApiError as exc:
             if _error_of(exc) in AUTH_ERRORS:
                 raise RuntimeError(
@@ -208,6 +236,31 @@ class SlackChannel:
             log.warning("Slack auth.test failed (%s); cards wait in the outbox", _error_of(exc))
         except (OSError, TimeoutError) as exc:
             log.warning("Slack is unreachable (%s); cards wait in the outbox", type(exc).__name__)
+
+    async def _identity(self, auth: Any) -> Identity:
+        """Who we are, from auth.test's answer and bots.info (the app id; "" when Slack will not say)."""
+        app = ""
+        bot = str(auth.get("bot_id") or "")
+        if bot:
+            try:
+                app = str(((await self.client.bots_info(bot=bot)).get("bot") or {}).get("app_id") or "")
+            except (SlackApiError, OSError, TimeoutError) as exc:
+                log.warning(
+                    "Slack bots.info failed (%s); requests' app id is not checked", type(exc).__name__
+                )
+        return Identity(
+            team=str(auth.get("team_id") or ""),
+            enterprise=str(auth.get("enterprise_id") or ""),
+            app=app,
+            org_wide=bool(auth.get("is_enterprise_install")),
+        )
+
+    async def _whoami(self) -> Identity | None:
+        """Our identity; asked again when Slack was unreachable at start (None: nobody is staff yet)."""
+        if self._me is None:
+            with contextlib.suppress(RuntimeError):  # a rejected token: logged by the next start
+                await self._check_token()
+        return self._me
 
     async def idle(self) -> None:
         """Wait until every scheduled staff action has finished (tests, shutdown)."""
@@ -248,6 +301,14 @@ class SlackChannel:
         # not UTF-8 or not an object. Check the signature on the raw bytes first, then the shape.
         if not self._signed(request, raw):
             return web.Response(status=401, text="invalid signature")
+        try:
+            replayed = await self._replayed(request)
+        except SQLAlchemyError:
+            log.exception("could not check a Slack request for a replay")
+            return web.Response(status=503, text="try again")
+        if replayed:  # Slack signs each delivery and retry afresh: the same signature is a copy
+            log.warning("refused a replayed Slack request (its signature was accepted before)")
+            return web.Response(status=200, text="")  # answered, nothing done; Slack never retries a 200
         problem = _malformed(raw, request.content_type)
         if problem:
             return web.Response(status=400, text=problem)
@@ -259,17 +320,33 @@ class SlackChannel:
         return await to_aiohttp_response(response)
 
     def _signed(self, request: web.Request, raw: bytes) -> bool:
-        """Slack's v0 signature over the raw body, compared in constant time; stale timestamps fail."""
-        stamp = request.headers.get("X-Slack-Request-Timestamp", "")
-        given = request.headers.get("X-Slack-Signature", "")
-        try:
-            if abs(time.time() - int(stamp)) > SIGNATURE_MAX_AGE_S:
-                return False
-        except ValueError:
+        """Slack's v0 signature over the raw body (slack_sdk's SignatureVerifier: constant-time
+        comparison, stale or future timestamps fail). A body that is not UTF-8 is never Slack's."""
+        if self._verifier is None:
             return False
-        base = b"v0:" + stamp.encode() + b":" + raw
-        expected = "v0=" + hmac.new(self.signing_secret.encode(), base, hashlib.sha256).hexdigest()
-        return hmac.compare_digest(expected.encode(), given.encode("utf-8", "replace"))
+        try:
+            return self._verifier.is_valid(
+                raw.decode("utf-8"),
+                request.headers.get("X-Slack-Request-Timestamp"),
+                request.headers.get("X-Slack-Signature"),
+            )
+        except (ValueError, TypeError):  # not UTF-8, a timestamp that is no number, a non-ASCII signature
+            return False
+
+    async def _replayed(self, request: web.Request) -> bool:
+        """Whether this (valid) signature was accepted before, by this replica or any other.
+
+        Remembered in the shared rate-limit table until its timestamp leaves Slack's window, after
+        which the signature check refuses it anyway; ended entries are deleted by the limiter's sweep.
+        """
+        stamp = int(request.headers["X-Slack-Request-Timestamp"])
+        keep = stamp + SIGNATURE_MAX_AGE_S - time.time() + REPLAY_MARGIN_S
+        signature = request.headers["X-Slack-Signature"]
+        return await self._seen.hit(REPLAY_KEY + signature, keep) > 1
+
+    async def _envelope_seen(self, envelope_id: str) -> bool:
+        """Socket Mode: whether this envelope id was handled before (acked again, not handled twice)."""
+        return await self._seen.hit(f"{REPLAY_KEY}envelope:{envelope_id}", ENVELOPE_KEEP_S) > 1
 
     # --- Reviewer (called by the conversation service) -------------------------------------
     async def answer_posted(self, conv: Conversation, answer: Answer) -> None:
@@ -289,17 +366,48 @@ class SlackChannel:
         if self.settings.review == "none":
             return
         oncall = f" <!subteam^{self.settings.oncall_group}>" if self.settings.oncall_group else ""
+        # outside APPRENTICE_BUSINESS_HOURS the mention waits for the opening (a scheduled note)
+        now = self.service.clock()
+        opening = self.service.hours.closed_until(now) if oncall and self.service.hours else None
         if message_id is not None:
             await self._put("update", conv.id, {"message_id": message_id})
-            if oncall:  # an edited message notifies nobody; a thread reply with the mention does
+            if oncall and opening is not None:
+                await self._ping_later(conv.id, f"👎 The customer disliked an answer.{oncall}", opening)
+            elif oncall:  # an edited message notifies nobody; a thread reply with the mention does
                 await self._put("note", conv.id, {"text": f"👎 The customer disliked an answer.{oncall}"})
             return
         text = f"🙋 *The customer {_esc(why)}.*{oncall} Press *Take over* to reply to them here."
+        if opening is not None:
+            when = short_time(opening, now.astimezone(opening.tzinfo))
+            text = (
+                f"🙋 *The customer {_esc(why)}.* (outside business hours; on-call will be pinged at {when}) "
+                "Press *Take over* to reply to them here."
+            )
+            ping = f"⏰ Business hours have started:{oncall} the customer {_esc(why)} while we were away."
+            await self._ping_later(conv.id, ping, opening)
         await self._put(
             "note",
             conv.id,
             {"text": text, "buttons": ["take_over"], "message_id": 0, "broadcast": True},
         )
+
+    async def _ping_later(self, conversation_id: int, text: str, opening: dt.datetime) -> None:
+        """The on-call mention as a note scheduled for the opening (one per conversation; skipped if
+        staff took the conversation over by then). Its own outbox key: the thread's other notes and
+        cards do not wait for it."""
+        key = f"oncall:{conversation_id}"
+
+        def scheduled() -> bool:
+            with self.store.session() as s:
+                q = select(OutboxItem.id).where(
+                    OutboxItem.channel == CHANNEL, OutboxItem.key == key, OutboxItem.status == "scheduled"
+                )
+                return s.scalar(q.limit(1)) is not None
+
+        if await asyncio.to_thread(scheduled):
+            return
+        payload = {"conversation_id": conversation_id, "text": text, "unless_taken": True, "broadcast": True}
+        await self.outbox.put("note", payload, key=key, not_before=opening)
 
     async def relay(self, conv: Conversation, text: str) -> None:
         await self._put("note", conv.id, {"text": f"💬 *Customer:*\n{_quote(text)}"})
@@ -312,6 +420,14 @@ class SlackChannel:
         """The nightly learning report, posted to the review channel (through the outbox, like cards)."""
         for kind, payload in report_items(result):
             await self.outbox.put(kind, payload, key="report")
+
+    async def post_stats(self, text: str, chart: str | None = None) -> None:
+        """The weekly resolution figures (bot/stats.py), posted like the nightly report: the text,
+        then the chart, through the outbox."""
+        await self.outbox.put("report", {"text": text}, key="report")
+        if chart:
+            payload = {"path": chart, "title": "Resolution figures"}
+            await self.outbox.put("report_chart", payload, key="report")
 
     async def _put(self, kind: str, conversation_id: int, payload: dict[str, Any]) -> None:
         await self.outbox.put(
@@ -463,6 +579,10 @@ class SlackChannel:
         await self.client.chat_update(channel=channel, ts=ts, text=text, blocks=blocks)
 
     async def _post_note(self, payload: dict[str, Any]) -> None:
+        if payload.get("unless_taken"):  # a scheduled on-call ping: not needed once staff took over
+            conv = await asyncio.to_thread(self.store.conversation, int(payload["conversation_id"]))
+            if conv is None or conv.mode == "human":
+                return
         thread = await self._thread(int(payload["conversation_id"]))
         text = str(payload["text"])[:MAX_SECTION]
         blocks: list[dict[str, Any]] = [{"type": "section", "text": {"type": "mrkdwn", "text": text}}]
@@ -615,8 +735,43 @@ class SlackChannel:
                 return f"<@{user}>"  # Slack itself renders this as @name
         return self._names[user]
 
-    async def _is_staff(self, user: str) -> bool:
-        return user in await self._staff()
+    async def _is_staff(
+        self, user: str, body: Mapping[str, Any], event: Mapping[str, Any] | None = None
+    ) -> bool:
+        """Whether `user`, acting through the request `body`, is staff: the request comes from our own
+        workspace (organisation) and app, the user is on the staff list, and, when the review channel's
+        members are the staff, a full member of our workspace (no guest, no Slack Connect user)."""
+        me = await self._whoami()
+        if me is None:
+            log.warning("refused a Slack action: Slack has not said yet which workspace is ours")
+            return False
+        why = _foreign(me, body, event or {})
+        if not why and user in await self._staff():
+            if self._staff_users or self._staff_groups:
+                return True
+            why = await self._outsider(user, me)
+            if not why:
+                return True
+        if why:
+            log.info("refused a Slack action by %s: %s", user, why)
+        return False
+
+    async def _outsider(self, user: str, me: Identity) -> str:
+        """Why a member of the review channel is not staff ("" when a full member of our workspace).
+
+        users.info, cached like the staff list; when Slack cannot say, the last answer or a refusal."""
+        now = time.monotonic()
+        cached = self._members.get(user)
+        if cached is not None and now - cached[0] < STAFF_CACHE_S:
+            return cached[1]
+        try:
+            info = (await self.client.users_info(user=user))["user"]
+        except (SlackApiError, OSError, TimeoutError, KeyError, TypeError) as exc:
+            log.warning("could not look up Slack user %s (%s)", user, type(exc).__name__)
+            return cached[1] if cached is not None else "users.info failed"
+        why = _not_a_member(info if isinstance(info, dict) else {}, me)
+        self._members[user] = (now, why)
+        return why
 
     async def _staff(self) -> frozenset[str]:
         """APPRENTICE_STAFF users and groups, else the review channel's members (cached a while)."""
@@ -677,13 +832,16 @@ class SlackChannel:
         channel = str((body.get("channel") or {}).get("id") or self.channel_id)
         if name in ("correct", "flag"):  # the trigger id expires in 3 s: open modals at once
             self._spawn(
-                None, self._open_modal(name, user, channel, cid, mid, str(body.get("trigger_id", "")))
+                None,
+                self._open_modal(name, user, channel, cid, mid, str(body.get("trigger_id", "")), body),
             )
         else:
-            self._spawn(f"conv:{cid}", self._button(name, user, channel, cid, mid))
+            self._spawn(f"conv:{cid}", self._button(name, user, channel, cid, mid, body))
 
-    async def _button(self, name: str, user: str, channel: str, cid: int, mid: int) -> None:
-        if not await self._is_staff(user):
+    async def _button(
+        self, name: str, user: str, channel: str, cid: int, mid: int, body: Mapping[str, Any]
+    ) -> None:
+        if not await self._is_staff(user, body):
             await self._refuse(user, channel)
             return
         staff = f"{CHANNEL}:{user}"
@@ -714,15 +872,17 @@ class SlackChannel:
             await self._put("update", cid, {"message_id": mid})
         await self._put("note", cid, {"text": note, "buttons": buttons, "message_id": mid})
 
-    async def _open_modal(self, name: str, user: str, channel: str, cid: int, mid: int, trigger: str) -> None:
-        if not await self._is_staff(user):
+    async def _open_modal(
+        self, name: str, user: str, channel: str, cid: int, mid: int, trigger: str, body: Mapping[str, Any]
+    ) -> None:
+        if not await self._is_staff(user, body):
             await self._refuse(user, channel)
             return
         msg = await asyncio.to_thread(self.store.message, mid)
         if msg is None:
             await self._ephemeral(user, f"Answer #{mid} no longer exists.", channel)
             return
-        meta = json.dumps({"c": cid, "m": mid, "ch": channel})
+        meta = self._sign_form({"c": cid, "m": mid, "ch": channel, "u": user})
         view = correct_modal(msg.text, meta) if name == "correct" else flag_modal(meta)
         try:
             await self.client.views_open(trigger_id=trigger, view=view)
@@ -732,17 +892,39 @@ class SlackChannel:
                 user, "Slack did not open the form; please press the button again.", channel
             )
 
+    def _sign_form(self, fields: dict[str, Any]) -> str:
+        """A form's private_metadata: the answer, channel and user it was opened for, and their HMAC."""
+        return form_metadata(self._form_key, fields)
+
+    def _form(self, view: dict[str, Any], user: str) -> dict[str, Any] | None:
+        """The answer a submitted form is about ({"m", "c", "ch"}); None when its metadata is
+        unreadable, was not signed by us (forged, altered, or from before signing), or the form was
+        opened for someone else."""
+        try:
+            meta = json.loads(view.get("private_metadata") or "{}")
+            fields = {"c": int(meta["c"]), "m": int(meta["m"]), "ch": meta.get("ch"), "u": str(meta["u"])}
+            mac = str(meta["s"])
+        except (ValueError, TypeError, KeyError, AttributeError):
+            return None
+        if not (self._form_key and hmac.compare_digest(_form_mac(self._form_key, fields), mac)):
+            log.warning("refused a Slack form whose metadata we did not sign (answer #%s)", fields["m"])
+            return None
+        if fields["u"] != user:
+            log.warning("refused a Slack form opened by %s and submitted by %s", fields["u"], user)
+            return None
+        return {"m": fields["m"], "c": fields["c"], "ch": fields["ch"]}
+
     # --- listeners: modal submissions -------------------------------------------------------
     async def _on_correct_submit(self, ack: Any, body: dict[str, Any], view: dict[str, Any]) -> None:
         user = str((body.get("user") or {}).get("id", ""))
-        meta = _metadata(view)
+        meta = self._form(view, user)
         values = _values(view)
         text = str(((values.get("corrected") or {}).get("text") or {}).get("value") or "")
         selected = ((values.get("reason") or {}).get("reason") or {}).get("selected_option") or {}
         reason = str(selected.get("value") or "other")
         chosen = ((values.get("options") or {}).get("options") or {}).get("selected_options") or []
         options = {str(o.get("value")) for o in chosen}
-        if not await self._is_staff(user):
+        if not await self._is_staff(user, body):
             await ack(response_action="errors", errors={"corrected": REFUSAL})
             self._spawn(None, self._refuse(user, (meta or {}).get("ch")))
             return
@@ -798,10 +980,10 @@ class SlackChannel:
 
     async def _on_flag_submit(self, ack: Any, body: dict[str, Any], view: dict[str, Any]) -> None:
         user = str((body.get("user") or {}).get("id", ""))
-        meta = _metadata(view)
+        meta = self._form(view, user)
         values = _values(view)
         reason = str(((values.get("reason") or {}).get("reason") or {}).get("value") or "")
-        if not await self._is_staff(user):
+        if not await self._is_staff(user, body):
             await ack(response_action="errors", errors={"reason": REFUSAL})
             self._spawn(None, self._refuse(user, (meta or {}).get("ch")))
             return
@@ -829,9 +1011,9 @@ class SlackChannel:
         ):
             return
         event_id = str(body.get("event_id") or f"{event.get('channel')}:{event.get('ts')}")
-        self._spawn(f"thread:{thread_ts}", self._thread_reply(event_id, event))
+        self._spawn(f"thread:{thread_ts}", self._thread_reply(event_id, event, body))
 
-    async def _thread_reply(self, event_id: str, event: dict[str, Any]) -> None:
+    async def _thread_reply(self, event_id: str, event: dict[str, Any], body: Mapping[str, Any]) -> None:
         if not await asyncio.to_thread(self.store.claim_update, CHANNEL, event_id):
             log.info("Slack event %s already handled (a retry)", event_id)
             return
@@ -840,7 +1022,7 @@ class SlackChannel:
         if conv is None or conv.mode != "human":
             return  # staff talking among themselves
         user = str(event.get("user", ""))
-        if not await self._is_staff(user):
+        if not await self._is_staff(user, body, event):
             await self._refuse(user, self.channel_id, str(event["thread_ts"]))
             return
         text = slack_to_plain(str(event.get("text", "")))
@@ -862,7 +1044,7 @@ class SlackChannel:
     # --- the /apprentice command --------------------------------------------------------
     async def _on_command(self, ack: Any, command: dict[str, Any]) -> None:
         user = str(command.get("user_id", ""))
-        if not await self._is_staff(user):
+        if not await self._is_staff(user, command):
             await ack(text=REFUSAL)
             return
         await ack(text=await self.command(str(command.get("text", "")), f"{CHANNEL}:{user}"))
@@ -873,6 +1055,14 @@ class SlackChannel:
         verb = verb.lower()
         if verb in ("", "status"):
             return await asyncio.to_thread(self._status)
+        if verb == "stats":
+            from bot.stats import compute, format_stats, parse_days
+
+            days = parse_days(arg)
+            if days is None:
+                return "Usage: `/apprentice stats [7d]` (the last N days, 1 to 366; default 7)."
+            figures = await asyncio.to_thread(compute, self.store, days)
+            return f"```{_esc(format_stats(figures))}```"
         if verb == "corrections":
             latest = await asyncio.to_thread(self.store.corrections, limit=10)
             if not latest:
@@ -924,7 +1114,8 @@ class SlackChannel:
                 return f"There is no correction #{cid}. `/apprentice corrections` lists them."
             return f"Correction #{cid} revoked: it is no longer used for memory or training."
         return (
-            "Usage: `/apprentice status`, `/apprentice corrections`, `/apprentice pending`, "
+            "Usage: `/apprentice status`, `/apprentice stats [7d]`, `/apprentice corrections`, "
+            "`/apprentice pending`, "
             "`/apprentice approve ID` or `/apprentice revoke ID`."
         )
 
@@ -1267,13 +1458,88 @@ def _odd_shape(body: dict[str, Any], shape: dict[str, Any]) -> str:
     return ""
 
 
-def _metadata(view: dict[str, Any]) -> dict[str, Any] | None:
-    """The answer a modal is about ({"m", "c", "ch"}), or None when the metadata is unreadable."""
-    try:
-        meta = json.loads(view.get("private_metadata") or "{}")
-        return {"m": int(meta["m"]), "c": int(meta["c"]), "ch": meta.get("ch")}
-    except (ValueError, TypeError, KeyError, AttributeError):
-        return None
+def form_metadata(key: bytes, fields: dict[str, Any]) -> str:
+    """A form's private_metadata: `fields` ({"c", "m", "ch", "u"}) and their HMAC under `key`
+    (FORM_SECRET_KV in the database; tools that submit forms, like the soak, sign with it too)."""
+    return json.dumps({**fields, "s": _form_mac(key, fields)})
+
+
+def _form_mac(key: bytes, fields: dict[str, Any]) -> str:
+    """HMAC-SHA256 of a form's metadata fields, in one canonical JSON spelling."""
+    canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hmac.new(key, canonical.encode(), hashlib.sha256).hexdigest()
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Our own Slack workspace, Enterprise Grid organisation ("" when none) and app ("" when unknown)."""
+
+    team: str
+    enterprise: str = ""
+    app: str = ""
+    org_wide: bool = False  # installed on a whole organisation: any of its workspaces is ours
+
+
+def _id_of(value: Any) -> str:
+    return str(value.get("id") or "") if isinstance(value, dict) else ""
+
+
+def _foreign(me: Identity, body: Mapping[str, Any], event: Mapping[str, Any]) -> str:
+    """Why a request does not come from our workspace and app ("" when it does).
+
+    The team and organisation the request was made in (`team.id` of interactivity payloads,
+    `team_id` of events and commands), the acting user's own team (Slack Connect users keep
+    theirs: `user.team_id`, an event's `user_team`) and the app (`api_app_id`)."""
+    team = _id_of(body.get("team")) or str(body.get("team_id") or "")
+    enterprise = _id_of(body.get("enterprise")) or str(body.get("enterprise_id") or "")
+    user = body.get("user")
+    user_team = str((user.get("team_id") if isinstance(user, dict) else "") or event.get("user_team") or "")
+    app = str(body.get("api_app_id") or "")
+    if me.org_wide:
+        if enterprise != me.enterprise:
+            return f"the request came from organisation {enterprise or '(none)'}"
+    else:
+        if team != me.team:
+            return f"the request came from team {team or '(none)'}"
+        if enterprise and enterprise != me.enterprise:
+            return f"the request came from organisation {enterprise}"
+        if user_team and user_team != me.team:
+            return f"a user of team {user_team} (Slack Connect)"
+    if me.app and app and app != me.app:
+        return f"the request is for app {app}"
+    return ""
+
+
+def _not_a_member(info: dict[str, Any], me: Identity) -> str:
+    """Why a users.info user is not a full member of our workspace ("" when they are)."""
+    if info.get("is_stranger"):
+        return "an external user (Slack Connect)"
+    if info.get("is_restricted") or info.get("is_ultra_restricted"):
+        return "a guest account"
+    if info.get("deleted") or info.get("is_bot"):
+        return "a deactivated account or a bot"
+    if me.org_wide:
+        grid = info.get("enterprise_user")
+        if not isinstance(grid, dict) or grid.get("enterprise_id") != me.enterprise:
+            return "a user outside our organisation"
+    elif info.get("team_id") != me.team:
+        return f"a user of team {info.get('team_id')} (Slack Connect)"
+    return ""
+
+
+class _SocketHandler(AsyncSocketModeHandler):
+    """Bolt's Socket Mode handler; an envelope handled before (by any replica) is acked, not handled."""
+
+    def __init__(self, app: AsyncApp, app_token: str, seen: Any) -> None:
+        super().__init__(app, app_token)
+        self._seen = seen
+
+    async def handle(self, client: AsyncBaseSocketModeClient, req: SocketModeRequest) -> None:  # type: ignore[override]
+        if req.envelope_id and await self._seen(req.envelope_id):
+            log.warning("ignored a Socket Mode envelope delivered again (%s)", req.envelope_id)
+            await client.send_socket_mode_response(SocketModeResponse(envelope_id=req.envelope_id))
+            return
+        await super().handle(client, req)  # type: ignore[arg-type]
 
 
 def _values(view: dict[str, Any]) -> dict[str, Any]:
@@ -1384,6 +1650,7 @@ __all__ = [
     "CardState",
     "SlackChannel",
     "correct_modal",
+    "form_metadata",
     "render_card",
     "render_digest",
     "request_key",

@@ -63,6 +63,7 @@ from telegram.ext import Application, ApplicationBuilder, ContextTypes, TypeHand
 
 from bot.conversation import ConversationService, Inbound, Outbound, clean_text
 from bot.http import HttpServer
+from bot.messages import CATALOG
 from bot.outbox import Drop, Outbox, Retry
 from knowledge.models import Conversation
 from knowledge.settings import ConfigError, Settings
@@ -77,12 +78,9 @@ SECRET_KV = "telegram_webhook_secret"
 MAX_MESSAGE = 4096  # Telegram's limit, counted in UTF-16 code units
 ALLOWED_UPDATES = ["message", "edited_message", "callback_query"]
 CONFLICT_WINDOW_S = 120.0  # two 409s within this window: another process polls this token
-HELP_TEXT = (
-    "Ask me anything about our products and services and I'll answer from our help pages.\n\n"
-    "Under each answer you can tap 👍 or 👎 to tell us whether it helped.\n"
-    "Send /human to talk to a person."
-)
-ALREADY_RATED = "You already rated this answer. Thanks!"
+# the English texts; every language's are in bot/messages.py
+HELP_TEXT = CATALOG["help"]["en"]
+ALREADY_RATED = CATALOG["already_rated"]["en"]
 # An update whose handling failed (or was cut short by a crash) this often is not tried again: the
 # customer gets an apology and staff a note. High enough that restarts alone never reach it (the
 # soak: 50 kills in 10 minutes cut some updates 3 times), low enough to stop a crash loop.
@@ -390,6 +388,7 @@ class TelegramChannel:
             external_id=external,
             name=clean_text(str(user.full_name or ""))[:256] if user is not None else "",
             kind=kind,
+            language=str(user.language_code or "") if user is not None else "",
         )
 
     async def _bot_mode(self, inbound: Inbound) -> bool:
@@ -449,29 +448,49 @@ class TelegramChannel:
             outs = await self.service.ask_human(inbound)
         else:  # counted against the customer's rate limit like any message
             outs = await self.service.admit(inbound)
-        if outs is None and name == "start":
-            outs = [Outbound(self.settings.start_text, 0, kind="notice")]
-        elif outs is None:  # /help and anything we do not know
-            outs = [Outbound(HELP_TEXT, 0, kind="notice")]
+        if outs is None:  # /start, else /help and anything we do not know, in the customer's language
+            lang = self.service.messages.choose(inbound.language)
+            key = "start" if name == "start" else "help"
+            outs = [Outbound(self.service.messages.text(key, lang), 0, kind="notice")]
         for out in outs:
             await self._enqueue(inbound.chat_id, inbound.customer_id, out)
 
     async def _on_button(self, query: CallbackQuery) -> None:
         """👍/👎 on an answer: stored once per customer and answer; every press gets an answer."""
         thanks: str | None = None
+        csat = _parse_csat(query.data)
+        if csat is not None:
+            await self._on_csat(query, *csat)
+            return
         parsed = _parse_feedback(query.data)
         chat = query.message.chat.id if query.message is not None else None
         valid = parsed is not None and chat is not None and await self._owns(parsed[1], str(chat))
         if parsed is not None and valid:
             up, message_id = parsed
             actor = f"{CHANNEL}:{query.from_user.id}"
-            thanks = await self.service.customer_feedback(message_id, actor, up)
+            code = str(query.from_user.language_code or "")
+            thanks = await self.service.customer_feedback(message_id, actor, up, language=code)
         try:  # a stale or forged button is answered too (silently), so the client stops its spinner
-            await query.answer(text=thanks or (ALREADY_RATED if valid else None))
+            lang = self.service.messages.choose(query.from_user.language_code)
+            rated = self.service.messages.text("already_rated", lang) if valid else None
+            await query.answer(text=thanks or rated)
         except TelegramError as exc:  # an old query (>15 min) cannot be answered; nothing else to do
             log.info("could not answer callback query: %s", exc)
         if thanks is not None:
             with contextlib.suppress(TelegramError):  # the buttons go once used; cosmetic
+                await query.edit_message_reply_markup(reply_markup=None)
+
+    async def _on_csat(self, query: CallbackQuery, yes: bool, conversation_id: int) -> None:
+        """Yes/No to "Did this solve your problem?": recorded once, and only from the asked chat."""
+        chat = query.message.chat.id if query.message is not None else None
+        conv = await asyncio.to_thread(self.store.conversation, conversation_id)
+        thanks: str | None = None
+        if chat is not None and conv is not None and conv.channel == CHANNEL and conv.chat_id == str(chat):
+            thanks = await self.service.satisfaction(conversation_id, yes)
+        with contextlib.suppress(TelegramError):  # every press is answered, so the spinner stops
+            await query.answer(text=thanks)
+        if thanks is not None:
+            with contextlib.suppress(TelegramError):
                 await query.edit_message_reply_markup(reply_markup=None)
 
     async def _owns(self, message_id: int, chat_id: str) -> bool:
@@ -510,6 +529,8 @@ class TelegramChannel:
                 "message_id": out.message_id,
                 "buttons": buttons,
             }
+            if out.kind == "csat" and i == len(parts) - 1:
+                payload["csat"] = out.conversation_id  # Yes / No buttons
             await self.outbox.put("message", payload, key=chat_id)
 
     async def _send_item(self, kind: str, payload: dict[str, Any]) -> None:
@@ -517,11 +538,13 @@ class TelegramChannel:
         if kind != "message":
             raise Drop(f"unknown Telegram outbox item kind {kind!r}")
         buttons = payload.get("buttons")
+        csat = payload.get("csat")
+        markup = feedback_markup(int(buttons)) if buttons else csat_markup(int(csat)) if csat else None
         try:
             await self.application.bot.send_message(
                 chat_id=payload["chat_id"],
                 text=payload["text"],  # plain text: no parse_mode, so model output cannot break markup
-                reply_markup=feedback_markup(int(buttons)) if buttons else None,
+                reply_markup=markup,
             )
         except RetryAfter as exc:
             raise Retry("Telegram flood control", after=_seconds(exc.retry_after)) from exc
@@ -587,6 +610,26 @@ def feedback_markup(message_id: int) -> InlineKeyboardMarkup:
             ]
         ]
     )
+
+
+def csat_markup(conversation_id: int) -> InlineKeyboardMarkup:
+    """Yes / No under "Did this solve your problem?"; the callback data carries the conversation id
+    (checked against the chat the press comes from)."""
+    return InlineKeyboardMarkup(
+        [
+            [
+                InlineKeyboardButton("Yes", callback_data=f"csat:yes:{conversation_id}"),
+                InlineKeyboardButton("No", callback_data=f"csat:no:{conversation_id}"),
+            ]
+        ]
+    )
+
+
+def _parse_csat(data: str | object | None) -> tuple[bool, int] | None:
+    if not isinstance(data, str):
+        return None
+    m = re.fullmatch(r"csat:(yes|no):(\d{1,18})", data)
+    return (m.group(1) == "yes", int(m.group(2))) if m else None
 
 
 def _parse_feedback(data: str | object | None) -> tuple[bool, int] | None:

@@ -24,6 +24,7 @@ Staff commands act on the last answer:
   /approve         mark the last answer as a good example
   /flag [REASON]   flag the last answer for review
   /sources         show the passages the last answer used
+  /yes, /no        the customer's answer to "Did this solve your problem?"
   /help            this help
   /quit            leave"""
 MAX_LINE_BYTES = 1_000_000
@@ -53,7 +54,8 @@ class TerminalChannel:
 
     async def _deliver(self, conv: Conversation, out: Outbound) -> None:
         label = {"correction": "bot (corrected)", "staff": "staff"}.get(out.kind, "bot")
-        self._print(f"{label}> {out.text}")
+        hint = " (/yes or /no)" if out.kind == "csat" else ""
+        self._print(f"{label}> {out.text}{hint}")
 
     async def run(self) -> int:
         """Serve until /quit or end of input; returns the exit status."""
@@ -108,6 +110,13 @@ class TerminalChannel:
             inbound = Inbound(CHANNEL, self.user, self.user, "/human", name=self.user)
             for out in await self.service.ask_human(inbound):
                 await self._deliver_reply(out)
+            return True
+        if cmd in ("/yes", "/no"):  # the customer's answer to "Did this solve your problem?"
+            conv = await asyncio.to_thread(
+                self.service.store.conversation_for, CHANNEL, self.user, self.user, self.user
+            )
+            thanks = await self.service.satisfaction(conv.id, cmd == "/yes")
+            self._print(f"bot> {thanks}" if thanks else "(no open question to answer)")
             return True
         if cmd not in ("/correct", "/approve", "/flag", "/sources"):
             self._print(f"Unknown command {cmd[:40]!r}. Type /help for the list.")

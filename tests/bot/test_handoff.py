@@ -15,6 +15,7 @@ from scripted import ScriptedModel
 from bot import handoff
 from bot.channels.terminal import TerminalChannel
 from bot.conversation import HUMAN, ConversationService, Inbound, Outbound
+from bot.messages import CATALOG
 from knowledge.models import Conversation
 from knowledge.retrieve import KnowledgeBase
 from knowledge.settings import Settings
@@ -178,7 +179,8 @@ async def test_plain_words_hand_off_exactly_like_human(flow) -> None:
     service, model, store, staff, _ = flow
     [command] = await service.ask_human(msg("/human", "a"))
     [words] = await service.handle(msg("я хочу поговорить с человеком", "b", ext="7"))
-    assert (command.text, command.kind) == (words.text, words.kind) == (HUMAN, "notice")
+    assert (command.text, command.kind) == (HUMAN, "notice")
+    assert (words.text, words.kind) == (CATALOG["human"]["ru"], "notice")  # in the customer's language
     a, b = store.conversation(command.conversation_id), store.conversation(words.conversation_id)
     assert a.flagged and b.flagged and a.mode == b.mode == "bot"  # staff press Take over
     assert staff.flags == [(a.id, None, "asked for a human"), (b.id, None, "asked for a human")]
@@ -257,10 +259,11 @@ async def test_terminal_human_command_and_plain_words(tmp_path: Path, demo_kb: K
     service = ConversationService(settings, store, demo_kb, ScriptedModel())
     staff = Staff()
     service.reviewers.append(staff)
-    for user, line in (("ana", b"/human\n"), ("ben", b"quiero hablar con un agente\n")):
+    spanish = CATALOG["human"]["es"]  # written in Spanish: the Spanish notice
+    for user, line, notice in (("ana", b"/human\n", HUMAN), ("ben", b"quiero hablar con un agente\n", spanish)):  # noqa: E501
         out = io.StringIO()
         assert await TerminalChannel(service, io.BytesIO(line), out, user=user).run() == 0
-        assert f"bot> {HUMAN}" in out.getvalue()
+        assert f"bot> {notice}" in out.getvalue()
     ana = store.conversation_for("terminal", "ana", "ana")
     ben = store.conversation_for("terminal", "ben", "ben")
     assert ana.flagged and ben.flagged

@@ -217,5 +217,6 @@ def test_bench_redaction_writes_precision_and_recall(
     report: dict[str, Any] = json.loads((out / "redaction.json").read_text())
     assert report["examples"] >= 100 and report["gold_spans"] >= 80
     assert report["recall"] >= 0.95 and report["precision"] >= 0.9
-    assert set(report["per_label"]) == {"EMAIL", "IBAN", "CARD", "PHONE", "ADDRESS", "SSN", "DOB"}
+    labels = {"EMAIL", "IBAN", "CARD", "PHONE", "ADDRESS", "SSN", "DOB", "ID", "NAME"}
+    assert set(report["per_label"]) == labels
     assert "precision" in capsys.readouterr().out

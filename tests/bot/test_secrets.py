@@ -62,8 +62,10 @@ def test_secrets_are_compared_in_constant_time() -> None:
     from slack_sdk.signature import SignatureVerifier  # what bolt verifies Socket-less requests with
 
     assert "hmac.compare_digest" in inspect.getsource(TelegramChannel._webhook)
-    assert "hmac.compare_digest" in inspect.getsource(SlackChannel._signed)
+    assert "self._verifier.is_valid(" in inspect.getsource(SlackChannel._signed)  # a SignatureVerifier
+    assert "SignatureVerifier(self.signing_secret)" in inspect.getsource(SlackChannel.__init__)
     assert "hmac.compare_digest" in inspect.getsource(SignatureVerifier.is_valid)
+    assert "hmac.compare_digest" in inspect.getsource(SlackChannel._form)  # the forms' signed metadata
 
 
 async def test_the_http_server_binds_loopback_unless_configured(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -31,6 +31,7 @@ from bot.channels.telegram import (
     split_text,
 )
 from bot.conversation import APOLOGY, HUMAN, NON_TEXT, SLOW_DOWN, THANKS_DOWN, THANKS_UP
+from bot.messages import CATALOG
 from knowledge.models import Conversation, Customer, Feedback, Message, OutboxItem
 from knowledge.store import Store
 from learning.runtime import Generation
@@ -180,7 +181,7 @@ async def test_plain_words_and_two_thumbs_down_reach_a_person_like_human(bot) ->
     """bot/handoff.py: no /human needed; the 👎 hand-off notice arrives through the outbox."""
     fake, app, model = bot
     await fake.push_message(8, "Можно поговорить с оператором?")
-    await fake.wait_for_text(8, HUMAN)
+    await fake.wait_for_text(8, CATALOG["human"]["ru"])  # written in Russian: the Russian notice
     assert stored(app.store, Conversation, chat_id="8")[0].flagged and model.started == []
 
     await fake.push_message(9, "Where is my parcel?")

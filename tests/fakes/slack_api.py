@@ -115,20 +115,27 @@ class FakeSlack:
         team_id: str = "T0001",
         bot_user_id: str = "UBOT",
         bot_id: str = "BBOT",
+        app_id: str = "A0001",
+        enterprise_id: str | None = None,
         members: dict[str, list[str]] | None = None,
         usergroups: dict[str, list[str]] | None = None,
         users: dict[str, str] | None = None,
+        user_fields: dict[str, dict[str, Any]] | None = None,
         post_rate: float | None = 1.0,
         post_burst: int = 5,
         time_scale: float = 1.0,
     ) -> None:
         self.team_id, self.bot_user_id, self.bot_id = team_id, bot_user_id, bot_id
+        self.app_id, self.enterprise_id = app_id, enterprise_id
         # chat.postMessage per channel: `post_rate` a second after `post_burst` at once (Slack's rule)
         self.post_rate, self.post_burst, self.time_scale = post_rate, post_burst, time_scale
         self._buckets: dict[str, tuple[float, float]] = {}  # channel -> (tokens, time.monotonic())
         self.members = members or {}  # channel -> user ids
         self.usergroups = usergroups or {}  # group id -> user ids
         self.users = users or {}  # user id -> name
+        # user id -> fields users.info returns on top of the defaults: a Slack Connect user
+        # ({"team_id": "T...", "is_stranger": True}), a guest ({"is_restricted": True}), ...
+        self.user_fields = user_fields or {}
         self.calls: list[Call] = []
         self.messages: dict[str, Posted] = {}  # ts -> message
         self.views: list[dict[str, Any]] = []
@@ -302,7 +309,7 @@ class FakeSlack:
         return f"{1_700_000_000 + next(self._ts)}.000100"
 
     def _m_auth_test(self, p: dict[str, Any]) -> dict[str, Any]:
-        return {
+        body: dict[str, Any] = {
             "ok": True,
             "url": "https://fake.slack.com/",
             "team": "Fake",
@@ -310,7 +317,25 @@ class FakeSlack:
             "team_id": self.team_id,
             "user_id": self.bot_user_id,
             "bot_id": self.bot_id,
+            "is_enterprise_install": False,
         }
+        if self.enterprise_id:  # Slack adds it for workspaces of an Enterprise Grid organisation
+            body["enterprise_id"] = self.enterprise_id
+        return body
+
+    def _m_bots_info(self, p: dict[str, Any]) -> dict[str, Any]:
+        if str(p.get("bot", "")) != self.bot_id:
+            return {"ok": False, "error": "bot_not_found"}
+        bot = {
+            "id": self.bot_id,
+            "deleted": False,
+            "name": "apprentice",
+            "updated": 1_700_000_000,
+            "app_id": self.app_id,
+            "user_id": self.bot_user_id,
+            "icons": {},
+        }
+        return {"ok": True, "bot": bot}
 
     def _m_chat_postMessage(self, p: dict[str, Any]) -> dict[str, Any]:
         if not p.get("channel"):
@@ -347,13 +372,23 @@ class FakeSlack:
 
     def _m_users_info(self, p: dict[str, Any]) -> dict[str, Any]:
         uid = str(p.get("user", ""))
-        if uid not in self.users:
+        known = {u for ids in [*self.members.values(), *self.usergroups.values()] for u in ids}
+        if uid not in self.users and uid not in known and uid not in self.user_fields:
             return {"ok": False, "error": "user_not_found"}
-        name = self.users[uid]
-        return {
-            "ok": True,
-            "user": {"id": uid, "name": name, "real_name": name.title(), "profile": {"display_name": name}},
+        name = self.users.get(uid, uid.lower())
+        user = {
+            "id": uid,
+            "team_id": self.team_id,
+            "name": name,
+            "real_name": name.title(),
+            "profile": {"display_name": name},
+            "deleted": False,
+            "is_bot": False,
+            "is_restricted": False,
+            "is_ultra_restricted": False,
+            **self.user_fields.get(uid, {}),
         }
+        return {"ok": True, "user": user}
 
     def _m_conversations_members(self, p: dict[str, Any]) -> dict[str, Any]:
         channel = str(p.get("channel", ""))
@@ -438,11 +473,15 @@ class FakeSlack:
                 self._sockets.remove(ws)
         return ws
 
-    async def push(self, kind: str, payload: dict[str, Any], retry_attempt: int = 0) -> str:
-        """Send one Socket Mode envelope (events_api, interactive, slash_commands); returns its id."""
+    async def push(
+        self, kind: str, payload: dict[str, Any], retry_attempt: int = 0, envelope_id: str = ""
+    ) -> str:
+        """Send one Socket Mode envelope (events_api, interactive, slash_commands); returns its id.
+
+        A given `envelope_id` sends an envelope again (a redelivery or a replay)."""
         if not self._sockets:
             raise AssertionError("no Socket Mode connection; call wait_connected() first")
-        envelope_id = uuid.uuid4().hex
+        envelope_id = envelope_id or uuid.uuid4().hex
         envelope = {
             "envelope_id": envelope_id,
             "type": kind,
@@ -562,11 +601,13 @@ def view_submission(user: str, view: dict[str, Any], values: dict[str, Any], tea
     }
 
 
-def slash_command(user: str, channel: str, text: str, command: str = "/apprentice") -> dict[str, str]:
+def slash_command(
+    user: str, channel: str, text: str, command: str = "/apprentice", team_id: str = "T0001"
+) -> dict[str, str]:
     """The form fields of a slash command request."""
     return {
         "token": "legacy",
-        "team_id": "T0001",
+        "team_id": team_id,
         "channel_id": channel,
         "user_id": user,
         "user_name": user.lower(),
