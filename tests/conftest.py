@@ -75,3 +75,18 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_dir):  # ty
     LlamaForCausalLM(config).save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+@pytest.fixture(autouse=True)
+def _forget_log_throttling():  # type: ignore[no-untyped-def]
+    """`apprentice` run in-process (cli.main) throttles repeated log lines on the root logger's handlers,
+    and pytest reuses its capture handlers for the whole session: drop the throttle after each test,
+    so a later test that logs the same warning still sees it."""
+    yield
+    import logging
+
+    from bot.logsafe import ThrottleFilter
+
+    for handler in logging.getLogger().handlers:
+        for f in [f for f in handler.filters if isinstance(f, ThrottleFilter)]:
+            handler.removeFilter(f)
