@@ -12,7 +12,9 @@ reply itself and blocks it when it would leak one of three things:
   high-entropy strings unless the documents the answer was grounded on print them;
 - **another customer's personal data**: whatever the redactor (`learning.redact.find_pii`)
   finds (email, phone, card, IBAN, street address, SSN, birth date) that is neither in this
-  conversation nor in the knowledge-base passages the answer was grounded on, and the full
+  conversation nor in the knowledge-base passages the answer was grounded on (IBANs and card
+  numbers: neither in this conversation nor in APPRENTICE_PAYMENT_DETAILS, since a poisoned
+  page could give a fraudster's account), and the full
   name (two words or more) of another customer in the store. The correction memory is
   deliberately *not* a trusted source here: a staff correction written for one customer can
   hold that customer's details. (Such a correction is also recalled only in its own
@@ -89,13 +91,22 @@ def _identifier_keys(text: str) -> set[str]:
     return {_key(s.label, text[s.start : s.end]) for s in find_pii(text) if s.label in IDENTIFIERS}
 
 
-def foreign_identifiers(text: str, trusted: str) -> list[Span]:
-    """Personal data in `text` that `trusted` does not hold (the same identifier, or its characters)."""
-    known, flat = _identifier_keys(trusted), _flat(trusted)
+PAYMENT_ACCOUNTS = frozenset({"IBAN", "CARD"})  # where money goes: never vouched for by a document
+
+
+def foreign_identifiers(text: str, trusted: str, accounts: str | None = None) -> list[Span]:
+    """Personal data in `text` that `trusted` does not hold (the same identifier, or its characters).
+
+    With `accounts`, IBANs and card numbers are checked against it instead: a knowledge-base page
+    can be poisoned, so the documents are no witness for where a customer should send money.
+    """
     out = []
     for span in find_pii(text):
+        if span.label not in IDENTIFIERS:
+            continue
+        witness = accounts if accounts is not None and span.label in PAYMENT_ACCOUNTS else trusted
         value = text[span.start : span.end]
-        if span.label in IDENTIFIERS and _key(span.label, value) not in known and _flat(value) not in flat:
+        if _key(span.label, value) not in _identifier_keys(witness) and _flat(value) not in _flat(witness):
             out.append(span)
     return out
 
@@ -119,6 +130,7 @@ class OutputGuard:
             if len(generated) >= MIN_SECRET_CHARS:
                 self._secrets.append(generated)
         self._names: tuple[float, dict[int, str]] | None = None
+        self._accounts = settings.payment_details  # the business's own IBANs, declared by the operator
 
     def check(
         self,
@@ -134,7 +146,7 @@ class OutputGuard:
         if self._leaks_secret(reply, documents):
             return Verdict(False, "secret")
         own = "\n".join(conversation)
-        foreign = foreign_identifiers(reply, own + "\n" + documents)
+        foreign = foreign_identifiers(reply, own + "\n" + documents, own + "\n" + self._accounts)
         if foreign:  # the kinds only: the reason is logged and the values must not be
             kinds = ", ".join(dict.fromkeys(s.label for s in foreign))
             return Verdict(False, f"identifier not from this conversation ({kinds})")

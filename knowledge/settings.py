@@ -258,6 +258,12 @@ class Settings(BaseSettings):
             "knowledge base's own golden set while APPRENTICE_KB is empty, else none."
         ),
     )
+    payment_details: str = Field(
+        "",
+        description="The business's own IBANs or card/account numbers, comma-separated: the only ones an "
+        "answer may quote besides the customer's own. A document's are never trusted by themselves (a "
+        "poisoned page can hold a fraudster's).",
+    )
     two_person_rule: Literal["training", "all", "off"] = Field(
         "training",
         description="A correction that contradicts the documents or another correction waits for a second "

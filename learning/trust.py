@@ -29,7 +29,9 @@ The heuristic, in order (each rule names itself in `Review.reason`):
 5. **New payment or contact details.** The correction adds a URL, an email address, a phone
    number, an IBAN, a card number, a postal address, a payment method ("wire transfer",
    "PayPal", "gift card") or a payment instruction ("send the money to ...") that no document
-   contains, whether or not the documents cover the question.
+   contains, whether or not the documents cover the question. An IBAN or a card number always
+   needs a second person, even when a document holds it: a poisoned page is no witness for
+   where customers should send money.
 6. **New amounts.** The correction states a sum of money (a number with a currency: "$499",
    "50 euros") that the well-matching passages do not state with that currency; when no
    passage matches the question, every amount is new.
@@ -292,6 +294,9 @@ def unknown_details(
     seen = " ".join(p.text for p in passages)
     out = set()
     for d in details(text, pii):
+        if d.label in ("IBAN", "CARD"):  # where money goes: a (possibly poisoned) page is no witness
+            out.add(d.label)
+            continue
         if d.found_in(seen):
             continue
         if not any(d.found_in(p.text) for p in kb.search(d.text, TOP_PASSAGES + 2)):
