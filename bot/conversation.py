@@ -75,6 +75,10 @@ class Inbound:
     kind: str = "text"  # text | photo | voice | sticker | document | location | edited | other
     # the sender's language as the channel reports it (Telegram's language_code), "" when unknown
     language: str = ""
+    # the channel profile, redacted from the customer's lessons: Telegram's @username, and the phone
+    # number of a contact the customer shared of themselves
+    username: str = ""
+    phone: str = ""
 
 
 @dataclass
@@ -232,7 +236,8 @@ class ConversationService:
     async def _conversation(self, inbound: Inbound) -> tuple[Conversation, Message | None]:
         """The customer's conversation, and the stored copy of this message if it came before."""
         conv = await asyncio.to_thread(
-            self.store.conversation_for, inbound.channel, inbound.chat_id, inbound.customer_id, inbound.name
+            self.store.conversation_for, inbound.channel, inbound.chat_id, inbound.customer_id, inbound.name,
+            inbound.username, inbound.phone,
         )
         return conv, await asyncio.to_thread(self._seen, conv.id, inbound.external_id)
 
@@ -492,7 +497,8 @@ class ConversationService:
         on-call ping at most once per conversation in ONCALL_WINDOW_S). Returns what to send."""
         inbound = _safe_ids(inbound)
         conv = await asyncio.to_thread(
-            self.store.conversation_for, inbound.channel, inbound.chat_id, inbound.customer_id, inbound.name
+            self.store.conversation_for, inbound.channel, inbound.chat_id, inbound.customer_id, inbound.name,
+            inbound.username, inbound.phone,
         )
         seen = await asyncio.to_thread(self._seen, conv.id, inbound.external_id)
         if seen is not None:

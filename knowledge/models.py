@@ -28,6 +28,10 @@ class Customer(Base):
     channel: Mapped[str] = mapped_column(String(32))
     external_id: Mapped[str] = mapped_column(String(128))
     display_name: Mapped[str] = mapped_column(String(256), default="")
+    # the channel profile (Telegram's @username; a phone only when they shared their own contact):
+    # datasets redact these from the customer's lessons
+    username: Mapped[str] = mapped_column(String(256), default="", server_default="")
+    phone: Mapped[str] = mapped_column(String(64), default="", server_default="")
     unreachable: Mapped[bool] = mapped_column(Boolean, default=False)
     erased_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)

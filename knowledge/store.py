@@ -131,7 +131,15 @@ class Store:
                 raise
 
     # --- customers and conversations --------------------------------------------------
-    def conversation_for(self, channel: str, chat_id: str, customer_id: str, name: str = "") -> Conversation:
+    def conversation_for(
+        self,
+        channel: str,
+        chat_id: str,
+        customer_id: str,
+        name: str = "",
+        username: str = "",
+        phone: str = "",
+    ) -> Conversation:
         """The conversation of (channel, chat), creating it and its customer on first contact."""
         for _ in range(3):
             try:
@@ -142,6 +150,12 @@ class Store:
                         )
                     )
                     if conv is not None:
+                        if phone:  # shared later in the conversation: remember it for redaction
+                            s.execute(
+                                update(Customer)
+                                .where(Customer.channel == channel, Customer.external_id == customer_id)
+                                .values(phone=phone[:64])
+                            )
                         return conv
                     cust = s.scalar(
                         select(Customer).where(
@@ -149,7 +163,10 @@ class Store:
                         )
                     )
                     if cust is None:
-                        cust = Customer(channel=channel, external_id=customer_id, display_name=name[:256])
+                        cust = Customer(
+                            channel=channel, external_id=customer_id, display_name=name[:256],
+                            username=username[:256], phone=phone[:64],
+                        )  # fmt: skip
                         s.add(cust)
                         s.flush()
                     conv = Conversation(customer_id=cust.id, channel=channel, chat_id=chat_id)

@@ -47,7 +47,7 @@ import random
 import re
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -139,14 +139,16 @@ def _erased_conversations(store: Store) -> set[int]:
 
 def known_names(store: Store) -> dict[int, list[str]]:
     """Conversation id -> what the channel profile told us about its customer (the display name:
-    Telegram's first and last name, Slack's name), redacted from that conversation's lessons."""
+    Telegram's first and last name; the @username; the phone of a contact they shared of
+    themselves), redacted from that conversation's lessons."""
     with store.session() as s:
         rows = s.execute(
-            select(Conversation.id, Customer.display_name).join(
+            select(Conversation.id, Customer.display_name, Customer.username, Customer.phone).join(
                 Customer, Customer.id == Conversation.customer_id
             )
         ).all()
-    return {int(cid): [name] for cid, name in rows if name and name.strip()}
+    known = {int(cid): [v for v in (name, user, phone) if v and v.strip()] for cid, name, user, phone in rows}
+    return {cid: values for cid, values in known.items() if values}
 
 
 def _history(store: Store, question: Message | None, turns: int) -> list[tuple[str, str]]:
@@ -509,9 +511,10 @@ def rephrasings(question: str, n: int, seed: str) -> list[str]:
 class _Renderer:
     """Prompts as serving builds them, with one retrieval per distinct question (retrieval is costly)."""
 
-    def __init__(self, settings: Settings, kb: KnowledgeBase) -> None:
+    def __init__(self, settings: Settings, kb: KnowledgeBase, names: Sequence[str] = ()) -> None:
         self.settings = settings
         self.kb = kb
+        self.names = list(names)  # every customer's profile values (known_names), for memory passages
         self._cache: dict[str, Any] = {}
 
     def retrieval(self, question: str) -> Any:
@@ -529,6 +532,12 @@ class _Renderer:
         else:
             r = self.retrieval(question)
             passages = r.all if context == "memory" else r.passages
+            # a recalled correction is a staff text about some customer: redacted like the lessons
+            # (documents are the business's own words and stay as serving shows them)
+            passages = [
+                replace(p, text=redact(p.text, self.names)[0]) if p.kind == "correction" else p
+                for p in passages
+            ]
         return answer_messages(self.settings, question, passages, history)
 
 
@@ -624,7 +633,8 @@ def build_datasets(
     lessons, excluded = collect_lessons(store, settings.history_turns)
     lessons, held = hold_back(settings, store, kb, lessons)  # the two-person rule, on the raw text
     # before anything is compared, retrieved or written; the customers' own names too
-    redaction = redact_lessons(lessons, known_names(store))
+    known = known_names(store)
+    redaction = redact_lessons(lessons, known)
     lessons, merged = collapse_duplicates(lessons, opts.near_duplicate)
     if merged:
         excluded["duplicates"] = merged
@@ -650,7 +660,7 @@ def build_datasets(
     n_replay = min(len(pool), opts.replay_max, math.ceil(opts.replay_ratio * max(1, len(train_new))))
     replay = rng.sample(pool, n_replay) if n_replay else []
 
-    render = _Renderer(settings, kb)
+    render = _Renderer(settings, kb, sorted({n for names in known.values() for n in names}))
     sft_rows, sft_lineage = [], []
     dpo_rows, dpo_lineage = [], []
     for origin, group in (("new", train_new), ("replay", replay)):

@@ -380,6 +380,10 @@ class TelegramChannel:
         text = msg.text if kind == "text" and isinstance(msg.text, str) else None
         if text is not None and msg.chat.type != ChatType.PRIVATE:
             text = self._strip_mention(text)
+        contact = msg.contact  # only the customer's own number: a shared friend's contact is not theirs
+        own_phone = ""
+        if contact is not None and user is not None and contact.user_id == user.id:
+            own_phone = str(contact.phone_number or "")
         return Inbound(
             CHANNEL,
             str(msg.chat.id),
@@ -389,12 +393,15 @@ class TelegramChannel:
             name=clean_text(str(user.full_name or ""))[:256] if user is not None else "",
             kind=kind,
             language=str(user.language_code or "") if user is not None else "",
+            username=str(user.username or "") if user is not None else "",
+            phone=own_phone,
         )
 
     async def _bot_mode(self, inbound: Inbound) -> bool:
         """True when the bot (not staff) answers this chat, so "typing…" is honest."""
         conv = await asyncio.to_thread(
-            self.store.conversation_for, CHANNEL, inbound.chat_id, inbound.customer_id, inbound.name
+            self.store.conversation_for, CHANNEL, inbound.chat_id, inbound.customer_id, inbound.name,
+            inbound.username, inbound.phone,
         )
         return conv.mode != "human"
 

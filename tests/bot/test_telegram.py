@@ -164,6 +164,21 @@ async def test_polling_answer_is_plain_text_with_feedback_buttons_and_typing(bot
     assert customer.text == question and answer.reply_to_id == customer.id
 
 
+async def test_the_profile_username_and_a_shared_own_phone_are_kept_for_redaction(bot) -> None:
+    fake, app, model = bot
+    model.reply("When does my order ship?", "Within 3 days.")
+    profile = {"from": {"id": 901, "is_bot": False, "first_name": "Grace", "username": "grace_h"}}
+    await fake.push_message(901, "When does my order ship?", extra=profile)
+    await fake.wait_for_text(901, "Within 3 days.")
+    friend = {"contact": {"phone_number": "+44 20 7946 0001", "first_name": "Bob", "user_id": 77}}
+    await fake.push_message(901, None, extra={**profile, **friend})
+    own = {"contact": {"phone_number": "+44 20 7946 0958", "first_name": "Grace", "user_id": 901}}
+    await fake.push_message(901, None, extra={**profile, **own})
+    await fake.wait_for("sendMessage", lambda c: c.params["chat_id"] == 901, count=3)
+    [customer] = stored(app.store, Customer)
+    assert (customer.username, customer.phone) == ("grace_h", "+44 20 7946 0958")  # never the friend's
+
+
 async def test_start_help_and_human(bot) -> None:
     fake, app, _ = bot
     await fake.push_message(7, "/start")
