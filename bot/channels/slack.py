@@ -1056,13 +1056,19 @@ class SlackChannel:
         if verb in ("", "status"):
             return await asyncio.to_thread(self._status)
         if verb == "stats":
-            from bot.stats import compute, format_stats, parse_days
+            from bot.stats import compute, format_stats, parse_days, write_chart
 
             days = parse_days(arg)
             if days is None:
                 return "Usage: `/apprentice stats [7d]` (the last N days, 1 to 366; default 7)."
             figures = await asyncio.to_thread(compute, self.store, days)
-            return f"```{_esc(format_stats(figures))}```"
+            # the chart goes to the review channel (a slash command's reply cannot carry a file)
+            stamp = utcnow().strftime("%Y%m%dT%H%M%S")
+            path = self.settings.data_dir / "stats" / f"{stamp}-{days}d.png"
+            chart = await asyncio.to_thread(write_chart, figures, path)
+            title = f"Resolution figures, last {days} days (asked by <@{staff.removeprefix(CHANNEL + ':')}>)"
+            await self.outbox.put("report_chart", {"path": str(chart), "title": title}, key="report")
+            return f"```{_esc(format_stats(figures))}```\nThe chart follows in the review channel."
         if verb == "corrections":
             latest = await asyncio.to_thread(self.store.corrections, limit=10)
             if not latest:

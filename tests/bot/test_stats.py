@@ -262,6 +262,9 @@ async def test_slack_stats_verb_answers_with_the_figures(tmp_path: Path, kb: Kno
             reply = await rig.command(STAFF_BOB, "stats 7d")
             assert "Conversations: 6" in reply and "Resolution rate: 33%" in reply
             assert "CSAT: 67% (2 yes of 3 answers" in reply and "Median time to first answer: 25 s" in reply
+            [done] = await slack.wait_for("files.completeUploadExternal")  # the chart, in the channel
+            [chart] = slack.uploaded(REVIEW)
+            assert (chart.data or b"").startswith(b"\x89PNG") and "last 7 days" in json.dumps(done.params)
             assert "Conversations: 6" in await rig.command(STAFF_BOB, "stats")
             assert "Usage" in await rig.command(STAFF_BOB, "stats forever")
         finally:
