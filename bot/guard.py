@@ -100,13 +100,17 @@ def foreign_identifiers(text: str, trusted: str, accounts: str | None = None) ->
     With `accounts`, IBANs and card numbers are checked against it instead: a knowledge-base page
     can be poisoned, so the documents are no witness for where a customer should send money.
     """
+    spans = [s for s in find_pii(text) if s.label in IDENTIFIERS]
+    if not spans:  # most replies: the trusted texts need no scan at all
+        return []
+    witnesses = {"": (_identifier_keys(trusted), _flat(trusted))}  # each scanned once, not per span
+    if accounts is not None:
+        witnesses["accounts"] = (_identifier_keys(accounts), _flat(accounts))
     out = []
-    for span in find_pii(text):
-        if span.label not in IDENTIFIERS:
-            continue
-        witness = accounts if accounts is not None and span.label in PAYMENT_ACCOUNTS else trusted
+    for span in spans:
+        known, flat = witnesses["accounts" if accounts is not None and span.label in PAYMENT_ACCOUNTS else ""]
         value = text[span.start : span.end]
-        if _key(span.label, value) not in _identifier_keys(witness) and _flat(value) not in _flat(witness):
+        if _key(span.label, value) not in known and _flat(value) not in flat:
             out.append(span)
     return out
 

@@ -354,6 +354,34 @@ def cron_trigger(expression: str, timezone: str, variable: str, example: str, of
         ) from None
 
 
+def _start_claimed(
+    trigger: Any, timezone: str, store: Store, job_id: str, name: str, work: Callable[[], Awaitable[None]]
+) -> Any:
+    """Start an APScheduler that runs `work` on `trigger` once per slot across replicas.
+
+    Every replica's scheduler fires for the same slot; the first to claim it in the database runs
+    the work (a lock alone would let a replica that fires a moment later run a quick job again).
+    Missed runs coalesce into one and two never overlap.
+    """
+    from apscheduler.schedulers.asyncio import AsyncIOScheduler
+
+    async def job() -> None:
+        slot = scheduled_slot(trigger)
+        if not await asyncio.to_thread(store.claim_update, job_id, slot):
+            log.info("%s for %s already taken by another replica", name, slot)
+            return
+        await work()
+
+    scheduler = AsyncIOScheduler(timezone=timezone)
+    scheduler.add_job(
+        job, trigger, id=job_id, name=name, coalesce=True, max_instances=1,
+        misfire_grace_time=6 * 3600, replace_existing=True,
+    )  # fmt: skip
+    scheduler.start()
+    log.info("%s scheduled (next %s)", name, scheduler.get_job(job_id).next_run_time)
+    return scheduler
+
+
 def start_scheduler(
     settings: Settings,
     store: Store,
@@ -366,20 +394,12 @@ def start_scheduler(
     the nightly job is off in this process. The job runs in a worker thread (training itself is a
     subprocess), then `on_report(report)` is awaited; without one, the report is printed.
     """
-    from apscheduler.schedulers.asyncio import AsyncIOScheduler
-
     trigger = nightly_trigger(settings)
     if trigger is None:
         log.info("nightly learning is off here (APPRENTICE_RETRAIN_CRON=%r)", settings.retrain_cron)
         return None
 
-    async def job() -> None:
-        # Every replica's scheduler fires for the same slot. The first to claim it in the database runs
-        # the job; the lock alone would let a replica that fires a moment later run a quick job again.
-        slot = scheduled_slot(trigger)
-        if not await asyncio.to_thread(store.claim_update, LOCK, slot):
-            log.info("nightly run for %s already taken by another replica", slot)
-            return
+    async def learn() -> None:
         report = await asyncio.to_thread(run_nightly, settings, store, kb)
         if on_report is not None:
             try:
@@ -389,18 +409,7 @@ def start_scheduler(
         elif report.get("status") != "skipped":
             print(format_report(report), flush=True)
 
-    scheduler = AsyncIOScheduler(timezone=settings.timezone)
-    scheduler.add_job(
-        job, trigger, id=LOCK, name="nightly learning", coalesce=True, max_instances=1,
-        misfire_grace_time=6 * 3600, replace_existing=True,
-    )  # fmt: skip
-    scheduler.start()
-    log.info(
-        "nightly learning scheduled: %s (next %s)",
-        settings.retrain_cron,
-        scheduler.get_job(LOCK).next_run_time,
-    )
-    return scheduler
+    return _start_claimed(trigger, settings.timezone, store, LOCK, "nightly learning", learn)
 
 
 REPORT_JOB = "weekly-report"
@@ -412,30 +421,18 @@ def start_report_scheduler(settings: Settings, store: Store, post: Callable[[], 
     Every replica schedules it; the first to claim the slot in the database posts, the others skip.
     Returns the started APScheduler, or None when APPRENTICE_REPORT_CRON is off.
     """
-    from apscheduler.schedulers.asyncio import AsyncIOScheduler
-
     trigger = report_trigger(settings)
     if trigger is None:
         log.info("weekly figures are off (APPRENTICE_REPORT_CRON=%r)", settings.report_cron)
         return None
 
-    async def job() -> None:
-        slot = scheduled_slot(trigger)
-        if not await asyncio.to_thread(store.claim_update, REPORT_JOB, slot):
-            log.info("weekly figures for %s already posted by another replica", slot)
-            return
+    async def report() -> None:
         try:
             await post()
         except Exception:
             log.exception("posting the weekly figures failed")
 
-    scheduler = AsyncIOScheduler(timezone=settings.timezone)
-    scheduler.add_job(
-        job, trigger, id=REPORT_JOB, name="weekly figures", coalesce=True, max_instances=1,
-        misfire_grace_time=6 * 3600, replace_existing=True,
-    )  # fmt: skip
-    scheduler.start()
-    return scheduler
+    return _start_claimed(trigger, settings.timezone, store, REPORT_JOB, "weekly figures", report)
 
 
 def last_run_dir(settings: Settings) -> Path | None:
