@@ -35,7 +35,7 @@ from knowledge.retrieve import KnowledgeBase
 from knowledge.settings import Settings
 from knowledge.store import Store
 from learning.answer import cite, finish, ground
-from learning.prompt import answer_messages
+from learning.prompt import answer_messages, prompt_turns
 from learning.runtime import GenerationTimeout, Generator, ModelBusy
 from learning.secrets_scan import secret_kinds
 from learning.trust import review_correction
@@ -446,18 +446,7 @@ class ConversationService:
 
     def _history(self, conversation_id: int, question_id: int) -> list[tuple[str, str]]:
         turns = self.settings.history_turns
-        if turns <= 0:
-            return []
-        rows = self.store.history(conversation_id, turns + 1)
-        out = []
-        for m in rows:
-            if m.id == question_id or m.status not in ("ok",):
-                continue
-            if m.role == "customer":
-                out.append(("user", m.text))
-            elif m.role in ("bot", "staff"):
-                out.append(("assistant", m.text))
-        return out[-turns:]
+        return prompt_turns(self.store.messages_before(conversation_id, question_id, turns), turns)
 
     async def _rate(self, inbound: Inbound) -> str:
         """Count one customer message: "ok", "notice" (first over the limit) or "drop" (bot/ratelimit.py)."""

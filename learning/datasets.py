@@ -54,7 +54,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import func, select
 
 from knowledge.models import Conversation, Correction, Customer, Message, TrainingRun
-from learning.prompt import answer_messages, defang
+from learning.prompt import answer_messages, defang, prompt_turns
 from learning.redact import redact
 from learning.trust import (
     Review,
@@ -152,25 +152,10 @@ def known_names(store: Store) -> dict[int, list[str]]:
 
 
 def _history(store: Store, question: Message | None, turns: int) -> list[tuple[str, str]]:
-    """The earlier turns serving put into the prompt (bot.conversation's rule, rebuilt from the store)."""
-    if question is None or turns <= 0:
+    """The earlier turns serving put into the prompt, by the same rule (`learning.prompt.prompt_turns`)."""
+    if question is None:
         return []
-    with store.session() as s:
-        rows = s.scalars(
-            select(Message)
-            .where(Message.conversation_id == question.conversation_id, Message.id < question.id)
-            .order_by(Message.id.desc())
-            .limit(turns)
-        ).all()
-    out = []
-    for m in reversed(rows):
-        if m.status != "ok":
-            continue
-        if m.role == "customer":
-            out.append(("user", m.text))
-        elif m.role in ("bot", "staff"):
-            out.append(("assistant", m.text))
-    return out[-turns:]
+    return prompt_turns(store.messages_before(question.conversation_id, question.id, turns), turns)
 
 
 def collect_lessons(store: Store, history_turns: int = 2) -> tuple[list[Lesson], Counter[str]]:

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from knowledge.invisible import strip_invisible
+from knowledge.models import Message
 from knowledge.passages import Passage
 
 if TYPE_CHECKING:
@@ -248,6 +249,24 @@ def _join_passages(parts: Sequence[tuple[str, str]]) -> str:
 def render_passages(passages: Sequence[Passage], special: Sequence[str] = ()) -> str:
     """Passages as a numbered, delimited block; a staff correction comes first and says so."""
     return _join_passages(_passage_parts(passages, special))
+
+
+def prompt_turns(earlier: Sequence[Message], turns: int) -> list[tuple[str, str]]:
+    """The earlier turns that enter the prompt: serving and training both call this, so the model is
+    trained on the prompts it is served. `earlier` is the conversation before the question, oldest
+    first (`Store.messages_before`); only delivered messages (status "ok") count, the customer's as
+    "user" and the bot's or staff's as "assistant"; at most the last `turns` of them."""
+    if turns <= 0:
+        return []
+    out: list[tuple[str, str]] = []
+    for m in earlier:
+        if m.status != "ok":
+            continue
+        if m.role == "customer":
+            out.append(("user", m.text))
+        elif m.role in ("bot", "staff"):
+            out.append(("assistant", m.text))
+    return out[-turns:]
 
 
 def _assemble(

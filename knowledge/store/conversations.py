@@ -126,6 +126,19 @@ class ConversationQueries(StoreBase):
             ).all()
         return list(reversed(rows))
 
+    def messages_before(self, conversation_id: int, before_id: int, limit: int) -> list[Message]:
+        """The last `limit` messages of a conversation written before message `before_id`, oldest first."""
+        if limit <= 0:
+            return []
+        with self.session() as s:
+            rows = s.scalars(
+                select(Message)
+                .where(Message.conversation_id == conversation_id, Message.id < before_id)
+                .order_by(Message.id.desc())
+                .limit(limit)
+            ).all()
+        return list(reversed(rows))
+
     def message_by_external(self, conversation_id: int, external_id: str) -> Message | None:
         """The message a channel delivered with this id in this conversation (redeliveries are found)."""
         with self.session() as s:
