@@ -10,7 +10,7 @@ import pytest
 from learning.redact import LABELS, find_pii, iban_ok, luhn_ok, measure, redact
 
 LABELLED = Path(__file__).resolve().parents[1] / "data" / "pii_labelled.jsonl"
-# written for issue #16 before the national-ID, phone, birth-date, address and name rules were tuned;
+# written before the national-ID, phone, birth-date, address and name rules were tuned;
 # other sentence patterns, other languages, look-alikes with invalid checksums
 LABELLED_V2 = LABELLED.with_name("pii_labelled_v2.jsonl")
 V1_LABELS = ("EMAIL", "IBAN", "CARD", "PHONE", "ADDRESS", "SSN", "DOB")

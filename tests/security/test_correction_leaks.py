@@ -1,4 +1,4 @@
-"""Issue #18.1: one customer's personal data must not reach another through the correction memory.
+"""One customer's personal data must not reach another through the correction memory.
 
 The attack, as reported: staff correct Grace's answer to "Where is my order 5512?" with her name,
 street address, SSN, date of birth and phone; Mallory asks the same question and the memory

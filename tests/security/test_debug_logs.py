@@ -1,4 +1,4 @@
-"""Logs at DEBUG hold no customer text (issue #18, item 10).
+"""Logs at DEBUG hold no customer text.
 
 python-telegram-bot logs whole updates and Bot API calls at DEBUG, slack_sdk whole request bodies,
 SQLAlchemy result rows. `bot/logsafe.quiet_http_clients` (called by the App) keeps those loggers at

@@ -1,4 +1,4 @@
-"""Issue #18.6: `apprentice forget` must leave nothing of the customer behind.
+"""`apprentice forget` must leave nothing of the customer behind.
 
 Reported: after `forget`, `feedback.actor` kept the customer's id; a correction written for them
 and served verbatim from the memory to another customer lived on in that customer's answer;

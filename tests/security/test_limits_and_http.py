@@ -1,4 +1,4 @@
-"""Limits that limit, and an HTTP server a slow client cannot take down (issue #18, items 7 and 8).
+"""Limits that limit, and an HTTP server a slow client cannot take down.
 
 Each test replays the attack through the real flow: the App as `apprentice serve` builds it, real
 python-telegram-bot against the fake Bot API, the real Slack channel against the fake Slack API, a

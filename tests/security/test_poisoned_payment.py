@@ -1,4 +1,4 @@
-"""Issue #18.4 (second half): a poisoned document must not make a fraudster's account trusted.
+"""A poisoned document must not make a fraudster's account trusted.
 
 A page of the knowledge base can be planted (a supplier's feed, a compromised CMS) with "pay by
 transfer to IBAN ...". Before: the output guard let an answer quoting that IBAN through because a

@@ -1,4 +1,4 @@
-"""Poisoned documents and oversized prompts (OWASP LLM01, LLM10; issue #18 items 4 and 5).
+"""Poisoned documents and oversized prompts (OWASP LLM01, LLM10).
 
 Hidden HTML never reaches the knowledge base; customer text loses its invisible characters and can
 type no special token of the real SmolLM2 tokenizer; and every prompt fits the model's context window

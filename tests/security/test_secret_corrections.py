@@ -1,4 +1,4 @@
-"""Issue #18.3: secrets pasted into a correction were served to other customers and trained on.
+"""Secrets pasted into a correction were served to other customers and trained on.
 
 Every kind is tried through the real flow: a staff correction holding it is refused with a message
 naming the kind (never the value) and nothing is stored, remembered or delivered; a model reply

@@ -1,4 +1,4 @@
-"""Slack identity (issue #18, item 9): who may act in the review channel, and only once.
+"""Slack identity: who may act in the review channel, and only once.
 
 Each test replays the reported attack through the real Slack channel (bolt and slack_sdk against
 the fake Slack Web API, signed HTTP requests or Socket Mode envelopes) and the real conversation

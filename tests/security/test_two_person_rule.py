@@ -1,4 +1,4 @@
-"""The two-person rule cannot be bypassed by one staff member (issue #18, item 2).
+"""The two-person rule cannot be bypassed by one staff member.
 
 Every training row passes the dataset builder (`learning.datasets.hold_back`), so each bypass is
 closed there: a row that needs a second staff member and has none is kept out of sft.jsonl,
