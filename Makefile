@@ -38,7 +38,7 @@ test: $(STAMP) services
 	$(BIN)/python -m pytest -q -ra --durations=30
 
 lint: $(STAMP)
-	$(BIN)/ruff check bot knowledge learning tests
+	$(BIN)/ruff check bench bot knowledge learning tests
 	$(BIN)/mypy
 
 check: lint test

@@ -24,8 +24,9 @@ from bot.metrics import serve_operations
 from knowledge.retrieve import KnowledgeBase
 from knowledge.settings import ConfigError, Settings
 from knowledge.store import Store
+from learning.generation import Generator
 from learning.registry import AdapterWatcher
-from learning.runtime import Generator, build_runtime
+from learning.runtime import build_runtime
 
 log = logging.getLogger(__name__)
 
@@ -105,16 +106,16 @@ class App:
     def start_scheduler(self) -> None:
         """Schedule the nightly learning job (its report goes to Slack when connected, else stdout),
         the weekly resolution figures and the satisfaction question's sweep."""
-        from learning.nightly import format_report, start_scheduler
+        from learning.nightly import NightlyReport, start_scheduler
 
-        async def report(result: dict[str, Any]) -> None:
+        async def report(result: NightlyReport) -> None:
             for channel in self.channels:
                 post = getattr(channel, "post_report", None)
                 if post is not None:
-                    await post(result)
+                    await post(result.as_dict())  # a channel takes the report in its JSON form
                     return
-            if result.get("status") != "skipped":
-                print(format_report(result), flush=True)
+            if result.status != "skipped":
+                print(result.render(), flush=True)
 
         scheduler = start_scheduler(self.settings, self.store, self.kb, report)
         if scheduler is not None:  # None: APPRENTICE_RETRAIN_CRON is off in this process

@@ -129,7 +129,7 @@ def cmd_kb_rm(args: argparse.Namespace) -> int:
 
 # --- benchmarks --------------------------------------------------------------------
 def cmd_bench_retrieval(args: argparse.Namespace) -> int:
-    from knowledge.bench_retrieval import run_retrieval_bench
+    from bench.retrieval import run_retrieval_bench
 
     report = run_retrieval_bench(Path(args.kb), Path(args.questions), Path(args.out))
     print(json.dumps(report, indent=2))
@@ -137,7 +137,7 @@ def cmd_bench_retrieval(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_speed(args: argparse.Namespace) -> int:
-    from learning.bench_speed import run_speed_bench
+    from bench.speed import run_speed_bench
 
     kb = Path(args.kb) if args.kb else None
     report = run_speed_bench(
@@ -148,8 +148,7 @@ def cmd_bench_speed(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_loop(args: argparse.Namespace) -> int:
-    from bot.conversation import ConversationService, Inbound
-    from learning.bench_loop import LoopOptions, ServingPath, run_loop_bench
+    from bench.loop import LoopOptions, run_loop_bench
     from learning.commands import train_config
 
     options = LoopOptions(
@@ -157,8 +156,7 @@ def cmd_bench_loop(args: argparse.Namespace) -> int:
         train=train_config(args), data_dir=Path(args.data_dir) if args.data_dir else None,
     )  # fmt: skip
     report = run_loop_bench(
-        _settings(), Path(args.kb), Path(args.questions), Path(args.out),
-        ServingPath(ConversationService, Inbound), options,
+        _settings(), Path(args.kb), Path(args.questions), Path(args.out), options,
     )  # fmt: skip
     print(json.dumps({k: report[k] for k in ("scores", "uplift_vs_baseline", "control_change")}, indent=2))
     print(f"Report: {Path(args.out) / 'report.json'}")
@@ -166,9 +164,7 @@ def cmd_bench_loop(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_answers(args: argparse.Namespace) -> int:
-    from bot.conversation import ConversationService, Inbound
-    from learning.bench_answers import AnswersOptions, run_answers_bench
-    from learning.bench_loop import ServingPath
+    from bench.answers import AnswersOptions, run_answers_bench
 
     options = AnswersOptions(
         limit=args.limit, seed=args.seed, model=args.model, adapter=args.adapter, concurrency=args.concurrency
@@ -178,8 +174,7 @@ def cmd_bench_answers(args: argparse.Namespace) -> int:
         return 2
     try:
         report = run_answers_bench(
-            _settings(), Path(args.kb), Path(args.questions), Path(args.out),
-            ServingPath(ConversationService, Inbound), options,
+            _settings(), Path(args.kb), Path(args.questions), Path(args.out), options,
         )  # fmt: skip
     except (OSError, ValueError) as exc:  # a missing or malformed questions file, an unknown adapter
         print(f"bench answers: {exc}", file=sys.stderr)
@@ -192,7 +187,7 @@ def cmd_bench_answers(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_cards(args: argparse.Namespace) -> int:
-    from bot.bench_cards import CardsOptions, run_cards_bench
+    from bench.cards import CardsOptions, run_cards_bench
 
     try:
         rates = tuple(int(r) for r in args.rates.split(",") if r.strip())
@@ -400,8 +395,9 @@ def build_parser() -> argparse.ArgumentParser:
         func: Callable[[argparse.Namespace], int],
         help_: str,
         parent: argparse._SubParsersAction | None = None,
+        add_help: bool = True,  # False: add_train_arguments brings a -h/--help that lists the training flags
     ) -> argparse.ArgumentParser:  # type: ignore[type-arg]
-        p = (parent or sub).add_parser(name, help=help_, description=help_)
+        p = (parent or sub).add_parser(name, help=help_, description=help_, add_help=add_help)
         p.set_defaults(func=func)
         return p
 
@@ -432,7 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="Base model (default: APPRENTICE_MODEL).")
     p.add_argument("--kb", help="Folder of documents to retrieve from (default: the configured KB).")
     p.add_argument("--max-new-tokens", type=int, default=64, help="Tokens per answer when timing (64).")
-    p = add("loop", cmd_bench_loop, "Baseline, correction memory and retraining on a QA set.", bench)
+    p = add("loop", cmd_bench_loop, "Baseline, correction memory and retraining on a QA set.", bench, False)
     p.add_argument("--kb", required=True, help="Folder of markdown documents.")
     p.add_argument("--questions", required=True, help="questions.jsonl with id, question, answer, group.")
     p.add_argument("--out", required=True, help="Output folder for report.json, answers.jsonl, report.png.")
@@ -491,7 +487,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="Output folder.")
     p.add_argument("--since", help="New examples since this date (default: since the last promotion).")
     p.add_argument("--heldout", type=float, help="Share of new corrections held out for evaluation (0.2).")
-    p = add("train", cmd_train, "Train a new LoRA adapter version (SFT, then DPO) in a subprocess.")
+    about = "Train a new LoRA adapter version (SFT, then DPO) in a subprocess."
+    p = add("train", cmd_train, about, add_help=False)
     p.add_argument("--dataset", help="A folder from `apprentice datasets build` (default: build one now).")
     p.add_argument(
         "--continue", dest="continue_active", action="store_true", help="Start from the active adapter."
@@ -515,7 +512,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("rollback", cmd_adapters_rollback, "Go back to the previously active adapter.", ad)
     p = add("export-base", cmd_export_base, "Copy the base model adapters are trained on, for vLLM to serve.")
     p.add_argument("out", help="Folder to create on the volume vLLM reads: /data/base/<model>.")
-    p = add("retrain", cmd_retrain, "Run the nightly learning job now.")
+    p = add("retrain", cmd_retrain, "Run the nightly learning job now.", add_help=False)
     p.add_argument("--force", action="store_true", help="Run even with few new examples.")
     p.add_argument("--json", action="store_true", help="Also print the full report as JSON.")
     add_train_arguments(p)
@@ -524,7 +521,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # only training commands take more: TrainConfig's flags (learning/commands.py)
+        if "train_args" not in vars(args):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.train_args = extra
     from knowledge.settings import ConfigError, Settings
 
     try:

@@ -32,10 +32,8 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import select
-
+from bot.logsafe import MIN_SECRET_CHARS, secret_values
 from bot.messages import CATALOG
-from knowledge.models import Customer
 from knowledge.passages import Passage
 from knowledge.settings import Settings
 from knowledge.store import Store
@@ -48,8 +46,6 @@ PROMPT_SPAN_WORDS = 8
 # Identifier kinds that point at a person: everything the redactor finds.
 IDENTIFIERS = LABELS
 NAMES_TTL_S = 30.0
-MIN_SECRET_CHARS = 8  # shorter configured "secrets" are test placeholders, not worth matching
-
 
 
 @dataclass(frozen=True)
@@ -121,14 +117,7 @@ class OutputGuard:
     def __init__(self, settings: Settings, store: Store | None = None) -> None:
         self.store = store
         self._prompt_spans = _spans(_words(settings.system_prompt_text), PROMPT_SPAN_WORDS)
-        secrets = [
-            settings.telegram_bot_token.get_secret_value(),
-            settings.slack_bot_token.get_secret_value(),
-            settings.slack_app_token.get_secret_value(),
-            settings.slack_signing_secret.get_secret_value(),
-            settings.telegram_webhook_secret.get_secret_value(),
-        ]
-        self._secrets = [s for s in secrets if len(s) >= MIN_SECRET_CHARS]
+        self._secrets = secret_values(settings)  # the configured ones, as the log filter masks them
         if store is not None:  # the generated webhook secret lives in the database
             generated = store.get_kv("telegram_webhook_secret") or ""
             if len(generated) >= MIN_SECRET_CHARS:
@@ -206,12 +195,10 @@ class OutputGuard:
         now = time.monotonic()
         if self._names is not None and now - self._names[0] < NAMES_TTL_S:
             return self._names[1]
-        with self.store.session() as s:
-            rows = s.execute(
-                select(Customer.id, Customer.display_name).where(Customer.erased_at.is_(None))
-            ).all()
         names = {
-            int(cid): " ".join(name.lower().split()) for cid, name in rows if name and len(name.split()) >= 2
+            cid: " ".join(name.lower().split())
+            for cid, name in self.store.customer_names().items()
+            if name and len(name.split()) >= 2
         }
         self._names = (now, names)
         return names

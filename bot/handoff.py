@@ -30,9 +30,10 @@ How a message is read:
    "un humain svp", "temsilci lütfen", "اپراتور لطفا") asks too: the `bare` words. "someone",
    "person" and the like are not bare words ("anyone?" is not a request for staff).
 
-Frustration (the repeat rule is here; the 👎 rule and the stored state are in bot/conversation.py):
-the same question asked three times means the answers are not helping. "The same" is the same
-text after `question_key()` (case, punctuation, spacing), or MiniLM cosine >= REPEAT_COSINE.
+Frustration (the repeat rule is here; the 👎 rule is in bot/notices.py, the stored state in
+bot/service_base.py): the same question asked three times means the answers are not helping.
+"The same" is the same text after `question_key()` (case, punctuation, spacing), or MiniLM cosine
+>= REPEAT_COSINE.
 
 `python -m bot.handoff tests/data/handoff_labelled.jsonl` prints precision and recall on a
 labelled set, and every misclassified line.

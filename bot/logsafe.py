@@ -40,6 +40,8 @@ TEXT_AT_DEBUG_LOGGERS = {
     "sqlalchemy": logging.WARNING,
 }
 MASK = "[secret]"
+# Shorter configured "secrets" are test placeholders: matching them would mask ordinary words.
+MIN_SECRET_CHARS = 8
 
 
 def quiet_http_clients() -> None:
@@ -53,7 +55,8 @@ def quiet_http_clients() -> None:
 
 
 def secret_values(settings: Settings) -> list[str]:
-    """The configured secrets worth masking (long enough not to mask ordinary words)."""
+    """The configured secrets worth matching, longest first: the one list of them, which this log
+    filter masks and the output guard (bot/guard.py) never lets a reply print."""
     values = [
         settings.telegram_bot_token.get_secret_value(),
         settings.slack_bot_token.get_secret_value(),
@@ -61,7 +64,7 @@ def secret_values(settings: Settings) -> list[str]:
         settings.slack_signing_secret.get_secret_value(),
         settings.telegram_webhook_secret.get_secret_value(),
     ]
-    return sorted({v for v in values if len(v) >= 8}, key=len, reverse=True)
+    return sorted({v for v in values if len(v) >= MIN_SECRET_CHARS}, key=len, reverse=True)
 
 
 class SecretFilter(logging.Filter):
@@ -134,4 +137,11 @@ def install(settings: Settings, throttle_s: float = 60.0) -> None:
             handler.addFilter(guard)
 
 
-__all__ = ["SecretFilter", "ThrottleFilter", "install", "quiet_http_clients", "secret_values"]
+__all__ = [
+    "MIN_SECRET_CHARS",
+    "SecretFilter",
+    "ThrottleFilter",
+    "install",
+    "quiet_http_clients",
+    "secret_values",
+]

@@ -170,36 +170,15 @@ async def metrics_page(registry: CollectorRegistry) -> tuple[bytes, str]:
 
 
 def _db_numbers(store: Store) -> dict[str, dict[str, int]]:
-    from sqlalchemy import func, select
-
-    from knowledge.models import Correction, OutboxItem, TrainingRun
-
-    with store.session() as s:
-        outbox = s.execute(
-            select(OutboxItem.channel, func.count(OutboxItem.id))
-            .where(OutboxItem.status.in_(("pending", "sending")))
-            .group_by(OutboxItem.channel)
-        ).all()
-        runs = s.execute(
-            select(TrainingRun.status, func.count(TrainingRun.id)).group_by(TrainingRun.status)
-        ).all()
-        corrections = s.execute(
-            select(Correction.status, func.count(Correction.id)).group_by(Correction.status)
-        ).all()
     return {
-        name: {str(k): int(v) for k, v in rows}
-        for name, rows in (("outbox", outbox), ("runs", runs), ("corrections", corrections))
+        "outbox": store.outbox_depths(),
+        "runs": store.training_runs_by_status(),
+        "corrections": store.corrections_by_status(),
     }
 
 
 def serve_operations(http: HttpServer, store: Store, kb: KnowledgeBase, generator: Any) -> None:
     """Give the HTTP server its /readyz checks and its /metrics source (called by the App)."""
-
-    def database() -> bool:
-        from sqlalchemy import text
-
-        with store.engine.connect() as conn:
-            return conn.scalar(text("SELECT 1")) == 1
 
     async def model() -> bool:
         ready = getattr(generator, "ready", None)  # the HTTP backend asks its server; in-process is loaded
@@ -209,7 +188,7 @@ def serve_operations(http: HttpServer, store: Store, kb: KnowledgeBase, generato
         return bool(await asyncio.to_thread(fn))
 
     http.ready_checks.update(
-        database=lambda: in_thread(database),
+        database=lambda: in_thread(store.reachable),
         vector_store=lambda: in_thread(lambda: kb.count() >= 0),
         model=model,
     )

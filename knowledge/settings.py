@@ -82,11 +82,6 @@ class Settings(BaseSettings):
         "to ONNX and decoded by ONNX Runtime GenAI with int8 weights, several times faster on a CPU at the "
         "same quality; transformers: PyTorch with peft adapters. auto: onnx on a CPU, transformers on a GPU.",
     )
-    weights: Literal["native", "int8"] = Field(
-        "native",
-        description="The transformers engine on a CPU: native (the dtype above), or int8 weight-only "
-        "linears: about 1.4x faster at batch 1, same quality; adapters are merged into a quantised copy.",
-    )
     threads: int = Field(
         0,
         ge=0,

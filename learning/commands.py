@@ -6,7 +6,6 @@ Each returns a process exit status and prints for a person: what happened and wh
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime as dt
 import json
 import sys
@@ -16,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from learning import registry
-from learning.train import TrainConfig
+from learning.train import TrainConfig, parse_train_config, train_flags_help
 
 if TYPE_CHECKING:
     from knowledge.retrieve import KnowledgeBase
@@ -51,43 +50,35 @@ def _date(text: str) -> dt.datetime:
         ) from None
 
 
+class _TrainHelp(argparse.Action):
+    """-h/--help of a command that takes TrainConfig's flags: the command's help, then those flags."""
+
+    def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest=dest, default=argparse.SUPPRESS, nargs=0, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any, **kwargs: Any) -> None:
+        parser.print_help()
+        print()
+        print(train_flags_help(parser.prog))
+        parser.exit()
+
+
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
-    """Hyperparameter flags shared by `apprentice train` and `apprentice retrain`."""
-    d = TrainConfig()
-    g = p.add_argument_group("training")
-    g.add_argument("--epochs", type=float, default=d.epochs, help=f"SFT epochs (default {d.epochs:g}).")
-    g.add_argument("--lr", type=float, default=d.lr, help=f"SFT learning rate (default {d.lr:g}).")
-    g.add_argument("--rank", type=int, default=d.rank, help=f"LoRA rank (default {d.rank}).")
-    g.add_argument("--alpha", type=int, default=d.alpha, help=f"LoRA alpha (default {d.alpha}).")
-    g.add_argument("--targets", default=",".join(d.targets), help="LoRA target modules, comma-separated.")
-    g.add_argument("--beta", type=float, default=d.beta, help=f"DPO beta (default {d.beta:g}).")
-    g.add_argument("--dpo-epochs", type=float, default=d.dpo_epochs, help="DPO epochs (0 skips DPO).")
-    g.add_argument(
-        "--dpo-lr", type=float, default=d.dpo_lr, help=f"DPO learning rate (default {d.dpo_lr:g})."
-    )
-    g.add_argument(
-        "--batch-size", type=int, default=d.batch_size, help=f"Batch size (default {d.batch_size})."
-    )
-    g.add_argument(
-        "--max-steps", type=int, default=d.max_steps, help="Cap the steps of each stage (testing)."
-    )
+    """Let the command `p` take TrainConfig's flags (`apprentice train`, `retrain`, `bench loop`).
+
+    argparse leaves them over (bot/cli.py hands them to `args.train_args`) and `train_config`
+    parses them with transformers' HfArgumentParser when the command runs, so `apprentice --help`
+    never imports transformers; the command's own --help lists them. Make `p` with add_help=False:
+    this -h/--help takes the place of argparse's own.
+    """
+    p.add_argument("-h", "--help", action=_TrainHelp, help="show this help and the training flags, then exit")
+    p.set_defaults(train_args=[], train_prog=p.prog)
+    p.epilog = "Training flags such as --epochs 2 --lr 1e-3 --targets q_proj,v_proj: see --help."
 
 
 def train_config(args: argparse.Namespace) -> TrainConfig:
-    return dataclasses.replace(
-        TrainConfig(),
-        epochs=args.epochs,
-        lr=args.lr,
-        rank=args.rank,
-        alpha=args.alpha,
-        targets=tuple(t for t in args.targets.split(",") if t),
-        beta=args.beta,
-        dpo_epochs=args.dpo_epochs,
-        dpo_lr=args.dpo_lr,
-        dpo=args.dpo_epochs > 0,
-        batch_size=args.batch_size,
-        max_steps=args.max_steps,
-    )
+    """The TrainConfig of a command's leftover flags (exits 2 on an unknown flag or a bad value)."""
+    return parse_train_config(args.train_args, args.train_prog)
 
 
 def datasets_build(settings: Settings, args: argparse.Namespace) -> int:
@@ -225,14 +216,14 @@ def retrain(
     args: argparse.Namespace,
     on_report: Callable[[Store, dict[str, Any]], None] | None = None,
 ) -> int:
-    """`apprentice retrain`: the nightly job now; `on_report` also gets the report (for Slack)."""
-    from learning.nightly import format_report, run_nightly
+    """`apprentice retrain`: the nightly job now; `on_report` also gets the report's JSON form (for Slack)."""
+    from learning.nightly import run_nightly
 
     with _open(settings, kb=True) as (store, kb):
         report = run_nightly(settings, store, kb, force=args.force, train_config=train_config(args))
         if on_report is not None:
-            on_report(store, report)
-    print(format_report(report))
+            on_report(store, report.as_dict())
+    print(report.render())
     if args.json:
-        print(json.dumps(report, indent=1, default=str))
-    return 0 if report["status"] in ("promoted", "rejected", "skipped") else 1
+        print(json.dumps(report.as_dict(), indent=1, default=str))
+    return 0 if report.status in ("promoted", "rejected", "skipped") else 1

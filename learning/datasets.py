@@ -21,10 +21,10 @@ approval. `APPRENTICE_TWO_PERSON_RULE=off` turns this off, as it turns off the r
 
 Prompts are rendered with `learning.prompt.answer_messages` and the knowledge base's own `retrieve`,
 so training sees the layout serving uses. A 135M model learns little from one phrasing of a lesson
-(notes.md), so every lesson is written in several *views*: the question with the retrieved documents,
-with the correction memory as serving shows it, in a simple rephrasing (with its own retrieved
-documents), and in the wording of later customers whose questions the memory answered (their
-paraphrases).
+(docs/learning.md, Views), so every lesson is written in several *views*: the question with the
+retrieved documents, with the correction memory as serving shows it, in a simple rephrasing (with
+its own retrieved documents), and in the wording of later customers whose questions the memory
+answered (their paraphrases). `learning/lessons.py` cleans the lessons' text and rephrases them.
 
 Every default view is *grounded*: its prompt carries retrieved passages. Ungrounded views ("bare",
 and rephrasings without documents) teach the model to answer from its weights; on the emanual
@@ -39,26 +39,22 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import itertools
 import json
 import logging
 import math
 import random
-import re
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import func, select
-
-from knowledge.models import Conversation, Correction, Customer, Message, TrainingRun
+from knowledge.models import Correction, Message
+from learning.lessons import Lesson, collapse_duplicates, normalized, redact_lessons, rephrasings
 from learning.prompt import answer_messages, defang, prompt_turns
 from learning.redact import redact
 from learning.trust import (
     Review,
-    approvers,
     review_approved_answer,
     review_for_training,
     review_staff_reply,
@@ -74,8 +70,6 @@ log = logging.getLogger(__name__)
 VIEWS = ("context", "memory", "bare", "rephrase", "paraphrase")  # every view there is
 DEFAULT_VIEWS = ("context", "memory", "rephrase", "paraphrase")  # the grounded ones (see above)
 FILES = ("sft.jsonl", "dpo.jsonl", "eval.jsonl")
-# Lessons of one kind win a question over the others: a correction over a staff reply over an approval.
-_KIND_RANK = {"correction": 0, "staff": 1, "approved": 2}
 
 
 @dataclass
@@ -96,58 +90,15 @@ class BuildOptions:
     extra_eval: list[dict[str, Any]] = field(default_factory=list)  # benchmark rows added to eval.jsonl
 
 
-@dataclass
-class Lesson:
-    """One thing to learn: a question and the answer staff stand behind."""
-
-    kind: str  # correction | approved | staff
-    ids: list[str]  # lineage: "correction:12", "message:40"
-    question: str
-    answer: str
-    rejected: str = ""  # the bot's answer that staff corrected
-    history: list[tuple[str, str]] = field(default_factory=list)
-    conversation_id: int | None = None
-    created_at: dt.datetime = field(default_factory=lambda: dt.datetime(1970, 1, 1))
-    paraphrases: list[str] = field(default_factory=list)
-    # every conversation whose text this lesson holds (its own, its paraphrases', merged lessons'):
-    # written into the manifest's lineage, so `apprentice forget` finds the adapters trained on it
-    sources: set[int] = field(default_factory=set)
-
-    def conversations(self) -> list[int]:
-        return sorted(self.sources | ({self.conversation_id} if self.conversation_id is not None else set()))
-
-
 # --- collecting -------------------------------------------------------------------------------
-
-
-def last_promotion(store: Store) -> dt.datetime | None:
-    """When the last promoted nightly run started: lessons after it are not in the weights yet."""
-    with store.session() as s:
-        value = s.scalar(select(func.max(TrainingRun.started_at)).where(TrainingRun.status == "promoted"))
-    return value
-
-
-def _erased_conversations(store: Store) -> set[int]:
-    with store.session() as s:
-        rows = s.scalars(
-            select(Conversation.id)
-            .join(Customer, Customer.id == Conversation.customer_id)
-            .where(Customer.erased_at.is_not(None))
-        ).all()
-    return set(rows)
 
 
 def known_names(store: Store) -> dict[int, list[str]]:
     """Conversation id -> what the channel profile told us about its customer (the display name:
     Telegram's first and last name; the @username; the phone of a contact they shared of
     themselves), redacted from that conversation's lessons."""
-    with store.session() as s:
-        rows = s.execute(
-            select(Conversation.id, Customer.display_name, Customer.username, Customer.phone).join(
-                Customer, Customer.id == Conversation.customer_id
-            )
-        ).all()
-    known = {int(cid): [v for v in (name, user, phone) if v and v.strip()] for cid, name, user, phone in rows}
+    profiles = store.conversation_profiles()
+    known = {cid: [v for v in profile if v and v.strip()] for cid, profile in profiles.items()}
     return {cid: values for cid, values in known.items() if values}
 
 
@@ -161,28 +112,12 @@ def _history(store: Store, question: Message | None, turns: int) -> list[tuple[s
 def collect_lessons(store: Store, history_turns: int = 2) -> tuple[list[Lesson], Counter[str]]:
     """Every usable lesson in the store, unredacted, and what was excluded (and why)."""
     excluded: Counter[str] = Counter()
-    erased = _erased_conversations(store)
+    erased = store.erased_conversations()
+    rows = store.training_candidates()
     lessons: list[Lesson] = []
-    with store.session() as s:
-        corrections = list(s.scalars(select(Correction).order_by(Correction.id)).all())
-        approved = list(
-            s.scalars(
-                select(Message)
-                .where(Message.role == "bot", Message.approved.is_(True), Message.flagged.is_(False))
-                .order_by(Message.id)
-            ).all()
-        )
-        staff = list(
-            s.scalars(
-                select(Message).where(Message.role == "staff", Message.status == "ok").order_by(Message.id)
-            ).all()
-        )
-        memory_answers = list(
-            s.scalars(select(Message).where(Message.role == "bot", Message.status == "ok")).all()
-        )
-    corrected_messages = {c.message_id for c in corrections if c.message_id is not None}
+    corrected_messages = {c.message_id for c in rows.corrections if c.message_id is not None}
 
-    for c in corrections:
+    for c in rows.corrections:
         if c.status != "active":
             excluded[c.status] += 1  # revoked, or pending a second approval
             continue
@@ -209,7 +144,7 @@ def collect_lessons(store: Store, history_turns: int = 2) -> tuple[list[Lesson],
             )
         )
 
-    for m in approved:
+    for m in rows.approved:
         if m.id in corrected_messages or m.reply_to_id is None:
             continue
         if m.conversation_id in erased:
@@ -218,25 +153,15 @@ def collect_lessons(store: Store, history_turns: int = 2) -> tuple[list[Lesson],
         q = store.message(m.reply_to_id)
         if q is None or not q.text.strip():
             continue
-        lessons.append(
-            Lesson(
-                kind="approved",
-                ids=[f"message:{m.id}"],
-                question=q.text,
-                answer=m.text,
-                history=_history(store, q, history_turns),
-                conversation_id=m.conversation_id,
-                created_at=m.created_at,
-            )
-        )
+        lessons.append(_reply_lesson(store, "approved", m, q, history_turns))
 
-    lessons.extend(_staff_lessons(store, staff, erased, excluded, history_turns))
+    lessons.extend(_staff_lessons(store, rows.staff_replies, erased, excluded, history_turns))
 
     # Later customers whose question the correction memory answered: the same lesson in their words.
     by_correction = {
         int(i.split(":")[1]): les for les in lessons for i in les.ids if i.startswith("correction:")
     }
-    for m in memory_answers:
+    for m in rows.answers:
         if m.conversation_id in erased or m.reply_to_id is None:
             continue
         for src in m.sources or []:
@@ -245,7 +170,11 @@ def collect_lessons(store: Store, history_turns: int = 2) -> tuple[list[Lesson],
                 continue
             q = store.message(m.reply_to_id)
             lesson = by_correction[cid]
-            if q is not None and _norm(q.text) != _norm(lesson.question) and q.text not in lesson.paraphrases:
+            if (
+                q is not None
+                and normalized(q.text) != normalized(lesson.question)
+                and q.text not in lesson.paraphrases
+            ):
                 lesson.paraphrases.append(q.text)
                 lesson.sources.add(m.conversation_id)
     return lessons, excluded
@@ -260,29 +189,25 @@ def _staff_lessons(
         if m.conversation_id in erased:
             excluded["erased"] += 1
             continue
-        with store.session() as s:
-            q = s.scalar(
-                select(Message)
-                .where(
-                    Message.conversation_id == m.conversation_id,
-                    Message.id < m.id,
-                    Message.role == "customer",
-                )
-                .order_by(Message.id.desc())
-                .limit(1)
-            )
+        q = store.last_customer_message_before(m.conversation_id, m.id)
         if q is None or q.id in seen or q.status != "relayed" or not q.text.strip():
             continue
         seen.add(q.id)
-        yield Lesson(
-            kind="staff",
-            ids=[f"message:{m.id}"],
-            question=q.text,
-            answer=m.text,
-            history=_history(store, q, turns),
-            conversation_id=m.conversation_id,
-            created_at=m.created_at,
-        )
+        yield _reply_lesson(store, "staff", m, q, turns)
+
+
+def _reply_lesson(store: Store, kind: str, reply: Message, question: Message, turns: int) -> Lesson:
+    """A lesson from a reply staff stand behind (an approved answer, a staff reply) and the
+    customer message it answers."""
+    return Lesson(
+        kind=kind,
+        ids=[f"message:{reply.id}"],
+        question=question.text,
+        answer=reply.text,
+        history=_history(store, question, turns),
+        conversation_id=reply.conversation_id,
+        created_at=reply.created_at,
+    )
 
 
 # --- the two-person rule ---------------------------------------------------------------------
@@ -307,8 +232,8 @@ def hold_back(
             reviews[corr.id] = review_for_training(kb, store, corr, threshold)
         return corr.status == "active" and not reviews[corr.id].needs_second
 
-    approved_by = approvers(
-        store, [_store_id(les, "message") for les in lessons if les.kind in ("approved", "staff")]
+    approved_by = store.message_approvers(
+        [_store_id(les, "message") for les in lessons if les.kind in ("approved", "staff")]
     )
     kept: list[Lesson] = []
     held: list[dict[str, Any]] = []
@@ -325,9 +250,9 @@ def hold_back(
             if msg is None:
                 review = Review(True, "missing", code="missing")
             elif les.kind == "approved":
-                review = review_approved_answer(
-                    kb, store, msg, les.question, _customer_said(store, msg), who, correction_ok
-                )
+                # what the customer wrote up to the answer: the steering may come turns earlier
+                said = store.customer_texts_before(msg.conversation_id, msg.id, 5)
+                review = review_approved_answer(kb, store, msg, les.question, said, who, correction_ok)
             else:
                 review = review_staff_reply(store, msg, who)
         if review is not None and review.needs_second:
@@ -347,22 +272,6 @@ def _store_id(les: Lesson, table: str) -> int:
     return next(int(i.split(":", 1)[1]) for i in les.ids if i.startswith(f"{table}:"))
 
 
-def _customer_said(store: Store, answer: Message, turns: int = 5) -> list[str]:
-    """What the customer wrote in this conversation up to `answer` (the steering may come earlier)."""
-    with store.session() as s:
-        rows = s.scalars(
-            select(Message.text)
-            .where(
-                Message.conversation_id == answer.conversation_id,
-                Message.role == "customer",
-                Message.id < answer.id,
-            )
-            .order_by(Message.id.desc())
-            .limit(turns)
-        ).all()
-    return list(rows)
-
-
 def count_new_examples(store: Store, since: dt.datetime | None) -> int:
     """How many new lessons exist since `since` (cheap: no redaction, no retrieval)."""
     lessons, _ = collect_lessons(store, history_turns=0)
@@ -371,127 +280,7 @@ def count_new_examples(store: Store, since: dt.datetime | None) -> int:
     return sum(1 for les in lessons if les.created_at >= since)
 
 
-# --- cleaning ---------------------------------------------------------------------------------
-
-
-def redact_lessons(
-    lessons: Iterable[Lesson], known: Mapping[int, Sequence[str]] | None = None
-) -> Counter[str]:
-    """Redact every text of every lesson in place; return placeholder counts by kind. `known`:
-    conversation id -> the customer's name(s) (`known_names`), taken out of that conversation's
-    lessons, staff corrections included ("Hi Grace, ...")."""
-    report: Counter[str] = Counter()
-    names: list[str] = []
-
-    def clean(text: str) -> str:
-        out, counts = redact(text, names)
-        report.update(counts)
-        return out
-
-    for les in lessons:
-        names = [n for cid in les.conversations() for n in (known or {}).get(cid, ())]
-        les.question = clean(les.question)
-        les.answer = clean(les.answer)
-        les.rejected = clean(les.rejected)
-        les.history = [(role, clean(text)) for role, text in les.history]
-        les.paraphrases = [clean(p) for p in les.paraphrases]
-    return report
-
-
-def _norm(text: str) -> str:
-    return " ".join(re.findall(r"[a-z0-9\[\]]+", text.lower()))
-
-
-def _shingles(text: str) -> set[str]:
-    words = _norm(text).split()
-    return set(words) | {f"{a} {b}" for a, b in itertools.pairwise(words)}
-
-
-def _jaccard(a: set[str], b: set[str]) -> float:
-    return len(a & b) / len(a | b) if a or b else 1.0
-
-
-def collapse_duplicates(lessons: list[Lesson], threshold: float) -> tuple[list[Lesson], int]:
-    """Merge lessons whose questions are the same or nearly so; the best-ranked, newest one stays.
-
-    A later correction of the same question supersedes an earlier one (staff changed their mind);
-    lineage keeps every merged ID. Returns the survivors and how many were merged away.
-    """
-    ordered = sorted(lessons, key=lambda x: (_KIND_RANK.get(x.kind, 9), -x.created_at.timestamp()))
-    kept: list[tuple[Lesson, set[str]]] = []
-    exact: dict[str, int] = {}
-    index: dict[str, set[int]] = {}  # shingle -> positions in kept, to compare only plausible pairs
-    merged = 0
-    for les in ordered:
-        key, sh = _norm(les.question), _shingles(les.question)
-        target = exact.get(key)
-        if target is None:
-            candidates: set[int] = set()
-            for s_ in sh:
-                candidates |= index.get(s_, set())
-            target = next((i for i in sorted(candidates) if _jaccard(sh, kept[i][1]) >= threshold), None)
-        if target is not None:
-            winner = kept[target][0]
-            winner.ids.extend(i for i in les.ids if i not in winner.ids)
-            winner.sources.update(les.conversations())
-            for p in [les.question, *les.paraphrases]:
-                if _norm(p) != _norm(winner.question) and p not in winner.paraphrases:
-                    winner.paraphrases.append(p)
-            merged += 1
-            continue
-        exact[key] = len(kept)
-        for s_ in sh:
-            index.setdefault(s_, set()).add(len(kept))
-        kept.append((les, sh))
-    return [les for les, _ in kept], merged
-
-
 # --- views ------------------------------------------------------------------------------------
-
-_REWRITES: list[tuple[str, list[str]]] = [
-    (
-        r"^how (?:do|can|should) i (.+)$",
-        ["What are the steps to {0}?", "How would I {0}?", "Tell me how to {0}."],
-    ),
-    (r"^where (?:can|do) i (?:find|view|see|get) (.+)$", ["How do I get to {0}?", "Where is {0}?"]),
-    (r"^can i (.+)$", ["Is it possible to {0}?", "Am I able to {0}?"]),
-    (r"^is it possible to (.+)$", ["Can I {0}?"]),
-    (r"^what (?:is|are) (.+)$", ["Can you explain {0}?", "Tell me about {0}."]),
-    (r"^(?:does|do) (.+) (have|support|work with) (.+)$", ["Is {2} supported by {0}?"]),
-]
-_WRAPS = [
-    "Hi, {q}",
-    "Quick question: {q}",
-    "{q} Thanks!",
-    "Could you help me? {q}",
-    "Hello. {q} Thank you.",
-    "{lower}",
-]
-
-
-def rephrasings(question: str, n: int, seed: str) -> list[str]:
-    """Up to n simple rewordings of `question`: pattern rewrites first, then polite wrappers."""
-    q = question.strip()
-    core = q.rstrip("?.! ")
-    lower_core = core[:1].lower() + core[1:]
-    found: list[str] = []
-    for pattern, templates in _REWRITES:
-        m = re.match(pattern, lower_core, re.IGNORECASE)
-        if m:
-            found.extend(t.format(*m.groups()) for t in templates)
-    rng = random.Random(hashlib.sha256(seed.encode()).hexdigest())
-    rng.shuffle(found)
-    wraps = [w.format(q=q if q[:1].isupper() else q[:1].upper() + q[1:], lower=core.lower()) for w in _WRAPS]
-    rng.shuffle(wraps)
-    out: list[str] = []
-    for cand in [*found, *wraps]:
-        cand = cand[:1].upper() + cand[1:]
-        if _norm(cand) != _norm(q) and cand not in out:
-            out.append(cand)
-        if len(out) >= n:
-            break
-    return out
-
 
 class _Renderer:
     """Prompts as serving builds them, with one retrieval per distinct question (retrieval is costly)."""
@@ -614,7 +403,7 @@ def build_datasets(
     opts = options or BuildOptions()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    since = opts.since if opts.since is not None else last_promotion(store)
+    since = opts.since if opts.since is not None else store.last_promotion()
     lessons, excluded = collect_lessons(store, settings.history_turns)
     lessons, held = hold_back(settings, store, kb, lessons)  # the two-person rule, on the raw text
     # before anything is compared, retrieved or written; the customers' own names too
@@ -660,7 +449,7 @@ def build_datasets(
             if (
                 les.kind != "correction"
                 or not les.rejected.strip()
-                or _norm(les.rejected) == _norm(les.answer)
+                or normalized(les.rejected) == normalized(les.answer)
             ):
                 continue
             for view in opts.dpo_views:

@@ -36,7 +36,7 @@ from learning.prompt import answer_messages
 if TYPE_CHECKING:
     from knowledge.retrieve import KnowledgeBase
     from knowledge.settings import Settings
-    from learning.runtime import LocalRuntime
+    from learning.batching import LocalRuntime
 
 log = logging.getLogger(__name__)
 
@@ -254,10 +254,10 @@ def evaluate(
 
 
 def _runtime(settings: Settings) -> LocalRuntime:
-    from learning.runtime import LocalRuntime
+    from learning.runtime import build_local
 
-    # the settings' own engine and weights: the gate judges the answers serving would give
-    return LocalRuntime.from_settings(
+    # the settings' own engine: the gate judges the answers serving would give
+    return build_local(
         settings, max_queue=max(settings.max_queue, settings.max_batch), timeout_s=3600.0
     )
 

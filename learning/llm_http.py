@@ -1,8 +1,9 @@
 """Generation through an OpenAI-compatible server (vLLM started with `--enable-lora`).
 
-`HttpGenerator` implements the `Generator` contract over `POST /v1/chat/completions`: greedy
-(temperature 0), streaming off, one overall deadline per answer with retries inside it. The
-server does the batching; this side only bounds how many requests may wait (`max_queue`).
+`HttpGenerator` implements the `Generator` contract (learning/generation.py) over
+`POST /v1/chat/completions`: greedy (temperature 0), streaming off, one overall deadline per answer
+with retries inside it. The server does the batching; this side only bounds how many requests may
+wait (`max_queue`).
 The server tokenizes, so prompts arrive here within their token budget already
 (`learning.prompt.answer_messages`: the context window, APPRENTICE_CONTEXT_TOKENS = the server's
 --max-model-len, less `max_tokens`), counted in UTF-8 bytes when the model is not on this machine.
@@ -31,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from learning.runtime import (
+from learning.generation import (
     Generation,
     GenerationError,
     GenerationTimeout,

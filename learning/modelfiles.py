@@ -167,8 +167,7 @@ def _dequantise(gguf: Path, out: Path) -> None:
 def merged_with_adapter(model_path: str, adapter: str, dtype: Any) -> Any:
     """A fresh copy of the base with the LoRA adapter folded into its weights (peft merge_and_unload).
 
-    For the decoding paths that cannot wrap layers with peft: the int8 transformers path and the ONNX
-    export. The serving model is never touched.
+    For the ONNX export, which cannot wrap layers with peft. The serving model is never touched.
     """
     offline_by_default()
     from peft import PeftModel

@@ -9,7 +9,7 @@ it on `APPRENTICE_RETRAIN_CRON` inside `apprentice serve` with APScheduler (the 
 imports it): missed runs are coalesced into one and never two run at once.
 
 Every run leaves a folder `<data_dir>/runs/<id>/` with the dataset, the training log, eval.json
-and the chart; the report dict says what happened in words and numbers.
+and the chart; its `NightlyReport` says what happened in words and numbers.
 """
 
 from __future__ import annotations
@@ -23,14 +23,15 @@ import socket
 import subprocess
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from knowledge.models import TrainingRun, utcnow
+from knowledge.models import utcnow
 from knowledge.settings import ConfigError
 from learning import registry
-from learning.datasets import BuildOptions, build_datasets, count_new_examples, last_promotion
+from learning.datasets import BuildOptions, build_datasets, count_new_examples
 from learning.evaluate import Gate, evaluate
 from learning.train import TrainConfig, TrainingFailed, run_training
 
@@ -38,7 +39,7 @@ if TYPE_CHECKING:
     from knowledge.retrieve import KnowledgeBase
     from knowledge.settings import Settings
     from knowledge.store import Store
-    from learning.runtime import LocalRuntime
+    from learning.batching import LocalRuntime
 
 log = logging.getLogger(__name__)
 
@@ -46,32 +47,109 @@ LOCK = "nightly"
 LOCK_TTL_S = 3 * 3600.0  # renewed while training prints progress; a dead holder frees it after this
 RENEW_EVERY_S = 60.0
 
-Report = dict[str, Any]
+# Fields of an evaluated run that are in its JSON even when None (no baseline, no warm start).
+_EVALUATED = ("baseline", "warm_start", "losses", "chart")
+
+
+@dataclass(kw_only=True)
+class NightlyReport:
+    """What one nightly run did: returned by `run_nightly`, rendered by `render` for the terminal and
+    the staff channel, stored with its TrainingRun as `as_dict()`.
+
+    A field is None when the run did not get that far; `as_dict` leaves such fields out, so the JSON
+    names only what the run reached (docs/learning.md, The nightly report).
+    """
+
+    run: int | None = None  # the TrainingRun id and run folder; None when the lock was taken
+    status: str  # running | promoted | rejected | skipped | failed | locked
+    started_at: str | None = None
+    reason: str | None = None
+    candidate: str | None = None  # the adapter version this run trained
+    baseline: str | None = None  # the adapter it was compared with (None: the base model)
+    warm_start: str | None = None  # the adapter training started from
+    examples: dict[str, Any] | None = None  # new, sft, dpo, replay, eval, redacted, held_back
+    scores: dict[str, Any] | None = None  # per model ("candidate", "baseline"), per evaluation set
+    losses: Any = None  # the trainer's final losses
+    chart: str | None = None
+    run_dir: str | None = None
+    timings: dict[str, float] | None = None
+    wall_time_s: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """The report as JSON-ready data: the form stored with the TrainingRun and printed by --json."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is not None or (f.name in _EVALUATED and self.candidate is not None):
+                out[f.name] = value
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> NightlyReport:
+        """A report from its `as_dict` form (unknown keys are ignored; no status reads as "?")."""
+        known = {f.name for f in fields(cls)} - {"status"}
+        return cls(status=str(data.get("status", "?")), **{k: v for k, v in data.items() if k in known})
+
+    def render(self) -> str:
+        """The report in a few lines, for the terminal or the staff channel."""
+        status = self.status
+        head = {
+            "promoted": f"Nightly learning: adapter {self.candidate} promoted.",
+            "rejected": f"Nightly learning: adapter {self.candidate} NOT promoted; "
+            f"still serving {self.baseline or 'the base model'}.",
+            "skipped": "Nightly learning: skipped.",
+            "failed": "Nightly learning: FAILED; the active adapter is unchanged.",
+            "locked": "Nightly learning: already running elsewhere.",
+        }.get(status, f"Nightly learning: {status}.")
+        lines = [head]
+        ex = self.examples or {}
+        if ex:
+            lines.append(
+                f"Examples: {ex.get('new', 0)} new"
+                + (
+                    f", {ex['sft']} SFT rows, {ex['dpo']} DPO pairs, {ex['replay']} replayed"
+                    if "sft" in ex
+                    else ""
+                )
+            )
+        if ex.get("held_back"):
+            held = ", ".join(f"{n} {reason}" for reason, n in sorted(ex["held_back"].items()))
+            lines.append(f"Held back until a second staff member approves (two-person rule): {held}")
+        scores = self.scores
+        if scores:
+            for name in ("heldout", "regression", "control"):
+                c, b = scores["candidate"].get(name), scores["baseline"].get(name)
+                if c and b:
+                    lines.append(f"  {name:<10} {b['score']:.3f} -> {c['score']:.3f} (n={c['n']})")
+        if self.reason:
+            lines.append(f"Why: {self.reason}")
+        if self.wall_time_s is not None:
+            lines.append(f"Wall time: {self.wall_time_s:.0f} s")
+        if self.chart:
+            lines.append(f"Chart: {self.chart}")
+        return "\n".join(lines)
+
+
+def format_report(report: NightlyReport | Mapping[str, Any]) -> str:
+    """`report.render()`; a report still in its `as_dict` form (the Slack channel's) is read first."""
+    if not isinstance(report, NightlyReport):
+        report = NightlyReport.from_dict(report)
+    return report.render()
 
 
 def _holder() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
-def _start_run(store: Store) -> int:
-    with store.session() as s:
-        run = TrainingRun(status="running")
-        s.add(run)
-        s.flush()
-        return run.id
-
-
-def _finish_run(store: Store, run_id: int, report: Report) -> None:
-    with store.session() as s:
-        run = s.get(TrainingRun, run_id)
-        if run is None:
-            return
-        run.status = report["status"]
-        run.reason = report.get("reason", "")
-        run.candidate_version = report.get("candidate")
-        run.examples = int(report.get("examples", {}).get("new", 0))
-        run.report = {k: v for k, v in report.items() if k != "rows"}
-        run.finished_at = utcnow()
+def _finish_run(store: Store, run_id: int, report: NightlyReport) -> None:
+    store.finish_training_run(
+        run_id,
+        status=report.status,
+        reason=report.reason or "",
+        candidate=report.candidate,
+        examples=int((report.examples or {}).get("new", 0)),
+        report=report.as_dict(),
+    )
 
 
 def run_nightly(
@@ -87,7 +165,7 @@ def run_nightly(
     memory: bool = False,
     runtime: LocalRuntime | None = None,
     on_line: Callable[[str, subprocess.Popen[str]], None] | None = None,
-) -> Report:
+) -> NightlyReport:
     """Run the learning job once and return its report. Never raises for an expected failure.
 
     `force` ignores APPRENTICE_MIN_NEW_EXAMPLES. `kb` is the serving knowledge base (opened from the
@@ -95,48 +173,32 @@ def run_nightly(
     """
     holder = _holder()
     if not store.acquire_lock(LOCK, holder, LOCK_TTL_S):
-        return {"status": "locked", "reason": "another replica or process is running the nightly job"}
+        return NightlyReport(status="locked", reason="another replica or process is running the nightly job")
     own_kb = kb is None
     if kb is None:
         from knowledge.retrieve import KnowledgeBase
 
         kb = KnowledgeBase.from_settings(settings)
     started = time.perf_counter()
-    run_id = _start_run(store)
-    report: Report = {
-        "run": run_id,
-        "status": "running",
-        "started_at": utcnow().isoformat(timespec="seconds"),
-    }
+    run_id = store.start_training_run()
+    report = NightlyReport(run=run_id, status="running", started_at=utcnow().isoformat(timespec="seconds"))
     try:
-        report.update(
-            _run(
-                settings,
-                store,
-                kb,
-                run_id,
-                holder,
-                force,
-                since,
-                options,
-                train_config,
-                gate,
-                memory,
-                runtime,
-                on_line,
-            )
-        )
+        outcome = _run(
+            settings, store, kb, run_id, holder, force, since, options, train_config, gate, memory,
+            runtime, on_line,
+        )  # fmt: skip
+        report = dataclasses.replace(outcome, run=report.run, started_at=report.started_at)
     except Exception as exc:  # the job must report and release the lock whatever happens
         log.exception("nightly run %s failed", run_id)
-        report.update(status="failed", reason=f"{type(exc).__name__}: {exc}")
+        report.status, report.reason = "failed", f"{type(exc).__name__}: {exc}"
     finally:
-        report["wall_time_s"] = round(time.perf_counter() - started, 1)
+        report.wall_time_s = round(time.perf_counter() - started, 1)
         _finish_run(store, run_id, report)
         store.set_kv("nightly:last_run", utcnow().isoformat(timespec="seconds"))
         store.release_lock(LOCK, holder)
         if own_kb:
             kb.close()
-    log.warning("nightly run %s: %s (%s)", run_id, report["status"], report.get("reason", ""))
+    log.warning("nightly run %s: %s (%s)", run_id, report.status, report.reason or "")
     return report
 
 
@@ -154,17 +216,18 @@ def _run(
     memory: bool,
     runtime: LocalRuntime | None,
     on_line: Callable[[str, subprocess.Popen[str]], None] | None,
-) -> Report:
+) -> NightlyReport:
+    """The job's steps; the report it returns lacks only the run's id, start and wall time."""
     timings: dict[str, float] = {}
-    since = since if since is not None else last_promotion(store)
+    since = since if since is not None else store.last_promotion()
     new = count_new_examples(store, since)
     if new < settings.min_new_examples and not force:
-        return {
-            "status": "skipped",
-            "reason": f"{new} new examples since the last promotion; APPRENTICE_MIN_NEW_EXAMPLES is "
+        return NightlyReport(
+            status="skipped",
+            reason=f"{new} new examples since the last promotion; APPRENTICE_MIN_NEW_EXAMPLES is "
             f"{settings.min_new_examples}",
-            "examples": {"new": new},
-        }
+            examples={"new": new},
+        )
     run_dir = settings.data_dir / "runs" / f"{run_id:05d}"
     t = time.perf_counter()
     opts = dataclasses.replace(options or BuildOptions(), since=since)
@@ -181,7 +244,8 @@ def _run(
         "held_back": dict(counts["held_back"]),  # waiting for a second staff member (two-person rule)
     }
     if counts["sft"] == 0:
-        return {"status": "skipped", "reason": "no trainable examples after filtering", "examples": examples}
+        reason = "no trainable examples after filtering"
+        return NightlyReport(status="skipped", reason=reason, examples=examples)
 
     base_hash = registry.running_base_hash(settings)
     active = registry.active_adapter(store)
@@ -202,7 +266,7 @@ def _run(
             init_version=warm.version if warm else None, log_path=run_dir / "train.log", on_line=progress,
         )  # fmt: skip
     except TrainingFailed as exc:
-        return {"status": "failed", "reason": str(exc), "examples": examples, "timings": timings}
+        return NightlyReport(status="failed", reason=str(exc), examples=examples, timings=timings)
     timings["train_s"] = round(time.perf_counter() - t, 1)
     store.acquire_lock(LOCK, holder, LOCK_TTL_S)
 
@@ -217,59 +281,19 @@ def _run(
     if result["promote"]:
         registry.promote(store, adapter.version, base_hash, actor="nightly")
         status = "promoted"
-    return {
-        "status": status,
-        "reason": result["reason"],
-        "candidate": adapter.version,
-        "baseline": result["baseline"],
-        "warm_start": warm.version if warm else None,
-        "examples": examples,
-        "scores": result["sets"],
-        "losses": adapter.meta.get("final_loss"),
-        "chart": result["chart"],
-        "run_dir": str(run_dir),
-        "timings": timings,
-    }
-
-
-def format_report(report: Report) -> str:
-    """The report in a few lines, for the terminal or the staff channel."""
-    status = report.get("status", "?")
-    head = {
-        "promoted": f"Nightly learning: adapter {report.get('candidate')} promoted.",
-        "rejected": f"Nightly learning: adapter {report.get('candidate')} NOT promoted; "
-        f"still serving {report.get('baseline') or 'the base model'}.",
-        "skipped": "Nightly learning: skipped.",
-        "failed": "Nightly learning: FAILED; the active adapter is unchanged.",
-        "locked": "Nightly learning: already running elsewhere.",
-    }.get(status, f"Nightly learning: {status}.")
-    lines = [head]
-    ex = report.get("examples") or {}
-    if ex:
-        lines.append(
-            f"Examples: {ex.get('new', 0)} new"
-            + (
-                f", {ex['sft']} SFT rows, {ex['dpo']} DPO pairs, {ex['replay']} replayed"
-                if "sft" in ex
-                else ""
-            )
-        )
-    if ex.get("held_back"):
-        held = ", ".join(f"{n} {reason}" for reason, n in sorted(ex["held_back"].items()))
-        lines.append(f"Held back until a second staff member approves (two-person rule): {held}")
-    scores = report.get("scores")
-    if scores:
-        for name in ("heldout", "regression", "control"):
-            c, b = scores["candidate"].get(name), scores["baseline"].get(name)
-            if c and b:
-                lines.append(f"  {name:<10} {b['score']:.3f} -> {c['score']:.3f} (n={c['n']})")
-    if report.get("reason"):
-        lines.append(f"Why: {report['reason']}")
-    if report.get("wall_time_s") is not None:
-        lines.append(f"Wall time: {report['wall_time_s']:.0f} s")
-    if report.get("chart"):
-        lines.append(f"Chart: {report['chart']}")
-    return "\n".join(lines)
+    return NightlyReport(
+        status=status,
+        reason=result["reason"],
+        candidate=adapter.version,
+        baseline=result["baseline"],
+        warm_start=warm.version if warm else None,
+        examples=examples,
+        scores=result["sets"],
+        losses=adapter.meta.get("final_loss"),
+        chart=result["chart"],
+        run_dir=str(run_dir),
+        timings=timings,
+    )
 
 
 _DAYS = ("sun", "mon", "tue", "wed", "thu", "fri", "sat", "sun")
@@ -277,7 +301,7 @@ _DAYS = ("sun", "mon", "tue", "wed", "thu", "fri", "sat", "sun")
 
 def crontab_weekdays(field: str) -> str:
     """A crontab weekday field in APScheduler 3's terms: crontab counts from Sunday (0 or 7),
-    APScheduler 3 from Monday (its issue 286), so numbers become day names."""
+    APScheduler 3 from Monday (docs/learning.md, Schedules), so numbers become day names."""
     out: list[str] = []
     for part in field.split(","):
         body, _, step = part.partition("/")
@@ -386,7 +410,7 @@ def start_scheduler(
     settings: Settings,
     store: Store,
     kb: KnowledgeBase | None = None,
-    on_report: Callable[[Report], Awaitable[None]] | None = None,
+    on_report: Callable[[NightlyReport], Awaitable[None]] | None = None,
 ) -> Any:
     """Schedule `run_nightly` on APPRENTICE_RETRAIN_CRON; call inside the event loop.
 
@@ -406,8 +430,8 @@ def start_scheduler(
                 await on_report(report)
             except Exception:
                 log.exception("posting the nightly report failed")
-        elif report.get("status") != "skipped":
-            print(format_report(report), flush=True)
+        elif report.status != "skipped":
+            print(report.render(), flush=True)
 
     return _start_claimed(trigger, settings.timezone, store, LOCK, "nightly learning", learn)
 

@@ -14,7 +14,8 @@ SmolLM2, cached under `<models_dir>/onnx/` by the base model's hash and the adap
 adapter is merged into a copy of the base first, so an answer costs what a base-model answer costs;
 the nightly gate exports the candidate while it evaluates it, so promotion finds the export cached.
 
-`onnxruntime_genai` is imported here and nowhere else, lazily (`apprentice --help` stays fast).
+`OnnxEngine` keeps the `Engine` interface of learning/batching.py. `onnxruntime_genai` is imported
+here and nowhere else, lazily (`apprentice --help` stays fast).
 """
 
 from __future__ import annotations
@@ -258,6 +259,73 @@ class OnnxModel:
             if not any(live) or generator.is_done():
                 break
         return out
+
+
+class OnnxEngine:
+    """The `Engine` on ONNX Runtime GenAI: the base export, or the export with the adapter merged in.
+
+    An adapter switch loads the candidate's export (cached: the nightly gate exported it while it
+    evaluated it), so a promotion only loads files; answers cost what base-model answers cost.
+    """
+
+    name = "onnx"
+    description = "onnxruntime-genai, int8 weight-only (MatMulNBits)"
+    device = "cpu"
+
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        pad: int,
+        eos: frozenset[int],
+        repetition_penalty: float,
+        cache_dir: Path,
+        prebuilt: Sequence[Path] = (),
+        threads: int | None = None,
+    ) -> None:
+        self.model_path = model_path
+        self.cache_dir = cache_dir
+        self.prebuilt = list(prebuilt)
+        self.threads = threads
+        self.repetition_penalty = repetition_penalty
+        self._eos = set(eos)
+        folder = ensure_export(model_path, cache_dir, pad_token_id=pad, prebuilt=self.prebuilt)
+        self.base = OnnxModel(folder, threads=threads, pad_token_id=pad)
+        self._model = self.base  # the model answering now: the base or an adapter merged in
+        self._adapter: str | None = None
+
+    def attach(self) -> None:
+        """Nothing per thread: the session options carry the thread count."""
+
+    def decode(
+        self, rows: Sequence[list[int]], budgets: Sequence[int], stop: Callable[[int], bool]
+    ) -> tuple[list[list[int]], float | None]:
+        first: list[float] = []
+
+        def on_step(step: int) -> None:
+            if step == 0 and not first:
+                first.append(time.perf_counter())
+
+        new = self._model.generate(
+            rows, budgets, eos=self._eos, repetition_penalty=self.repetition_penalty, stop=stop,
+            on_step=on_step,
+        )  # fmt: skip
+        return new, (first[0] if first else None)
+
+    def use_adapter(self, path: str | None, version: str | None) -> None:
+        if path is None:
+            self._model, self._adapter = self.base, None
+            return
+        folder = ensure_export(
+            self.model_path, self.cache_dir, pad_token_id=self.base.pad, adapter=path, prebuilt=self.prebuilt
+        )
+        self._model = OnnxModel(folder, threads=self.threads, pad_token_id=self.base.pad)
+        self._adapter = version or "adapter"
+
+    @property
+    def loaded_adapters(self) -> list[str]:
+        """The adapter merged into the export answering now, if any."""
+        return [self._adapter] if self._adapter else []
 
 
 def weights_bytes_per_token(folder: Path) -> int:

@@ -61,8 +61,20 @@ def _checked(validate: Callable[[str], bool]) -> Callable[[str], bool]:
     return ok
 
 
+_Entry = tuple[re.Pattern[str], Callable[[str], bool], re.Pattern[str] | None]
+
+
+def _after_name(digits: str, validate: Callable[[str], bool], name: str) -> _Entry:
+    """An identifier whose checksum is weak: `digits` count only right after `name`."""
+    return (
+        re.compile(r"(?<![\w.-])" + digits + r"(?![\w-])"),
+        _checked(validate),
+        re.compile(name + _WEAK + "$", re.IGNORECASE),
+    )
+
+
 # (candidate pattern, validator, keyword that must precede it or None when the format is distinctive)
-_IDS: tuple[tuple[re.Pattern[str], Callable[[str], bool], re.Pattern[str] | None], ...] = (
+_IDS: tuple[_Entry, ...] = (
     # Spanish DNI (8 digits + check letter) and NIE (X/Y/Z + 7 digits + check letter)
     (re.compile(r"(?<![\w-])\d{8}[- ]?[A-Za-z](?![\w-])"), _checked(dni.is_valid), None),
     (re.compile(r"(?<![\w-])[XYZxyz][- ]?\d{7}[- ]?[A-Za-z](?![\w-])"), _checked(nie.is_valid), None),
@@ -81,36 +93,14 @@ _IDS: tuple[tuple[re.Pattern[str], Callable[[str], bool], re.Pattern[str] | None
     # Brazilian CPF written the usual way, 000.000.000-00
     (re.compile(r"(?<![\w.-])\d{3}\.\d{3}\.\d{3}-\d{2}(?![\w-])"), _checked(cpf.is_valid), None),
     # weak checksums: only next to their name
-    (
-        re.compile(r"(?<![\w.-])\d{11}(?![\w-])"),
-        _checked(cpf.is_valid),
-        re.compile(r"\bCPF" + _WEAK + "$", re.IGNORECASE),
+    _after_name(r"\d{11}", cpf.is_valid, r"\bCPF"),
+    _after_name(
+        r"\d{2} ?\d{3} ?\d{3} ?\d{3}", idnr.is_valid, r"(?:steuer[\w-]*|idnr|identifikationsnummer|tax\s+id)"
     ),
-    (
-        re.compile(r"(?<![\w.-])\d{2} ?\d{3} ?\d{3} ?\d{3}(?![\w-])"),
-        _checked(idnr.is_valid),
-        re.compile(r"(?:steuer[\w-]*|idnr|identifikationsnummer|tax\s+id)" + _WEAK + "$", re.IGNORECASE),
-    ),
-    (
-        re.compile(r"(?<![\w.-])\d{4}[. ]?\d{2}[. ]?\d{3}(?![\w-])"),
-        _checked(bsn.is_valid),
-        re.compile(r"(?:\bBSN|burgerservicenummer|sofinummer)" + _WEAK + "$", re.IGNORECASE),
-    ),
-    (
-        re.compile(r"(?<![\w.-])\d{11}(?![\w-])"),
-        _checked(pesel.is_valid),
-        re.compile(r"\bPESEL" + _WEAK + "$", re.IGNORECASE),
-    ),
-    (
-        re.compile(r"(?<![\w.-])\d{11}(?![\w-])"),
-        _checked(tckimlik.is_valid),
-        re.compile(r"(?:kimlik|\bT\.?C\.?)(?:\s+(?:no|numaram|numarası))?" + _WEAK + "$", re.IGNORECASE),
-    ),
-    (
-        re.compile(r"(?<![\w.-])\d{9}(?![\w-])"),
-        _checked(nif.is_valid),
-        re.compile(r"(?:\bNIF|contribuinte)" + _WEAK + "$", re.IGNORECASE),
-    ),
+    _after_name(r"\d{4}[. ]?\d{2}[. ]?\d{3}", bsn.is_valid, r"(?:\bBSN|burgerservicenummer|sofinummer)"),
+    _after_name(r"\d{11}", pesel.is_valid, r"\bPESEL"),
+    _after_name(r"\d{11}", tckimlik.is_valid, r"(?:kimlik|\bT\.?C\.?)(?:\s+(?:no|numaram|numarası))?"),
+    _after_name(r"\d{9}", nif.is_valid, r"(?:\bNIF|contribuinte)"),
 )
 
 

@@ -11,7 +11,7 @@ so the model still learns "send it to [EMAIL]" and never the address itself. Sec
 tokens, passwords: `learning/secrets_scan.py`, their one home) become `[SECRET]`.
 
 `find_pii` is also what the output guard (`bot/guard.py`) and the correction check
-(`bot/conversation.py`) use to find personal data: one list of detectors for all three.
+(`bot/staff.py`) use to find personal data: one list of detectors for all three.
 
 `measure(path)` scores the detectors against a labelled JSONL file (`tests/data/pii_labelled.jsonl`):
 `python -m learning.redact tests/data/pii_labelled.jsonl` prints precision and recall.

@@ -14,16 +14,14 @@ import contextlib
 import logging
 import re
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import select
-
-from knowledge.models import Adapter, AuditEntry, RegistryState, utcnow
 from knowledge.settings import ConfigError
+from knowledge.store.training import Pointer
 
 if TYPE_CHECKING:
+    from knowledge.models import Adapter
     from knowledge.settings import Settings
     from knowledge.store import Store
 
@@ -38,14 +36,6 @@ class RegistryError(RuntimeError):
 
 class BaseMismatch(RegistryError):
     """The adapter was trained on a different base model than the one running."""
-
-
-@dataclass(frozen=True)
-class Pointer:
-    """The active adapter (None: the bare base model) and the one before it."""
-
-    active: str | None
-    previous: str | None
 
 
 def adapters_root(settings: Settings) -> Path:
@@ -69,8 +59,7 @@ def reserve_version(store: Store, root: Path) -> tuple[str, Path]:
     skipped, so a name is never reused even after a failed run or a deleted row.
     """
     root.mkdir(parents=True, exist_ok=True)
-    with store.session() as s:
-        taken = set(s.scalars(select(Adapter.version)).all())
+    taken = store.adapter_versions()
     for entry in root.iterdir():
         taken.add(entry.name.lstrip(".").split(".partial-")[0])
     numbers = [int(m.group(1)) for name in taken if (m := _VERSION.match(name))]
@@ -90,33 +79,25 @@ def register(store: Store, version: str, path: Path, meta: dict[str, Any]) -> Ad
     """Record a finished adapter (not active). Its metadata names the base it was trained on."""
     if not (Path(path) / "adapter_config.json").is_file():
         raise RegistryError(f"{path} is not a PEFT adapter folder (no adapter_config.json).")
-    with store.session() as s:
-        row = Adapter(
-            version=version,
-            path=str(Path(path).resolve()),
-            base_model=str(meta.get("base_model", "")),
-            base_hash=str(meta.get("base_hash", "")),
-            meta=meta,
-        )
-        s.add(row)
-        s.flush()
-        return row
+    return store.add_adapter(
+        version,
+        str(Path(path).resolve()),
+        base_model=str(meta.get("base_model", "")),
+        base_hash=str(meta.get("base_hash", "")),
+        meta=meta,
+    )
 
 
 def get_adapter(store: Store, version: str) -> Adapter | None:
-    with store.session() as s:
-        return s.scalar(select(Adapter).where(Adapter.version == version))
+    return store.adapter(version)
 
 
 def list_adapters(store: Store) -> list[Adapter]:
-    with store.session() as s:
-        return list(s.scalars(select(Adapter).order_by(Adapter.id)).all())
+    return store.adapters()
 
 
 def pointer(store: Store) -> Pointer:
-    with store.session() as s:
-        row = s.get(RegistryState, 1)
-        return Pointer(row.active_version, row.previous_version) if row else Pointer(None, None)
+    return store.adapter_pointer()
 
 
 def active_adapter(store: Store) -> Adapter | None:
@@ -143,28 +124,13 @@ def _check(adapter: Adapter, base_hash: str | None) -> None:
 
 def _move(store: Store, target: str | None, base_hash: str | None, actor: str, action: str) -> Pointer:
     """Point `active` at `target` (None = base model) in one transaction, remembering the old one."""
-    with store.session() as s:
-        if target is not None:
-            adapter = s.scalar(select(Adapter).where(Adapter.version == target))
-            if adapter is None:
-                raise RegistryError(f"No adapter {target!r}; see apprentice adapters list.")
-            _check(adapter, base_hash)
-        state = s.get(RegistryState, 1, with_for_update=True)
-        if state is None:
-            state = RegistryState(id=1, active_version=None, previous_version=None)
-            s.add(state)
-        before = {"active": state.active_version, "previous": state.previous_version}
-        if state.active_version != target:
-            state.previous_version = state.active_version
-            state.active_version = target
-            state.changed_at = utcnow()
-        after = {"active": state.active_version, "previous": state.previous_version}
-        s.add(
-            AuditEntry(
-                actor=actor, action=action, target=f"adapter:{target or 'base'}", before=before, after=after
-            )
-        )
-        return Pointer(state.active_version, state.previous_version)
+
+    def check(adapter: Adapter | None) -> None:
+        if adapter is None:
+            raise RegistryError(f"No adapter {target!r}; see apprentice adapters list.")
+        _check(adapter, base_hash)
+
+    return store.move_adapter_pointer(target, actor=actor, action=action, check=check)
 
 
 def promote(store: Store, version: str, base_hash: str | None = None, actor: str = "system") -> Pointer:

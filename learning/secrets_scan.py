@@ -3,7 +3,7 @@
 A staff member can paste a live payment key or a password into a correction, a model can repeat
 one, a library can put one in an exception message. Three consumers share these detectors:
 
-- the correction check (`bot/conversation.py`): a correction holding a secret is refused;
+- the correction check (`bot/staff.py`): a correction holding a secret is refused;
 - the output guard (`bot/guard.py`): a reply holding a secret is blocked;
 - the redactor (`learning/redact.py`): datasets get `[SECRET]` in its place;
 - and, for the known shapes only, the log filter (`bot/logsafe.py`).

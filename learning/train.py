@@ -28,12 +28,16 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from learning.cpus import cpu_budget
+
 if TYPE_CHECKING:
+    from transformers import HfArgumentParser
+
     from knowledge.models import Adapter
     from knowledge.settings import Settings
     from knowledge.store import Store
@@ -52,26 +56,48 @@ class TrainingFailed(RuntimeError):
 
 @dataclass
 class TrainConfig:
-    """Hyperparameters of one nightly training job (SFT, then DPO on the same LoRA adapter)."""
+    """Hyperparameters of one nightly training job (SFT, then DPO on the same LoRA adapter).
 
-    rank: int = 16
-    alpha: int = 32
-    dropout: float = 0.05
-    targets: tuple[str, ...] = ALL_PROJECTIONS
-    epochs: float = 2.0  # SFT epochs
-    lr: float = 1e-3  # SFT learning rate
-    batch_size: int = 4
-    grad_accum: int = 1
-    dpo_epochs: float = 1.0
-    dpo_lr: float = 1e-4
-    beta: float = 0.1
-    max_length: int = 2048
-    max_steps: int = -1  # >0 caps each stage (tests)
-    warmup_ratio: float = 0.05
-    gradient_checkpointing: bool = True
-    threads: int = 0  # CPU threads; 0 = what the machine can spare now (see cpu_threads)
-    seed: int = 0
-    dpo: bool = True
+    Every field is a flag (`--dpo-epochs`, `--dpo_epochs`) of `apprentice train`, `apprentice retrain`,
+    `apprentice bench loop` and the job itself (`python -m learning.train`), parsed by transformers'
+    HfArgumentParser (`train_parser`) as TRL parses its configs.
+    """
+
+    _argument_group_name = "training"  # HfArgumentParser's heading for these flags
+
+    rank: int = field(default=16, metadata={"help": "LoRA rank."})
+    alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
+    dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
+    targets: list[str] = field(
+        default_factory=lambda: list(ALL_PROJECTIONS),
+        metadata={"help": "LoRA target modules, comma- or space-separated."},
+    )
+    epochs: float = field(default=2.0, metadata={"help": "SFT epochs."})
+    lr: float = field(default=1e-3, metadata={"help": "SFT learning rate."})
+    batch_size: int = field(default=4, metadata={"help": "Batch size of both stages."})
+    grad_accum: int = field(default=1, metadata={"help": "Gradient accumulation steps."})
+    dpo_epochs: float = field(default=1.0, metadata={"help": "DPO epochs (0 skips DPO)."})
+    dpo_lr: float = field(default=1e-4, metadata={"help": "DPO learning rate."})
+    beta: float = field(default=0.1, metadata={"help": "DPO beta."})
+    max_length: int = field(default=2048, metadata={"help": "Longest training row, in tokens."})
+    max_steps: int = field(
+        default=-1, metadata={"help": "Cap the steps of each stage (testing); -1: no cap."}
+    )
+    warmup_ratio: float = field(
+        default=0.05, metadata={"help": "Share of the steps that warm the learning rate up."}
+    )
+    gradient_checkpointing: bool = field(
+        default=True, metadata={"help": "Recompute activations in the backward pass (less memory)."}
+    )
+    threads: int = field(default=0, metadata={"help": "CPU threads; 0: what the machine can spare now."})
+    seed: int = field(default=0, metadata={"help": "Random seed."})
+    dpo: bool = field(default=True, metadata={"help": "Run DPO after SFT."})
+
+    def __post_init__(self) -> None:
+        # "a,b" and "a b" both name two modules: the job's own command line writes commas
+        self.targets = [t for item in self.targets for t in str(item).split(",") if t]
+        if self.dpo_epochs <= 0:
+            self.dpo = False
 
 
 @dataclass
@@ -96,10 +122,7 @@ def cpu_threads() -> int:
     122-157 tokens/s on one thread and 17-24 tokens/s on two, because OpenMP threads wait for each
     other whenever the scheduler parks one. On an idle machine every core is used.
     """
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        cores = os.cpu_count() or 1
+    cores = cpu_budget()
     try:
         busy = int(os.getloadavg()[0])
     except OSError:  # pragma: no cover
@@ -310,30 +333,33 @@ def make_dpo_trainer(
     )  # fmt: skip
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m learning.train", description="Train one LoRA adapter (SFT, then DPO)."
+# --- the flags (transformers' HfArgumentParser, imported only when a command parses them) ----------
+
+
+def train_parser(prog: str, **options: Any) -> HfArgumentParser:
+    """An HfArgumentParser for TrainConfig's flags (about 0.7 s to import: never at `apprentice --help`)."""
+    from transformers import HfArgumentParser
+
+    config: Any = TrainConfig  # transformers types it as its own DataClassType
+    return HfArgumentParser(config, prog=prog, **options)
+
+
+def parse_train_config(args: Sequence[str], prog: str) -> TrainConfig:
+    """TrainConfig from flags such as ["--epochs", "3", "--targets", "q_proj,v_proj"]; exits 2 on an
+    unknown flag or a bad value, as argparse does."""
+    parser = train_parser(prog)
+    cfg, unknown = parser.parse_args_into_dataclasses(
+        args=list(args), return_remaining_strings=True, look_for_args_file=False
     )
-    p.add_argument("--dataset", required=True, help="Folder with sft.jsonl, dpo.jsonl and manifest.json.")
-    p.add_argument("--out", required=True, help="Adapter folder to create (must not exist).")
-    p.add_argument("--base", required=True, help="Base model folder.")
-    p.add_argument("--base-name", default="", help="Base model id recorded in the metadata.")
-    p.add_argument("--init-adapter", default=None, help="Continue training this adapter folder.")
-    defaults = TrainConfig()
-    for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        value = getattr(defaults, f.name)
-        if isinstance(value, bool):
-            p.add_argument(
-                flag, type=lambda s: s.lower() in ("1", "true", "yes"), default=value, metavar="BOOL"
-            )
-        elif isinstance(value, tuple):
-            p.add_argument(
-                flag, type=lambda s: tuple(x for x in s.split(",") if x), default=value, metavar="A,B"
-            )
-        else:
-            p.add_argument(flag, type=type(value), default=value)
-    return p
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    assert isinstance(cfg, TrainConfig)
+    return cfg
+
+
+def train_flags_help(prog: str) -> str:
+    """The help of TrainConfig's flags, for a command whose own argparse parser leaves them over."""
+    return train_parser(prog, usage=argparse.SUPPRESS, add_help=False).format_help()
 
 
 def config_args(cfg: TrainConfig) -> list[str]:
@@ -341,14 +367,20 @@ def config_args(cfg: TrainConfig) -> list[str]:
     args: list[str] = []
     for f in dataclasses.fields(TrainConfig):
         value = getattr(cfg, f.name)
-        text = ",".join(value) if isinstance(value, tuple) else str(value)
+        text = ",".join(value) if isinstance(value, list) else str(value)
         args += ["--" + f.name.replace("_", "-"), text]
     return args
 
 
 def cli(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+    parser = train_parser("python -m learning.train", description="Train one LoRA adapter (SFT, then DPO).")
+    job = parser.add_argument_group("job")
+    job.add_argument("--dataset", required=True, help="Folder with sft.jsonl, dpo.jsonl and manifest.json.")
+    job.add_argument("--out", required=True, help="Adapter folder to create (must not exist).")
+    job.add_argument("--base", required=True, help="Base model folder.")
+    job.add_argument("--base-name", default="", help="Base model id recorded in the metadata.")
+    job.add_argument("--init-adapter", default=None, help="Continue training this adapter folder.")
+    cfg, args = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         main(JobSpec(args.dataset, args.out, args.base, args.base_name, args.init_adapter, cfg))

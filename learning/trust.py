@@ -58,14 +58,12 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
-
-from sqlalchemy import select
+from typing import TYPE_CHECKING
 
 from knowledge import embed
-from knowledge.models import AuditEntry, Correction, Feedback, Message, utcnow
+from knowledge.models import Correction, Message, utcnow
 from learning.redact import find_pii
 
 if TYPE_CHECKING:
@@ -414,29 +412,11 @@ def _conflicting_revoked(
 ) -> Review | None:
     """A correction of a similar question that was trusted, then revoked by this author (ever) or by
     anyone within `REVOKED_WINDOW` before `at`, and that answered differently."""
-    with store.session() as s:
-        mine: set[int] = set()
-        if author:
-            for target in s.scalars(
-                select(AuditEntry.target).where(AuditEntry.action == "revoke", AuditEntry.actor == author)
-            ):
-                if target.startswith("correction:") and target[len("correction:") :].isdigit():
-                    mine.add(int(target[len("correction:") :]))
-        recent = Correction.revoked_at >= at - REVOKED_WINDOW
-        revoked = s.scalars(
-            select(Correction)
-            .where(
-                Correction.status == "revoked",
-                Correction.revoked_at.is_not(None),
-                Correction.revoked_at <= at,
-                recent | Correction.id.in_(sorted(mine)) if mine else recent,
-            )
-            .order_by(Correction.id.desc())
-        ).all()
-        candidates = [
-            c for c in revoked if c.id != exclude_id and c.question.strip() and c.corrected.strip()
-            and (_second_person(c) or not _was_pending(s, c))
-        ]  # fmt: skip
+    candidates = [
+        c for c in store.revoked_corrections(at, REVOKED_WINDOW, author)
+        if c.id != exclude_id and c.question.strip() and c.corrected.strip()
+        and (_second_person(c) or not store.correction_was_pending(c))
+    ]  # fmt: skip
     if not candidates:
         return None
     q = embed.embed_query(question)
@@ -451,18 +431,6 @@ def _conflicting_revoked(
     return None
 
 
-def _was_pending(s: Any, corr: Correction) -> bool:
-    """Whether the two-person rule stored `corr` as pending (the audit entry of its creation says)."""
-    for after in s.scalars(
-        select(AuditEntry.after).where(
-            AuditEntry.action == "correct", AuditEntry.target == f"message:{corr.message_id}"
-        )
-    ):
-        if isinstance(after, dict) and after.get("correction_id") == corr.id:
-            return after.get("status") == "pending"
-    return False
-
-
 # --- rows the dataset builder would train on --------------------------------------------------
 
 
@@ -475,22 +443,6 @@ def review_for_training(kb: KnowledgeBase, store: Store, corr: Correction, memor
         kb, store, corr.question, corr.corrected, memory_threshold, corr.id,
         author=corr.staff, at=corr.created_at, earlier_than=corr.id,
     )  # fmt: skip
-
-
-def approvers(store: Store, message_ids: Collection[int]) -> dict[int, set[str]]:
-    """Who approved each message (staff "approve" feedback)."""
-    out: dict[int, set[str]] = {}
-    ids = sorted(set(message_ids))
-    with store.session() as s:
-        for start in range(0, len(ids), 500):
-            rows = s.execute(
-                select(Feedback.message_id, Feedback.actor).where(
-                    Feedback.kind == "approve", Feedback.message_id.in_(ids[start : start + 500])
-                )
-            ).all()
-            for mid, actor in rows:
-                out.setdefault(mid, set()).add(actor)
-    return out
 
 
 _STEER = re.compile(
@@ -569,25 +521,10 @@ def review_approved_answer(
     return Review(False, "approved by staff")
 
 
-def staff_reply_author(store: Store, reply: Message) -> str | None:
-    """The staff member who wrote a take-over reply (its "staff_reply" audit entry, written just after)."""
-    with store.session() as s:
-        return s.scalar(
-            select(AuditEntry.actor)
-            .where(
-                AuditEntry.action == "staff_reply",
-                AuditEntry.target == f"conversation:{reply.conversation_id}",
-                AuditEntry.created_at >= reply.created_at,
-            )
-            .order_by(AuditEntry.id)
-            .limit(1)
-        )
-
-
 def review_staff_reply(store: Store, reply: Message, approved_by: set[str]) -> Review:
     """A staff reply after a take-over is one person's word: trained on only once another staff
     member approved it (two approvers when its author is unknown)."""
-    author = staff_reply_author(store, reply)
+    author = store.staff_reply_author(reply)
     others = approved_by - {author} if author else approved_by
     if len(others) < (1 if author else 2):
         return Review(True, "a staff reply no second staff member approved", {}, "staff_reply")
@@ -601,7 +538,6 @@ __all__ = [
     "SAME_ANSWER",
     "Review",
     "amounts",
-    "approvers",
     "customer_steering",
     "details",
     "figures",

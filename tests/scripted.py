@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from learning.runtime import Generation
+from learning.generation import Generation
 
 
 class ScriptedModel:

@@ -14,7 +14,7 @@ stream ends and the run waits until the inbox and both outboxes are empty, then 
 
 - every customer message was answered exactly once (one reply per chat at the Bot API);
 - every correction is stored once, and its follow-up reached the customer once;
-- every answer was shown in Slack: its own review card, or a digest line (bot/channels/slack.py folds
+- every answer was shown in Slack: its own review card, or a digest line (bot/channels/slack/sender.py folds
   unflagged answers into digests once Slack's rate limit, which the fake enforces, holds cards back);
 - the active adapter is the one promoted before the run, its files unchanged, and the last
   process served answers with it.

@@ -234,8 +234,8 @@ def test_json_files_parse(path: Path) -> None:
 
 # --- the code the files configure ----------------------------------------------------------------
 def slack_verbs() -> set[str]:
-    source = (ROOT / "bot" / "channels" / "slack.py").read_text(encoding="utf-8")
-    body = source[source.index("async def command(") :]
+    source = (ROOT / "bot" / "staff_commands.py").read_text(encoding="utf-8")
+    body = source[source.index("async def run(") :]
     body = body[: body.index("\n    async def ", 1) if "\n    async def " in body[1:] else len(body)]
     verbs = set(re.findall(r'verb == "([a-z]+)"', body))
     for group in re.findall(r"verb in \(([^)]*)\)", body):
@@ -259,7 +259,7 @@ def test_the_dockerfile_build_time_export_calls_what_exists() -> None:
     snippets = re.findall(r'python -c "([^"]+)"', text)
     imports = [(m, n) for s in snippets for m, names in re.findall(r"from ([\w.]+) import ([\w, ]+)", s)
                for n in names.split(",")]  # fmt: skip
-    assert ("learning.runtime", " LocalRuntime") in imports or ("learning.runtime", "LocalRuntime") in imports
+    assert ("learning.runtime", " build_local") in imports or ("learning.runtime", "build_local") in imports
     for module, name in imports:
         assert hasattr(importlib.import_module(module), name.strip()), f"{module}.{name.strip()}"
     # build-time files land in the image's model cache, which the runtime reads

@@ -3,6 +3,10 @@
 Lines are read as bytes from stdin and decoded leniently, so binary or non-UTF-8 input gets a
 clear reply instead of a traceback. Works interactively and piped
 (`printf 'question\\n/quit\\n' | apprentice serve`), and ends with exit status 0 on EOF.
+
+The staff commands are Slack's (`bot.staff_commands`): /correct, /approve, /flag and /sources act
+on the last answer as a review card's buttons do, and `/apprentice VERB` is the review desk's
+command, replied in plain text.
 """
 
 from __future__ import annotations
@@ -12,7 +16,10 @@ import logging
 import sys
 from typing import BinaryIO, TextIO
 
-from bot.conversation import ConversationService, CorrectionRefused, Inbound, Outbound
+from bot.conversation import ConversationService
+from bot.envelope import Inbound, Outbound
+from bot.staff import CorrectionRefused
+from bot.staff_commands import PlainText, StaffCommands
 from knowledge.models import Conversation
 
 log = logging.getLogger(__name__)
@@ -24,6 +31,7 @@ Staff commands act on the last answer:
   /approve         mark the last answer as a good example
   /flag [REASON]   flag the last answer for review
   /sources         show the passages the last answer used
+  /apprentice VERB the review desk: status, stats [7d], corrections, pending, approve ID, revoke ID
   /yes, /no        the customer's answer to "Did this solve your problem?"
   /help            this help
   /quit            leave"""
@@ -44,6 +52,8 @@ class TerminalChannel:
         self.stdin = stdin if stdin is not None else sys.stdin.buffer
         self.stdout = stdout if stdout is not None else sys.stdout
         self.user = user
+        self.staff = f"{CHANNEL}:{user}"
+        self.commands = StaffCommands(service)
         self.last_answer: int | None = None
         self.interactive = bool(getattr(self.stdin, "isatty", lambda: False)())
         service.deliverers[CHANNEL] = self._deliver
@@ -111,6 +121,9 @@ class TerminalChannel:
             for out in await self.service.ask_human(inbound):
                 await self._deliver_reply(out)
             return True
+        if cmd == "/apprentice":
+            self._print(await self.commands.run(arg, self.staff, PlainText()))
+            return True
         if cmd in ("/yes", "/no"):  # the customer's answer to "Did this solve your problem?"
             conv = await asyncio.to_thread(
                 self.service.store.conversation_for, CHANNEL, self.user, self.user, self.user
@@ -124,13 +137,12 @@ class TerminalChannel:
         if self.last_answer is None:
             self._print("There is no answer yet to act on. Ask a question first.")
             return True
-        svc = self.service
         if cmd == "/correct":
             if not arg:
                 self._print("Usage: /correct THE RIGHT ANSWER")
                 return True
             try:
-                result = await svc.correct(self.last_answer, arg, staff=f"{CHANNEL}:{self.user}")
+                result = await self.commands.correct(self.last_answer, arg, self.staff)
             except CorrectionRefused as exc:  # a secret: nothing stored, nothing sent
                 self._print(f"(correction not stored: {exc})")
                 return True
@@ -140,24 +152,24 @@ class TerminalChannel:
                     "only in this conversation)"
                 )
             if result.correction.status == "pending":
+                rule = self.service.settings.two_person_rule
                 self._print(
                     f"(correction #{result.correction.id} stored and sent; it disagrees with the documents "
                     "or another correction, so "
-                    + ("it is remembered now, but " if svc.settings.two_person_rule == "training" else "")
+                    + ("it is remembered now, but " if rule == "training" else "")
                     + "training uses it only after a second staff member approves it: /apprentice approve "
                     "in Slack, or APPRENTICE_TWO_PERSON_RULE=off)"
                 )
             else:
                 self._print(f"(correction #{result.correction.id} stored and remembered)")
-        elif cmd in ("/approve", "/flag"):
-            kind = cmd[1:]
-            created = await svc.staff_feedback(self.last_answer, kind, f"{CHANNEL}:{self.user}", arg)
-            self._print(
-                f"({'approved' if kind == 'approve' else 'flagged'})" if created else "(already done)"
-            )
+        elif cmd == "/approve":
+            created = await self.commands.approve_answer(self.last_answer, self.staff, arg)
+            self._print("(approved)" if created else "(already done)")
+        elif cmd == "/flag":
+            created = await self.commands.flag_answer(self.last_answer, self.staff, arg)
+            self._print("(flagged)" if created else "(already done)")
         else:
-            msg = await asyncio.to_thread(svc.store.message, self.last_answer)
-            sources = msg.sources if msg else []
+            sources = await self.commands.sources(self.last_answer)
             if not sources:
                 self._print("(no passages were used)")
             for s in sources:

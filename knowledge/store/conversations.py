@@ -206,3 +206,16 @@ class ConversationQueries(StoreBase):
                 .limit(limit)
             ).all()
         return [(int(mid), str(kind)) for mid, kind in rows]
+
+    def add_message_once(
+        self, conversation_id: int, role: str, text: str, external_id: str | None = None, **fields: Any
+    ) -> Message:
+        """Store a message a channel delivered. When another replica stored the same `external_id` in
+        this conversation a moment ago (a redelivery racing the first), that row is returned."""
+        try:
+            return self.add_message(conversation_id, role, text, external_id=external_id or None, **fields)
+        except IntegrityError:
+            again = self.message_by_external(conversation_id, external_id) if external_id else None
+            if again is None:
+                raise
+            return again

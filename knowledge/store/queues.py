@@ -213,12 +213,19 @@ class QueueQueries(StoreBase):
                 q = q.where(OutboxItem.kind == kind)
             return s.scalar(q.limit(1)) is not None
 
-    def outbox_depth(self, channel: str | None = None) -> int:
+    def outbox_depths(self, channel: str | None = None) -> dict[str, int]:
+        """Undelivered items (waiting or being sent) per channel, of `channel` only when given;
+        channels with none are left out. Scheduled items not yet due are not late, so not counted."""
         with self.session() as s:
-            q = select(func.count(OutboxItem.id)).where(OutboxItem.status.in_(_UNSENT))
+            q = select(OutboxItem.channel, func.count(OutboxItem.id)).where(OutboxItem.status.in_(_UNSENT))
             if channel:
                 q = q.where(OutboxItem.channel == channel)
-            return int(s.scalar(q) or 0)
+            rows = s.execute(q.group_by(OutboxItem.channel)).all()
+        return {str(name): int(n) for name, n in rows}
+
+    def outbox_depth(self, channel: str | None = None) -> int:
+        """Undelivered items of `channel`, or of every channel."""
+        return sum(self.outbox_depths(channel).values())
 
 
 def _processed(s: Session, channel: str, update_id: str) -> bool:

@@ -9,22 +9,14 @@ from pathlib import Path
 import pytest
 from scripted import ScriptedModel
 
-from bot.conversation import (
-    APOLOGY,
-    BUSY,
-    EMPTY,
-    NON_TEXT,
-    SLOW_DOWN,
-    UNSURE,
-    ConversationService,
-    Inbound,
-    Outbound,
-)
+from bot.conversation import ConversationService
+from bot.envelope import Inbound, Outbound
+from bot.notices import APOLOGY, BUSY, EMPTY, NON_TEXT, SLOW_DOWN, UNSURE
 from knowledge.models import Conversation
 from knowledge.retrieve import KnowledgeBase
 from knowledge.settings import Settings
 from knowledge.store import Store
-from learning.runtime import GenerationTimeout, ModelBusy
+from learning.generation import GenerationTimeout, ModelBusy
 
 
 @pytest.fixture
@@ -155,6 +147,41 @@ async def test_chats_are_served_concurrently(flow) -> None:
     replies = await asyncio.gather(*(service.handle(msg("What warranty do bikes have?", chat=f"k{i}"))
                                      for i in range(5)))
     assert all(len(r) == 1 for r in replies) and len(model.prompts) == 5
+
+
+async def test_a_chats_lock_is_let_go_once_its_message_is_handled(flow) -> None:
+    """One lock per chat while a message of it is in hand, none after: the locks do not pile up."""
+    service, model, _ = flow
+    live: list[int] = []  # how many chats hold a lock while the model writes
+
+    async def counting(messages, max_new_tokens=None):  # type: ignore[no-untyped-def]
+        live.append(len(service._chat_locks))
+        await asyncio.sleep(0.01)
+        return await ScriptedModel.generate(model, messages, max_new_tokens)
+
+    model.generate = counting  # type: ignore[method-assign]
+    question = "What warranty do bikes have?"
+    await asyncio.gather(*(service.handle(msg(question, chat=c, ext=f"m{i}")) for i, c in enumerate("aab")))
+    assert len(model.prompts) == 3 and max(live) == 2  # chats a and b; a's second message waits its turn
+    assert len(service._chat_locks) == 0
+    for i in range(20):  # many chats, one after another: each lock goes when its message is answered
+        await service.handle(msg(question, chat=f"one-off-{i}"))
+        assert len(service._chat_locks) == 0
+
+
+async def test_a_channel_message_stored_by_another_replica_a_moment_ago_is_reused(flow) -> None:
+    """Two replicas racing to store one delivery: the second insert finds the first row, never a copy."""
+    service, _model, store = flow
+    [out] = await service.handle(msg("What warranty do bikes have?", ext="m7"))
+    first = store.message(store.message(out.message_id).reply_to_id)
+    again = store.add_message_once(out.conversation_id, "customer", first.text, "m7", status="ok")
+    assert again.id == first.id
+    roles = [m.role for m in store.history(out.conversation_id, 10)]
+    assert roles == ["customer", "bot"]
+    # a message without a channel id is a new row each time (nothing tells two of them apart)
+    a = store.add_message_once(out.conversation_id, "customer", "hello", "")
+    b = store.add_message_once(out.conversation_id, "customer", "hello", "")
+    assert a.id != b.id and a.external_id is None
 
 
 # --- what the customer reads (answer modes) ---------------------------------------------------------

@@ -39,7 +39,8 @@ from scripted import ScriptedModel
 from bot.app import App
 from bot.channels.slack import SlackChannel
 from bot.channels.telegram import SECRET_HEADER, TelegramChannel, parse_update
-from bot.conversation import ConversationService, Inbound
+from bot.conversation import ConversationService
+from bot.envelope import Inbound
 from knowledge.retrieve import KnowledgeBase
 from knowledge.settings import Settings
 from knowledge.store import Store
@@ -294,7 +295,7 @@ def test_telegram_parser_translates_or_skips_every_generated_update(
 
 
 def _kind_of(msg: Any, update: Any) -> str | None:
-    from bot.channels.telegram import _kind
+    from bot.channels.telegram.channel import _kind
 
     return _kind(msg, edited=update.edited_message is not None)
 

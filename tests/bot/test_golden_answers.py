@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from bot.conversation import ConversationService, Inbound
+from bot.conversation import ConversationService
+from bot.envelope import Inbound
 from knowledge.retrieve import KnowledgeBase
 from knowledge.settings import Settings
 from knowledge.store import Store
@@ -45,7 +46,7 @@ def test_the_golden_set_is_the_default_control_set_of_the_demo() -> None:
 async def test_golden_answers_carry_every_number_of_the_reference(
     tmp_path: Path, demo_kb: KnowledgeBase, smollm2_dir: Path
 ) -> None:
-    from learning.runtime import LocalRuntime
+    from learning.runtime import build_local
 
     settings = Settings(
         data_dir=tmp_path, model_cache=smollm2_dir.parent, rate_limit_per_minute=0, answer_mode="grounded"
@@ -55,7 +56,7 @@ async def test_golden_answers_carry_every_number_of_the_reference(
     golden = [
         json.loads(x) for x in settings.golden_path.read_text(encoding="utf-8").splitlines() if x.strip()
     ]
-    runtime = LocalRuntime.from_settings(settings, timeout_s=600)
+    runtime = build_local(settings, timeout_s=600)
     store = Store(settings.database)
     try:
         service = ConversationService(settings, store, demo_kb, runtime)

@@ -14,8 +14,10 @@ from scripted import ScriptedModel
 
 from bot import handoff
 from bot.channels.terminal import TerminalChannel
-from bot.conversation import HUMAN, ConversationService, Inbound, Outbound
+from bot.conversation import ConversationService
+from bot.envelope import Inbound, Outbound
 from bot.messages import CATALOG
+from bot.notices import HUMAN
 from knowledge.models import Conversation
 from knowledge.retrieve import KnowledgeBase
 from knowledge.settings import Settings

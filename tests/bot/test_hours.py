@@ -17,8 +17,10 @@ from sqlalchemy import select, update
 from test_slack import REVIEW, STAFF_ADA, close_rig, kb, make_rig  # noqa: F401
 
 from bot import hours
-from bot.conversation import HUMAN, UNSURE, ConversationService, Inbound
+from bot.conversation import ConversationService
+from bot.envelope import Inbound
 from bot.messages import CATALOG
+from bot.notices import HUMAN, UNSURE
 from knowledge.models import OutboxItem, utcnow
 from knowledge.retrieve import KnowledgeBase
 from knowledge.settings import ConfigError, Settings

@@ -14,14 +14,15 @@ from pathlib import Path
 
 import pytest
 
-from bot.conversation import ConversationService, Inbound
+from bot.conversation import ConversationService
+from bot.envelope import Inbound
 from bot.guard import BLOCKED, OutputGuard
 from knowledge.passages import Passage
 from knowledge.retrieve import KnowledgeBase
 from knowledge.settings import Settings
 from knowledge.store import Store
+from learning.generation import Generation
 from learning.prompt import build_messages
-from learning.runtime import Generation
 
 TELEGRAM_TOKEN = "7712345678:AAHf9xQ2-secretpartOFthetoken_abcdefgh"
 SLACK_TOKEN = "xoxb-1111-2222-abcdefghijklmnop"

@@ -16,12 +16,14 @@ import aiohttp
 import pytest
 from scripted import ScriptedModel
 
-from bot.conversation import APOLOGY, BUSY, ConversationService, Inbound
+from bot.conversation import ConversationService
+from bot.envelope import Inbound
 from bot.http import HttpServer
+from bot.notices import APOLOGY, BUSY
 from knowledge.retrieve import KnowledgeBase
 from knowledge.settings import Settings
 from knowledge.store import Store
-from learning.runtime import LocalRuntime
+from learning.runtime import load_local
 
 
 @pytest.fixture
@@ -53,7 +55,7 @@ async def test_a_full_model_queue_answers_busy_and_the_next_customer_is_served(
     flow_parts: Any, tiny_model_dir: Path
 ) -> None:
     settings, store, kb = flow_parts
-    runtime = LocalRuntime(str(tiny_model_dir), max_queue=1, max_new_tokens=6, dtype="float32", start=False)
+    runtime = load_local(str(tiny_model_dir), max_queue=1, max_new_tokens=6, dtype="float32", start=False)
     service = ConversationService(settings, store, kb, runtime)
     try:
         waiting = runtime.submit([{"role": "user", "content": "hi"}])  # the one place in the queue
@@ -71,7 +73,7 @@ async def test_a_full_model_queue_answers_busy_and_the_next_customer_is_served(
 
 async def test_generation_stops_at_max_new_tokens(flow_parts: Any, tiny_model_dir: Path) -> None:
     settings, store, kb = flow_parts
-    runtime = LocalRuntime(str(tiny_model_dir), max_new_tokens=500, dtype="float32")
+    runtime = load_local(str(tiny_model_dir), max_new_tokens=500, dtype="float32")
     service = ConversationService(settings, store, kb, runtime)  # the flow asks for settings.max_new_tokens
     try:
         for chat in ("a", "b", "c"):
@@ -88,7 +90,7 @@ async def test_a_generation_over_the_timeout_becomes_an_apology(
 ) -> None:
     settings, store, kb = flow_parts
     # no worker: the answer never comes, the flow's wait is bounded by the timeout
-    runtime = LocalRuntime(
+    runtime = load_local(
         str(tiny_model_dir), timeout_s=settings.llm_timeout_s, dtype="float32", start=False
     )
     service = ConversationService(settings, store, kb, runtime)

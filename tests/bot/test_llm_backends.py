@@ -14,12 +14,15 @@ from typing import Any
 import pytest
 from fakes.openai_api import FakeOpenAIServer, RuntimeBackend
 
-from bot.conversation import ConversationService, Inbound
+from bot.conversation import ConversationService
+from bot.envelope import Inbound
 from knowledge.retrieve import KnowledgeBase
 from knowledge.settings import Settings
 from knowledge.store import Store
+from learning.batching import LocalRuntime
+from learning.generation import Generator
 from learning.llm_http import HttpGenerator
-from learning.runtime import Generator, LocalRuntime, build_runtime
+from learning.runtime import build_runtime
 
 DOCS = {
     "returns.md": "# Returns\n\nBikes can be returned within 30 days for a full refund. Bring the receipt.\n",

@@ -11,8 +11,10 @@ from fakes.telegram_api import FakeTelegramApi, fake_telegram  # noqa: F401
 from scripted import ScriptedModel
 from test_telegram import ChatModel, telegram_app
 
-from bot.conversation import HUMAN, NON_TEXT, TOO_LONG, ConversationService, Inbound
+from bot.conversation import ConversationService
+from bot.envelope import Inbound
 from bot.messages import CATALOG, LANGUAGES, Messages, load_overrides, placeholders
+from bot.notices import HUMAN, NON_TEXT, TOO_LONG
 from knowledge.retrieve import KnowledgeBase
 from knowledge.settings import ConfigError, Settings
 from knowledge.store import Store

@@ -8,6 +8,7 @@ instead of silently emptying a panel or disarming an alert.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import json
 import re
 from collections.abc import AsyncIterator
@@ -22,10 +23,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from bot.app import App
-from bot.conversation import Inbound
+from bot.envelope import Inbound
 from bot.metrics import METRICS, operations_registry
 from knowledge.models import TrainingRun
 from knowledge.settings import Settings
+from knowledge.store import Store
 
 OPS = Path(__file__).resolve().parents[2] / "ops"
 ALERTS = OPS / "prometheus-alerts.yml"
@@ -183,8 +185,10 @@ async def test_two_apps_in_one_process_serve_their_own_database_numbers(
 
 def test_a_database_that_cannot_be_read_leaves_the_rest_of_the_page() -> None:
     class BrokenStore:
-        def session(self) -> Any:
+        def down(self) -> Any:
             raise ConnectionError("database down")
+
+        outbox_depths = training_runs_by_status = corrections_by_status = down
 
     class Runtime:
         adapter_version, queue_depth, max_queue = None, 3, 8
@@ -195,6 +199,29 @@ def test_a_database_that_cannot_be_read_leaves_the_rest_of_the_page() -> None:
     assert got[("apprentice_model_queue_depth", ())] == 3
     assert got[("apprentice_active_adapter_info", (("version", "base"),))] == 1
     assert got[("apprentice_corrections_total", ())] == METRICS.sample("apprentice_corrections_total")
+
+
+def test_the_outbox_gauge_and_the_store_count_the_same_items(tmp_path: Path) -> None:
+    """One query counts the outbox: per channel for /metrics, summed for `outbox_depth`."""
+    store = Store(f"sqlite:///{tmp_path / 'outbox.db'}")
+    try:
+        for chat in ("1", "2"):
+            store.enqueue("telegram", "send", {"chat_id": chat, "text": "queued"})
+        store.enqueue("slack", "post", {"channel": "C1", "text": "card"})
+        sent = store.enqueue("slack", "post", {"channel": "C1", "text": "delivered"})
+        store.outbox_done(sent)
+        tomorrow = dt.datetime.now(dt.UTC) + dt.timedelta(days=1)
+        store.enqueue("slack", "post", {"channel": "C1", "text": "later"}, key="later", not_before=tomorrow)
+        assert store.outbox_depths() == {"telegram": 2, "slack": 1}  # sent and not yet due: not late
+        assert store.outbox_depths("slack") == {"slack": 1} and store.outbox_depths("none") == {}
+        assert (store.outbox_depth(), store.outbox_depth("telegram"), store.outbox_depth("none")) == (3, 2, 0)
+        got = samples(generate_latest(operations_registry(store)).decode())
+    finally:
+        store.close()
+    assert {labels[0][1]: n for (name, labels), n in got.items() if name == "apprentice_outbox_depth"} == {
+        "telegram": 2,
+        "slack": 1,
+    }
 
 
 # --- ops/ asks only for what the app exposes -------------------------------------------------------

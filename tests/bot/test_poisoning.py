@@ -20,7 +20,8 @@ from scripted import ScriptedModel
 from sqlalchemy import select
 
 from bot.channels.slack import SlackChannel
-from bot.conversation import ConversationService, Inbound
+from bot.conversation import ConversationService
+from bot.envelope import Inbound
 from bot.http import HttpServer
 from knowledge.models import AuditEntry, Message
 from knowledge.retrieve import KnowledgeBase

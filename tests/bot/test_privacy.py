@@ -22,7 +22,8 @@ from sqlalchemy.exc import IntegrityError
 from bot import cli
 from bot.app import App
 from bot.channels.telegram import TelegramChannel
-from bot.conversation import ConversationService, Inbound
+from bot.conversation import ConversationService
+from bot.envelope import Inbound
 from bot.logsafe import MASK, SecretFilter
 from knowledge.models import AuditEntry, Conversation, Customer, Message
 from knowledge.retrieve import KnowledgeBase

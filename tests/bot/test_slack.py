@@ -32,7 +32,8 @@ from scripted import ScriptedModel
 from sqlalchemy import func, select
 
 from bot.channels.slack import SlackChannel, queue_report, slack_to_plain
-from bot.conversation import ConversationService, Inbound, Outbound
+from bot.conversation import ConversationService
+from bot.envelope import Inbound, Outbound
 from bot.http import HttpServer
 from knowledge.models import AuditEntry, Conversation, Feedback, RegistryState
 from knowledge.retrieve import KnowledgeBase
@@ -682,3 +683,13 @@ def test_missing_configuration_says_what_to_set(tmp_path: Path) -> None:
         SlackChannel(Settings(**base), None, None, http)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="APPRENTICE_SLACK_CHANNEL"):
         SlackChannel(Settings(**{**base, "slack_channel": "", "slack_app_token": "xapp-x"}), None, None, http)  # type: ignore[arg-type]
+
+
+def test_a_digest_line_says_when_an_answer_is_erased_or_was_busy() -> None:
+    from bot.channels.slack.blocks import digest_line
+    from knowledge.store.review import AnswerLine
+
+    line = digest_line(3, 12, AnswerLine("When  does\nit <ship>?", "In 3 days.", "ok"))
+    assert line == "#3 · answer #12: “When does it &lt;ship&gt;?” → In 3 days."
+    assert digest_line(3, 13, AnswerLine("q", "a", "busy")).startswith("#3 · answer #13 ⏳: ")
+    assert digest_line(4, 14, None) == "#4 · answer #14: (erased)"

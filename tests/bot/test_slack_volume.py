@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 from pathlib import Path
 from typing import Any, cast
 
@@ -20,9 +19,9 @@ import aiohttp
 from fakes.slack_api import Call, FakeSlack
 from sqlalchemy import func, select
 
-from bot import cli
-from bot.channels.slack import SlackChannel
-from bot.conversation import Answer, ConversationService
+from bot.channels.slack import DIGEST_SIZE, SlackChannel
+from bot.conversation import ConversationService
+from bot.envelope import Answer
 from bot.http import HttpServer
 from bot.outbox import by_rank
 from knowledge.models import AuditEntry, Conversation, OutboxItem
@@ -225,21 +224,6 @@ def test_rank_lets_urgent_items_overtake_but_keeps_each_key_in_order() -> None:
     assert [i.id for i in ordered] == [1, 3, 4, 2, 5]
 
 
-def test_bench_cards_writes_a_report_and_a_chart(tmp_path: Path) -> None:
-    out = tmp_path / "bench"
-    argv = ["bench", "cards", "--out", str(out), "--rates", "120", "--minutes", "0.25", "--scale", "20"]
-    assert cli.main(argv) == 0
-    report = json.loads((out / "report.json").read_text(encoding="utf-8"))
-    assert {"rates", "time_scale", "digest_after_s", "slack_posts_per_s", "ok"} <= report.keys()
-    run = report["rates"]["120"]
-    for key in ("lag_s", "flagged_lag_s"):
-        assert set(run[key]) == {"p50", "p95", "max"}
-    assert run["answers"] == 30 and run["answers_covered"] == 30 and run["flagged_dropped"] == 0
-    expected = {"cards_posted", "digests_posted", "flagged_posted", "answers_in_digest", "rate_limited_429"}
-    assert expected <= run.keys()
-    assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-
-
 async def test_a_fold_lists_each_waiting_unflagged_card_once_on_each_engine(
     tmp_path: Path, database_url: str
 ) -> None:
@@ -249,8 +233,10 @@ async def test_a_fold_lists_each_waiting_unflagged_card_once_on_each_engine(
             queued = [(await queue_answer(channel, store, "chat", n, n == 2))[1] for n in range(5)]
             items = store.pending_outbox("slack")
             assert store.claim_outbox(items[1].id, 60)  # another replica is sending this one right now
-            assert channel._fold(0.0) == 3  # answers 0, 3 and 4: not the flagged one, not the claimed one
-            assert channel._fold(0.0) == 0
+            fold = store.fold_unflagged_cards
+            # answers 0, 3 and 4: not the flagged one, not the claimed one
+            assert fold("slack", 0.0, DIGEST_SIZE) == 3
+            assert fold("slack", 0.0, DIGEST_SIZE) == 0
             with store.session() as s:
                 status = dict(s.execute(select(OutboxItem.id, OutboxItem.status)).tuples().all())
                 [digest] = s.scalars(select(OutboxItem).where(OutboxItem.kind == "digest")).all()

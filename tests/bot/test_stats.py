@@ -17,13 +17,9 @@ from test_slack import DOCS, REVIEW, STAFF_ADA, STAFF_BOB, close_rig, make_rig
 from test_telegram import ChatModel, buttons, telegram_app
 
 from bot import cli
-from bot.conversation import (
-    CSAT_QUESTION,
-    CSAT_THANKS_NO,
-    CSAT_THANKS_YES,
-    ConversationService,
-    Outbound,
-)
+from bot.conversation import ConversationService
+from bot.envelope import Outbound
+from bot.notices import CSAT_QUESTION, CSAT_THANKS_NO, CSAT_THANKS_YES
 from knowledge.models import AuditEntry, Conversation, utcnow
 from knowledge.retrieve import KnowledgeBase
 from knowledge.settings import ConfigError, Settings

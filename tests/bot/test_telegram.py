@@ -30,11 +30,11 @@ from bot.channels.telegram import (
     TelegramChannel,
     split_text,
 )
-from bot.conversation import APOLOGY, HUMAN, NON_TEXT, SLOW_DOWN, THANKS_DOWN, THANKS_UP
 from bot.messages import CATALOG
+from bot.notices import APOLOGY, HUMAN, NON_TEXT, SLOW_DOWN, THANKS_DOWN, THANKS_UP
 from knowledge.models import Conversation, Customer, Feedback, Message, OutboxItem
 from knowledge.store import Store
-from learning.runtime import Generation
+from learning.generation import Generation
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -557,7 +557,7 @@ async def test_feedback_rows_are_unique_per_customer(bot) -> None:
         assert s.scalar(select(func.count(Feedback.id))) == 1
 
 
-def test_only_this_module_imports_telegram() -> None:
+def test_only_the_channel_and_its_sender_import_telegram() -> None:
     root = Path(__file__).resolve().parents[2]
     offenders = [
         str(p.relative_to(root))
@@ -565,4 +565,14 @@ def test_only_this_module_imports_telegram() -> None:
         for p in (root / pkg).rglob("*.py")
         if re.search(r"^\s*(from|import) telegram\b", p.read_text(encoding="utf-8"), re.MULTILINE)
     ]
-    assert offenders == ["bot/channels/telegram.py"]
+    assert sorted(offenders) == ["bot/channels/telegram/channel.py", "bot/channels/telegram/sender.py"]
+
+
+def test_button_data_round_trips_and_forged_data_is_refused() -> None:
+    from bot.channels.telegram.text import csat_data, feedback_data, parse_csat, parse_feedback
+
+    assert parse_feedback(feedback_data(True, 42)) == (True, 42)
+    assert parse_feedback(feedback_data(False, 7)) == (False, 7)
+    assert parse_csat(csat_data(True, 3)) == (True, 3) and parse_csat(csat_data(False, 9)) == (False, 9)
+    for forged in ("fb:up:", "fb:sideways:1", "fb:up:1:2", "csat:maybe:1", "fb:up:" + "9" * 19, None, 5):
+        assert parse_feedback(forged) is None and parse_csat(forged) is None

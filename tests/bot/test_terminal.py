@@ -59,3 +59,24 @@ async def test_bad_input_on_stdin(tmp_path: Path, demo_kb: KnowledgeBase) -> Non
     # the non-UTF-8 line was decoded leniently and answered by the model
     assert any("opening hours?" in m[-1]["content"] for m in model.prompts)
 
+
+async def test_the_review_desk_commands_answer_in_plain_text(tmp_path: Path, demo_kb: KnowledgeBase) -> None:
+    """`/apprentice VERB` runs the same staff commands as Slack's slash command, without mrkdwn."""
+    model = ScriptedModel()
+    model.enqueue("Our shop opens at 9.")
+    script = (
+        b"When does the shop open?\n/correct We open at 10 on weekdays.\n/apprentice status\n"
+        b"/apprentice corrections\n/apprentice pending\n/apprentice revoke #1\n/apprentice revoke 1\n"
+        b"/apprentice approve one\n/apprentice dance\n/quit\n"
+    )
+    status, out, store = await run_terminal(tmp_path, demo_kb, script, model)
+    assert status == 0
+    assert "Today (UTC): 1 conversations, 1 answers, 1 corrections.\nActive adapter: base" in out
+    assert "Latest corrections\n#1 · " in out
+    assert " · terminal:local · other\n> When does the shop open?" in out
+    assert "→ We open at 10 on weekdays." in out and "*" not in out
+    assert "No corrections wait for a second approval." in out
+    assert "Correction #1 revoked: it is no longer used for memory or training." in out
+    assert store.correction(1).status == "revoked"
+    assert "There is no correction #1. `/apprentice corrections` lists them." not in out  # revoked, not gone
+    assert "Usage: `/apprentice approve ID`" in out and "Usage: `/apprentice status`" in out

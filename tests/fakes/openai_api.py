@@ -56,9 +56,9 @@ class RuntimeBackend:
     """The project's LocalRuntime on the same weights: what vLLM would compute, minus the GPU."""
 
     def __init__(self, model_dir: Path, name: str, **options: Any) -> None:
-        from learning.runtime import LocalRuntime
+        from learning.runtime import load_local
 
-        self.runtime = LocalRuntime(str(model_dir), name=name, **options)
+        self.runtime = load_local(str(model_dir), name=name, **options)
         self._lock = asyncio.Lock()
         self._adapter: tuple[str | None, str | None] = (None, None)
 

@@ -12,7 +12,8 @@ import pytest
 from scripted import ScriptedModel
 from sqlalchemy import update
 
-from bot.conversation import ConversationService, Inbound
+from bot.conversation import ConversationService
+from bot.envelope import Inbound
 from knowledge.models import Correction, Customer, Message
 from knowledge.retrieve import KnowledgeBase
 from knowledge.settings import Settings

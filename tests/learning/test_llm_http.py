@@ -11,8 +11,8 @@ import httpx
 import pytest
 from fakes.openai_api import FakeOpenAIServer
 
+from learning.generation import GenerationError, GenerationTimeout, ModelBusy
 from learning.llm_http import HttpGenerator
-from learning.runtime import GenerationError, GenerationTimeout, ModelBusy
 
 BASE = "shop-model"
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Where is my parcel?"}]

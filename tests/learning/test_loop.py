@@ -101,14 +101,14 @@ def fresh(tmp_path: Path, tiny_model_dir: Path, nightly: Any) -> Any:
 @pytest.mark.slow
 def test_a_failing_gate_trains_but_does_not_promote(nightly: Any) -> None:
     _, store, _, report = nightly
-    assert report["status"] == "rejected", report
-    assert report["candidate"] == "v0001" and report["baseline"] is None
-    assert "heldout" in report["reason"] or "regression" in report["reason"]
+    assert report.status == "rejected", report
+    assert report.candidate == "v0001" and report.baseline is None
+    assert "heldout" in report.reason or "regression" in report.reason
     assert registry.pointer(store).active is None
     with store.session() as s:
         [run] = s.query(TrainingRun).all()
     assert run.status == "rejected" and run.candidate_version == "v0001" and run.finished_at is not None
-    run_dir = Path(report["run_dir"])
+    run_dir = Path(report.run_dir)
     assert json.loads((run_dir / "eval.json").read_text())["promote"] is False
     assert (run_dir / "eval.png").read_bytes()[:4] == b"\x89PNG"
     assert "NOT promoted" in format_report(report)
@@ -130,7 +130,7 @@ def test_training_writes_a_new_peft_version_with_metadata(nightly: Any, tiny_mod
     # LoRA B starts at zero: a non-zero B is what training changed.
     assert any(v.abs().sum() > 0 for k, v in weights.items() if "lora_B" in k)
     meta = json.loads((folder / "apprentice.json").read_text())
-    manifest = Path(report["run_dir"]) / "dataset" / "manifest.json"
+    manifest = Path(report.run_dir) / "dataset" / "manifest.json"
     assert meta["base_hash"] == base_model_hash(tiny_model_dir) == adapter.base_hash
     assert meta["dataset_manifest_sha256"] == hashlib.sha256(manifest.read_bytes()).hexdigest()
     assert len(meta["chat_template_hash"]) == 64
@@ -150,7 +150,7 @@ def test_training_moves_the_adapter_and_leaves_the_base_frozen(
 
     rows = [
         json.loads(x)
-        for x in (Path(nightly[3]["run_dir"]) / "dataset" / "sft.jsonl").read_text().splitlines()
+        for x in (Path(nightly[3].run_dir) / "dataset" / "sft.jsonl").read_text().splitlines()
     ]
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     model = get_peft_model(
@@ -292,11 +292,11 @@ def test_an_adapter_for_another_base_is_refused(fresh: Any, tiny_model_dir: Path
 
 @pytest.mark.slow
 async def test_hot_swap_while_answers_are_in_flight(fresh: Any, tiny_model_dir: Path) -> None:
-    from learning.runtime import LocalRuntime
+    from learning.runtime import load_local
 
     _, store, _ = fresh
     runtime = await asyncio.to_thread(
-        LocalRuntime, str(tiny_model_dir), dtype="float32", max_batch=2, max_new_tokens=6, timeout_s=600
+        load_local, str(tiny_model_dir), dtype="float32", max_batch=2, max_new_tokens=6, timeout_s=600
     )
     watcher = registry.AdapterWatcher(store, runtime, interval_s=0.05)
     try:
@@ -362,14 +362,14 @@ async def test_the_watcher_refuses_a_foreign_base_and_keeps_serving(fresh: Any) 
 def test_the_lock_prevents_two_runs_and_few_examples_skip(fresh: Any) -> None:
     settings, store, kb = fresh
     assert store.acquire_lock("nightly", "replica-b", 600)
-    assert run_nightly(settings, store, kb)["status"] == "locked"
+    assert run_nightly(settings, store, kb).status == "locked"
     with store.session() as s:
         assert s.query(TrainingRun).count() == 0
     store.release_lock("nightly", "replica-b")
     few = settings.model_copy(update={"min_new_examples": 50})
     seed(store, kb)
     report = run_nightly(few, store, kb)
-    assert report["status"] == "skipped" and "4 new examples" in report["reason"]
+    assert report.status == "skipped" and "4 new examples" in report.reason
     assert store.acquire_lock("nightly", "replica-b", 600), "the job released its lock"
 
 

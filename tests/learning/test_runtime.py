@@ -18,9 +18,12 @@ import pytest
 
 from knowledge.passages import Passage
 from knowledge.settings import DEFAULT_SYSTEM_PROMPT, Settings
-from learning.onnx_engine import export_key
+from learning.batching import LocalRuntime
+from learning.generation import GenerationError, GenerationTimeout, ModelBusy
+from learning.hf_engine import HfEngine
+from learning.onnx_engine import OnnxEngine, export_key
 from learning.prompt import build_messages
-from learning.runtime import GenerationError, GenerationTimeout, LocalRuntime, ModelBusy, build_runtime
+from learning.runtime import build_runtime, load_local
 
 ENGINES = pytest.mark.parametrize("engine", ["transformers", "onnx"])
 
@@ -42,7 +45,13 @@ def chat(question: str) -> list[dict[str, str]]:
 def tiny(model_dir: Path, **kwargs: object) -> LocalRuntime:
     options: dict[str, object] = {"name": "tiny", "dtype": "float32", "max_new_tokens": 6, "timeout_s": 120.0}
     options.update(kwargs)
-    return LocalRuntime(str(model_dir), **options)  # type: ignore[arg-type]
+    return load_local(str(model_dir), **options)  # type: ignore[arg-type]
+
+
+def hf_model(rt: LocalRuntime) -> Any:
+    """The transformers model under a runtime on the transformers engine."""
+    assert isinstance(rt.engine, HfEngine)
+    return rt.engine.base_model
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +181,7 @@ async def test_a_failing_request_fails_alone_and_the_worker_keeps_serving(
         assert (await good).text
 
         # The model itself raising (e.g. out of memory) fails that request with GenerationError only.
-        real_generate = rt._base.generate
+        real_generate = hf_model(rt).generate
         failures = iter([RuntimeError("CUDA out of memory (simulated)")])
 
         def fail_once(*args: object, **kwargs: object) -> object:
@@ -181,7 +190,7 @@ async def test_a_failing_request_fails_alone_and_the_worker_keeps_serving(
                 raise error
             return real_generate(*args, **kwargs)
 
-        monkeypatch.setattr(rt._base, "generate", fail_once)
+        monkeypatch.setattr(hf_model(rt), "generate", fail_once)
         with pytest.raises(GenerationError, match="out of memory"):
             await rt.generate(chat(QUESTIONS[1]))
         assert (await rt.generate(chat(QUESTIONS[2]))).text
@@ -196,7 +205,7 @@ async def test_adapter_swap_waits_for_answers_in_flight_and_switches_back(
     rt = tiny(tiny_model_dir)
     # Hold the first forward pass until the adapter has been requested: a known "in flight" moment.
     entered, release = threading.Event(), threading.Event()
-    forward = rt._base.forward
+    forward = hf_model(rt).forward
 
     @functools.wraps(forward)
     def gated(*args: object, **kwargs: object) -> object:
@@ -204,7 +213,7 @@ async def test_adapter_swap_waits_for_answers_in_flight_and_switches_back(
         release.wait(60)
         return forward(*args, **kwargs)
 
-    monkeypatch.setattr(rt._base, "forward", gated)
+    monkeypatch.setattr(hf_model(rt), "forward", gated)
     question = chat(QUESTIONS[0])
     try:
         in_flight = asyncio.ensure_future(rt.generate(question))
@@ -260,10 +269,10 @@ async def test_build_runtime_applies_the_settings(tiny_model_dir: Path, tmp_path
     rt = build_runtime(settings)
     try:
         assert isinstance(rt, LocalRuntime)
-        assert rt.engine == "onnx"  # APPRENTICE_ENGINE=auto on a CPU
+        assert isinstance(rt.engine, OnnxEngine)  # APPRENTICE_ENGINE=auto on a CPU
         assert (tmp_path / "models" / "onnx").is_dir()  # exported into the models cache
         assert (rt.max_batch, rt.max_queue, rt.timeout_s) == (2, 5, settings.llm_timeout_s)
-        assert rt._threads == 3  # APPRENTICE_THREADS wins over the default and OMP_NUM_THREADS
+        assert rt.engine.threads == 3  # APPRENTICE_THREADS wins over the default and OMP_NUM_THREADS
         answer = await rt.generate(chat(QUESTIONS[0]))
         assert answer.model == str(tiny_model_dir) and answer.new_tokens == 3
     finally:
@@ -274,7 +283,7 @@ async def test_build_runtime_applies_the_settings(tiny_model_dir: Path, tmp_path
 @ENGINES
 async def test_smollm2_answers_from_the_passage(smollm2_dir: Path, engine: str) -> None:
     """The real model (bf16 or int8 ONNX, as served) grounds two concurrent answers in their own passages."""
-    rt = LocalRuntime(
+    rt = load_local(
         str(smollm2_dir), name="SmolLM2-135M-Instruct", max_new_tokens=48, timeout_s=600, engine=engine
     )
     returns = Passage(
@@ -326,7 +335,8 @@ async def test_onnx_serves_the_adapter_merged_in_and_switches_back(
         assert newer.adapter_version == "2026-11-30.1" and newer.text == adapted.text
         exports = sorted(p.name for p in cache.iterdir() if p.is_dir())
         assert len(exports) == 2 and not [n for n in exports if n.startswith(".exporting")]
-        pad = rt._onnx_base.pad
+        assert isinstance(rt.engine, OnnxEngine)
+        pad = rt.engine.base.pad
         assert any(n.endswith(export_key(str(tiny_model_dir), str(tiny_adapter_dir), pad)) for n in exports)
         assert len(rt.loaded_adapters) == 1
 
@@ -358,6 +368,6 @@ async def test_onnx_a_broken_adapter_keeps_the_current_one_serving(
 
 def test_onnx_refuses_a_gpu_and_unknown_engines_by_name(tiny_model_dir: Path) -> None:
     with pytest.raises(ValueError, match="engine=onnx is the CPU decoding path"):
-        LocalRuntime(str(tiny_model_dir), engine="onnx", device="cuda", start=False)
+        load_local(str(tiny_model_dir), engine="onnx", device="cuda", start=False)
     with pytest.raises(ValueError, match="engine 'vllm' is not one of auto, transformers, onnx"):
-        LocalRuntime(str(tiny_model_dir), engine="vllm", start=False)
+        load_local(str(tiny_model_dir), engine="vllm", start=False)

@@ -19,7 +19,8 @@ import pytest
 from scripted import ScriptedModel
 from sqlalchemy import select
 
-from bot.conversation import ConversationService, Inbound, Outbound
+from bot.conversation import ConversationService
+from bot.envelope import Inbound, Outbound
 from bot.guard import BLOCKED
 from knowledge.models import AuditEntry, Conversation
 from knowledge.retrieve import KnowledgeBase

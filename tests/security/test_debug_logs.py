@@ -22,7 +22,7 @@ from fakes.telegram_api import TOKEN, FakeTelegramApi, fake_telegram  # noqa: F4
 from bot.app import App
 from bot.channels.slack import SlackChannel
 from bot.channels.telegram import TelegramChannel
-from learning.runtime import Generation
+from learning.generation import Generation
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -24,7 +24,8 @@ from sqlalchemy import JSON, String, Text, select
 
 from bot.app import App
 from bot.channels.telegram import TelegramChannel
-from bot.conversation import ConversationService, Inbound
+from bot.conversation import ConversationService
+from bot.envelope import Inbound
 from knowledge.models import Base, Conversation, Correction, Feedback, Message
 from knowledge.retrieve import KnowledgeBase
 from knowledge.settings import Settings

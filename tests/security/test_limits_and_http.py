@@ -43,9 +43,11 @@ from sqlalchemy import func, select
 from bot.app import App
 from bot.channels.slack import SlackChannel
 from bot.channels.telegram import HELP_TEXT, TelegramChannel
-from bot.conversation import HUMAN, NON_TEXT, SLOW_DOWN, ConversationService, Inbound
+from bot.conversation import ConversationService
+from bot.envelope import Inbound
 from bot.http import HttpServer
 from bot.logsafe import ThrottleFilter
+from bot.notices import HUMAN, NON_TEXT, SLOW_DOWN
 from bot.ratelimit import RateLimiter
 from knowledge.models import Message, ProcessedUpdate, RateLimit
 from knowledge.retrieve import KnowledgeBase

@@ -16,7 +16,8 @@ from typing import Any
 import pytest
 from scripted import ScriptedModel
 
-from bot.conversation import ConversationService, Inbound
+from bot.conversation import ConversationService
+from bot.envelope import Inbound
 from bot.guard import BLOCKED
 from knowledge.retrieve import KnowledgeBase
 from knowledge.settings import Settings

@@ -17,7 +17,8 @@ from typing import Any
 import pytest
 from scripted import ScriptedModel
 
-from bot.conversation import ConversationService, Inbound, clean_text
+from bot.conversation import ConversationService
+from bot.envelope import Inbound, clean_text
 from knowledge.ingest import load_document
 from knowledge.invisible import strip_invisible
 from knowledge.passages import Passage

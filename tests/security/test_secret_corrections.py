@@ -19,9 +19,11 @@ from typing import Any
 import pytest
 from scripted import ScriptedModel
 
-from bot.conversation import ConversationService, CorrectionRefused, Inbound, Outbound, correction_problem
+from bot.conversation import ConversationService
+from bot.envelope import Inbound, Outbound
 from bot.guard import BLOCKED
 from bot.logsafe import MASK, SecretFilter
+from bot.staff import CorrectionRefused, correction_problem
 from knowledge.models import Conversation
 from knowledge.retrieve import KnowledgeBase
 from knowledge.settings import Settings

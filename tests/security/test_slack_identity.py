@@ -36,7 +36,8 @@ from scripted import ScriptedModel
 from sqlalchemy import func, select
 
 from bot.channels.slack import REPLAY_KEY, SlackChannel
-from bot.conversation import ConversationService, Inbound, Outbound
+from bot.conversation import ConversationService
+from bot.envelope import Inbound, Outbound
 from bot.http import HttpServer
 from knowledge.models import AuditEntry, Conversation, Correction, Feedback, RateLimit, utcnow
 from knowledge.retrieve import KnowledgeBase

@@ -20,7 +20,8 @@ import pytest
 from scripted import ScriptedModel
 from sqlalchemy import select, update
 
-from bot.conversation import ConversationService, Inbound
+from bot.conversation import ConversationService
+from bot.envelope import Inbound
 from knowledge.models import AuditEntry, Correction, Message
 from knowledge.retrieve import KnowledgeBase
 from knowledge.settings import Settings

@@ -10,9 +10,9 @@ All figures come from one process on one machine at one time, so their ratios ho
 - ingestion documents/s of the knowledge base;
 - training tokens/s: a few SFT steps of the nightly job's own training subprocess (learning.train);
 - the memory-bandwidth roofline: the measured read bandwidth divided by the bytes of bf16 weights one
-  decoded token has to read (the yardstick of issue #6, whatever the engine), the measured batch-1
+  decoded token has to read (the README's yardstick, whatever the engine), the measured batch-1
   decode as a share of it, and the same for the bytes the engine really reads (int8: about half);
-- batch-1 decode of every CPU decoding path (APPRENTICE_ENGINE x APPRENTICE_WEIGHTS) on the same prompts.
+- batch-1 decode of every CPU engine (APPRENTICE_ENGINE) on the same prompts.
 
 Why the 1k/10k collections are synthetic: embedding 10k real chunks with MiniLM takes minutes on two
 shared cores (about 11 chunks/s was measured under load). The synthetic chunks are the KB's real
@@ -27,7 +27,6 @@ import asyncio
 import json
 import logging
 import math
-import os
 import random
 import statistics
 import tempfile
@@ -37,63 +36,27 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from learning.answer import ground
-from learning.prompt import answer_messages, build_messages
+from bench.common import (
+    bench_settings,
+    latency_pair,
+    loadavg,
+    percentiles,
+    pyplot,
+    save_chart,
+    write_json,
+)
+from learning.prompt import answer_messages
 
 if TYPE_CHECKING:
     from knowledge.retrieve import KnowledgeBase
     from knowledge.settings import Settings
-    from learning.runtime import LocalRuntime
+    from learning.batching import LocalRuntime
 
 log = logging.getLogger(__name__)
 
 CONCURRENCY = (1, 4, 8)
-CPU_PATHS = (("onnx", "native"), ("transformers", "native"), ("transformers", "int8"))  # (engine, weights)
+CPU_ENGINES = ("onnx", "transformers")
 RETRIEVAL_SIZES = {"1k": 1_000, "10k": 10_000}
-
-
-# --- small shared helpers (also used by the loop benchmark) -----------------------------------------
-
-
-def percentiles(values: Sequence[float], digits: int = 4) -> dict[str, float]:
-    """p50 and p95 (inclusive method; one value is its own percentiles)."""
-    vals = sorted(values)
-    if not vals:
-        return {"p50": float("nan"), "p95": float("nan")}
-    if len(vals) == 1:
-        return {"p50": round(vals[0], digits), "p95": round(vals[0], digits)}
-    q = statistics.quantiles(vals, n=100, method="inclusive")
-    return {"p50": round(q[49], digits), "p95": round(q[94], digits)}
-
-
-def latency_pair(
-    settings: Settings, kb: KnowledgeBase, runtime: LocalRuntime, questions: Sequence[str]
-) -> dict[str, dict[str, float]]:
-    """Seconds per answer, one at a time, with retrieval (as served) and without (the bare question).
-
-    With and without alternate question by question, so load changes hit both alike. Blocking: call
-    it from a plain thread.
-    """
-    rag: list[float] = []
-    bare: list[float] = []
-    for q in questions:
-        t = time.perf_counter()
-        retrieval = kb.retrieve(q, settings.top_k, settings.memory_threshold)
-        reply = runtime.generate_batch([answer_messages(settings, q, retrieval.all)])[0].text
-        if settings.answer_mode == "grounded":  # the check every served answer passes
-            ground(q, reply, retrieval.all)
-        rag.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        runtime.generate_batch([build_messages(settings.system_prompt_text, [], q)])
-        bare.append(time.perf_counter() - t)
-    return {"rag": percentiles(rag), "no_retrieval": percentiles(bare)}
-
-
-def _loadavg() -> list[float]:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:  # pragma: no cover - not Unix
-        return []
 
 
 # --- the roofline -----------------------------------------------------------------------------------
@@ -336,11 +299,7 @@ def _train_tokens_per_s(
 
 
 def _chart(report: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, axes = plt.subplots(1, 4, figsize=(15, 3.8))
     ax = axes[0]
     bars = ax.bar(
@@ -390,9 +349,7 @@ def _chart(report: dict[str, Any], path: Path) -> None:
         f"training {report['train_tokens_per_s'] or 0:.0f} tok/s",
         fontsize=10,
     )
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_chart(fig, path, dpi=110)
 
 
 def run_speed_bench(
@@ -411,13 +368,12 @@ def run_speed_bench(
     """Measure everything (module docstring) and write speed.json and speed.png into `out_dir`."""
     from knowledge import embed, vectors
     from knowledge.retrieve import DOCUMENTS, KnowledgeBase
-    from learning.bench_loop import bench_settings
-    from learning.runtime import cpu_budget
+    from learning.cpus import cpu_budget
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    load_before = _loadavg()
+    load_before = loadavg()
     report: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="apprentice-speed-") as tmp:
         root = Path(tmp)
@@ -456,11 +412,11 @@ def run_speed_bench(
             label = _path_label(runtime)
             dtype = label.split()[-1]
             engine_bytes = _engine_bytes_per_token(runtime)
-            decode_path = runtime.decode_path
-            model_threads = runtime._threads  # None: OMP_NUM_THREADS decided
-            runtime_device = runtime.device
+            decode_path = runtime.engine.description
+            model_threads = runtime.engine.threads  # None: OMP_NUM_THREADS decided
+            runtime_device = runtime.engine.device
             model_path = runtime.model_path
-            engine_used, weights_used = runtime.engine, runtime.weights
+            engine_used = runtime.engine.name
             runtime.close()
             runtime = None
 
@@ -468,17 +424,16 @@ def run_speed_bench(
             keys = ("decode_tok_s", "decode_tok_per_cpu_s", "ttft_s", "cpu_share")
             paths: dict[str, dict[str, Any]] = {label: {k: batch1[k] for k in keys}}
             if runtime_device == "cpu":
-                measured = (engine_used, "native" if engine_used == "onnx" else weights_used)
-                for engine, weights in CPU_PATHS:
-                    if (engine, weights) == measured:
+                for engine in CPU_ENGINES:
+                    if engine == engine_used:
                         continue  # the headline runtime above, on the same prompts
-                    runtime = _runtime(s, engine=engine, weights=weights)
+                    runtime = _runtime(s, engine=engine)
                     runtime.generate_batch([prompts[0]], 8)
                     alt = _decode_batch1(runtime, prompts[:samples], max_new_tokens)
                     paths[_path_label(runtime)] = {k: alt[k] for k in keys}
                     runtime.close()
                     runtime = None
-            # The issue's yardstick is the bf16 roofline, whatever the engine reads: bf16 weight bytes.
+            # The README's yardstick is the bf16 roofline, whatever the engine reads: bf16 weight bytes.
             bytes_per_token, params = _bf16_weights(model_path)
 
             threads = cpu_budget()
@@ -507,7 +462,7 @@ def run_speed_bench(
         "bandwidth_gb_s": round(bandwidth, 2),
         "roofline_tok_s": round(roofline, 1),
         "roofline_ratio": round(batch1["decode_tok_s"] / roofline, 4),
-        # beyond the issue's schema: the bound for the bytes this engine really reads per token
+        # beyond the headline figures: the bound for the bytes this engine really reads per token
         "engine_weights_bytes_per_token": engine_bytes,
         "engine_roofline_tok_s": round(engine_roofline, 1),
         "engine_roofline_ratio": round(batch1["decode_tok_s"] / engine_roofline, 4),
@@ -516,9 +471,9 @@ def run_speed_bench(
         "retrieval_ms": retrieval,
         "ingest_docs_per_s": round(docs / ingest_s, 2) if ingest_s else None,
         "train_tokens_per_s": train["tokens_per_s"],
-        # beyond the issue's schema: how the figures were taken
+        # beyond the headline figures: how the figures were taken
         "decode_path": decode_path,
-        "decode_paths": paths,  # APPRENTICE_ENGINE x APPRENTICE_WEIGHTS, batch 1, same prompts
+        "decode_paths": paths,  # every APPRENTICE_ENGINE, batch 1, same prompts
         "params": int(params),
         "weights_bytes_per_token": bytes_per_token,
         "max_new_tokens": max_new_tokens,
@@ -538,38 +493,39 @@ def run_speed_bench(
             "model_threads": model_threads,
             "bandwidth_threads": threads,
             "loadavg_before": load_before,
-            "loadavg_after": _loadavg(),
+            "loadavg_after": loadavg(),
         },
         "wall_s": round(time.perf_counter() - started, 1),
     }
-    (out_dir / "speed.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    write_json(out_dir / "speed.json", report)
     _chart(report, out_dir / "speed.png")
     return report
 
 
 def _runtime(settings: Settings, **overrides: Any) -> LocalRuntime:
-    from learning.runtime import LocalRuntime
+    from learning.runtime import build_local
 
-    return LocalRuntime.from_settings(
-        settings, max_batch=max(CONCURRENCY), max_queue=256, timeout_s=3600.0, **overrides
-    )
+    return build_local(settings, max_batch=max(CONCURRENCY), max_queue=256, timeout_s=3600.0, **overrides)
 
 
 def _path_label(runtime: LocalRuntime) -> str:
-    """ "onnx int8", "transformers bfloat16", "transformers int8": the engine and the weights it reads."""
-    if runtime.engine == "onnx":
-        return "onnx int8"
-    if runtime.weights == "int8":
-        return "transformers int8"
-    return f"transformers {str(runtime.dtype).replace('torch.', '')}"
+    """ "onnx int8" or "transformers bfloat16": the engine and the weights it reads."""
+    from learning.hf_engine import HfEngine
+
+    if isinstance(runtime.engine, HfEngine):
+        return f"transformers {str(runtime.engine.dtype).replace('torch.', '')}"
+    return "onnx int8"
 
 
 def _engine_bytes_per_token(runtime: LocalRuntime) -> int:
-    if runtime.engine == "onnx":
-        from learning import onnx_engine
+    from learning.hf_engine import HfEngine
+    from learning.onnx_engine import OnnxEngine
+    from learning.onnx_engine import weights_bytes_per_token as onnx_weights_bytes_per_token
 
-        return onnx_engine.weights_bytes_per_token(runtime._onnx_base.folder)
-    return weights_bytes_per_token(runtime.base_model)
+    if isinstance(runtime.engine, OnnxEngine):
+        return onnx_weights_bytes_per_token(runtime.engine.base.folder)
+    assert isinstance(runtime.engine, HfEngine)
+    return weights_bytes_per_token(runtime.engine.base_model)
 
 
 def _bf16_weights(model_path: str) -> tuple[int, int]:

@@ -1,6 +1,7 @@
 """The Telegram channel: python-telegram-bot (v22, async) translated to our own records at the edge.
 
-This is the only module that imports `telegram`. Updates arrive by long polling (default) or by
+This module takes updates in; `sender` sends the replies out (the two modules that import
+`telegram`), and `text` holds the plain helpers. Updates arrive by long polling (default) or by
 webhook on the project's HTTP server (`/telegram`, when APPRENTICE_TELEGRAM_WEBHOOK_URL is set),
 become plain `Inbound` records for `ConversationService`, and the replies leave through the
 durable `Outbox`, so a reply that Telegram refuses for now is kept and retried, never lost.
@@ -16,13 +17,11 @@ Delivery guarantees, and why they are shaped this way:
   done is skipped. Long polling records each update when it is handled; an update fetched but not
   yet recorded when the process dies is lost (python-telegram-bot confirms updates on its next
   fetch), so deployments that must lose nothing use the webhook.
-- **Replies at least once.** Every reply is written to the outbox before it is sent, keyed by the
-  chat so one chat's messages stay in order. 429 waits `retry_after`; 5xx and network errors back
-  off; 403 (the customer blocked the bot) marks the customer unreachable and drops the reply.
+- **Replies at least once.** Every reply is written to the outbox before it is sent (`sender`).
 - **One chat in order, chats concurrently.** PTB hands us updates one at a time in arrival order;
   our handler only starts a task per update and returns. Tasks of one chat queue on that chat's
-  lock in arrival order (an uncontended `asyncio.Lock` is taken without yielding, and waiters are
-  served FIFO), tasks of different chats run side by side.
+  lock (`KeyedLocks`) in arrival order (an uncontended `asyncio.Lock` is taken without yielding, and
+  waiters are served FIFO), tasks of different chats run side by side.
 """
 
 from __future__ import annotations
@@ -36,36 +35,22 @@ import logging
 import re
 import secrets
 import time
-import weakref
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
-from telegram import (
-    CallbackQuery,
-    InlineKeyboardButton,
-    InlineKeyboardMarkup,
-    Message,
-    MessageEntity,
-    Update,
-)
-from telegram.constants import ChatAction, ChatType
-from telegram.error import (
-    BadRequest,
-    ChatMigrated,
-    Conflict,
-    Forbidden,
-    InvalidToken,
-    RetryAfter,
-    TelegramError,
-)
+from telegram import CallbackQuery, Message, MessageEntity, Update
+from telegram.constants import ChatType
+from telegram.error import Conflict, InvalidToken, TelegramError
 from telegram.ext import Application, ApplicationBuilder, ContextTypes, TypeHandler
 
-from bot.conversation import ConversationService, Inbound, Outbound, clean_text
+from bot.channels.telegram.sender import TelegramSender
+from bot.channels.telegram.text import parse_csat, parse_feedback
+from bot.conversation import ConversationService
+from bot.envelope import Inbound, Outbound, clean_text
 from bot.http import HttpServer
+from bot.keylock import KeyedLocks
 from bot.messages import CATALOG
-from bot.outbox import Drop, Outbox, Retry
-from knowledge.models import Conversation
 from knowledge.settings import ConfigError, Settings
 from knowledge.store import Store
 
@@ -75,7 +60,6 @@ CHANNEL = "telegram"
 WEBHOOK_PATH = "/telegram"
 SECRET_HEADER = "X-Telegram-Bot-Api-Secret-Token"
 SECRET_KV = "telegram_webhook_secret"
-MAX_MESSAGE = 4096  # Telegram's limit, counted in UTF-16 code units
 ALLOWED_UPDATES = ["message", "edited_message", "callback_query"]
 CONFLICT_WINDOW_S = 120.0  # two 409s within this window: another process polls this token
 # the English texts; every language's are in bot/messages.py
@@ -141,7 +125,6 @@ class TelegramChannel:
         self.settings, self.service, self.store, self.http = settings, service, store, http
         self.webhook_url = settings.telegram_webhook_url.strip()
         self.poll_timeout_s = poll_timeout_s
-        self.typing_every_s = typing_every_s
         base_url = settings.telegram_api_url.rstrip("/")
         builder = ApplicationBuilder().token(token).base_url(base_url)
         if base_url.endswith("/bot"):
@@ -152,8 +135,12 @@ class TelegramChannel:
         # One handler, run in arrival order; it only starts a task per update (see module docstring).
         self.application.add_handler(TypeHandler(Update, self._on_update))
         self.application.add_error_handler(self._on_error)
-        self.outbox = Outbox(store, CHANNEL, self._send_item, poll_s=outbox_poll_s, base_delay_s=retry_base_s)
-        self._chat_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+        self.replies = TelegramSender(
+            self.application.bot, store,
+            poll_s=outbox_poll_s, base_delay_s=retry_base_s, typing_every_s=typing_every_s,
+        )  # fmt: skip
+        self.outbox = self.replies.outbox
+        self._chat_locks = KeyedLocks()
         self._secret = ""
         self._started = False
         # a claim outlives the slowest answer (the generation timeout) with room to spare
@@ -163,8 +150,8 @@ class TelegramChannel:
         self._swept: set[str] = set()  # update ids handed in by the sweeper, not yet handled
         self.on_fatal = on_fatal  # told when this channel cannot go on (another process polls the token)
         self._conflicts: list[float] = []
-        service.deliverers[CHANNEL] = self._deliver
-        service.dedup_channels.add(CHANNEL)  # _enqueue drops repeats already in the outbox
+        service.deliverers[CHANNEL] = self.replies.deliver
+        service.dedup_channels.add(CHANNEL)  # the sender drops repeats already in the outbox
 
     # --- lifecycle ---------------------------------------------------------------------
     async def start(self) -> None:
@@ -235,7 +222,7 @@ class TelegramChannel:
     async def stop(self) -> None:
         """Stop taking updates, finish those in hand, stop the outbox (pending replies stay queued)."""
         await self._teardown()
-        if self.service.deliverers.get(CHANNEL) == self._deliver:
+        if self.service.deliverers.get(CHANNEL) == self.replies.deliver:
             del self.service.deliverers[CHANNEL]
 
     async def _teardown(self) -> None:
@@ -309,10 +296,7 @@ class TelegramChannel:
             return
         chat = update.effective_chat
         key = str(chat.id) if chat is not None else f"update:{update.update_id}"
-        lock = self._chat_locks.get(key)
-        if lock is None:
-            lock = self._chat_locks[key] = asyncio.Lock()
-        self.application.create_task(self._process(update, lock), update=update)
+        self.application.create_task(self._process(update, self._chat_locks.get(key)), update=update)
 
     async def _process(self, update: Update, lock: asyncio.Lock | None) -> None:
         async with lock if lock is not None else contextlib.nullcontext():
@@ -345,7 +329,7 @@ class TelegramChannel:
             if msg is not None and kind is not None:
                 inbound = self._inbound(msg, kind, update.update_id)
                 for out in await self.service.give_up(inbound, "sent a message the bot failed to handle"):
-                    await self._enqueue(inbound.chat_id, inbound.customer_id, out)
+                    await self.replies.enqueue(inbound.chat_id, inbound.customer_id, out)
             await asyncio.to_thread(self.store.inbox_done, CHANNEL, uid)
             return
         if query is not None:
@@ -365,12 +349,12 @@ class TelegramChannel:
             await self._command(msg, inbound)
             return
         if kind == "text" and await self._bot_mode(inbound):
-            async with self._typing(inbound.chat_id):
+            async with self.replies.typing(inbound.chat_id):
                 outs = await self.service.handle(inbound)
         else:  # non-text and taken-over conversations: no typing, the service decides
             outs = await self.service.handle(inbound)
         for out in outs:
-            await self._enqueue(inbound.chat_id, inbound.customer_id, out)
+            await self.replies.enqueue(inbound.chat_id, inbound.customer_id, out)
 
     def _inbound(self, msg: Message, kind: str, update_id: int) -> Inbound:
         user = msg.from_user
@@ -460,16 +444,16 @@ class TelegramChannel:
             key = "start" if name == "start" else "help"
             outs = [Outbound(self.service.messages.text(key, lang), 0, kind="notice")]
         for out in outs:
-            await self._enqueue(inbound.chat_id, inbound.customer_id, out)
+            await self.replies.enqueue(inbound.chat_id, inbound.customer_id, out)
 
     async def _on_button(self, query: CallbackQuery) -> None:
         """👍/👎 on an answer: stored once per customer and answer; every press gets an answer."""
         thanks: str | None = None
-        csat = _parse_csat(query.data)
+        csat = parse_csat(query.data)
         if csat is not None:
             await self._on_csat(query, *csat)
             return
-        parsed = _parse_feedback(query.data)
+        parsed = parse_feedback(query.data)
         chat = query.message.chat.id if query.message is not None else None
         valid = parsed is not None and chat is not None and await self._owns(parsed[1], str(chat))
         if parsed is not None and valid:
@@ -512,81 +496,6 @@ class TelegramChannel:
 
         return await asyncio.to_thread(check)
 
-    # --- replies out -------------------------------------------------------------------
-    async def _deliver(self, conv: Conversation, out: Outbound) -> None:
-        """The service's deliverer: staff replies and corrections for a Telegram conversation."""
-        customer = await asyncio.to_thread(self.store.customer, conv.customer_id)
-        await self._enqueue(conv.chat_id, customer.external_id if customer else conv.chat_id, out)
-
-    async def _enqueue(self, chat_id: str, customer_id: str, out: Outbound) -> None:
-        """Queue one reply (split into Telegram-sized parts) in the outbox; buttons go on the last part."""
-        if (
-            out.repeat
-            and out.message_id is not None
-            and await asyncio.to_thread(self.store.outbox_has, CHANNEL, out.message_id)
-        ):
-            return  # queued before the crash (or sent): once is enough
-        parts = split_text(out.text)
-        for i, part in enumerate(parts):
-            buttons = out.message_id if out.feedback_buttons and i == len(parts) - 1 else None
-            payload = {
-                "chat_id": chat_id,
-                "customer_id": customer_id,
-                "text": part,
-                "message_id": out.message_id,
-                "buttons": buttons,
-            }
-            if out.kind == "csat" and i == len(parts) - 1:
-                payload["csat"] = out.conversation_id  # Yes / No buttons
-            await self.outbox.put("message", payload, key=chat_id)
-
-    async def _send_item(self, kind: str, payload: dict[str, Any]) -> None:
-        """The outbox sender: one sendMessage, its failures translated to Retry/Drop."""
-        if kind != "message":
-            raise Drop(f"unknown Telegram outbox item kind {kind!r}")
-        buttons = payload.get("buttons")
-        csat = payload.get("csat")
-        markup = feedback_markup(int(buttons)) if buttons else csat_markup(int(csat)) if csat else None
-        try:
-            await self.application.bot.send_message(
-                chat_id=payload["chat_id"],
-                text=payload["text"],  # plain text: no parse_mode, so model output cannot break markup
-                reply_markup=markup,
-            )
-        except RetryAfter as exc:
-            raise Retry("Telegram flood control", after=_seconds(exc.retry_after)) from exc
-        except Forbidden as exc:
-            await asyncio.to_thread(self.store.mark_unreachable, CHANNEL, str(payload["customer_id"]))
-            raise Drop(f"customer unreachable on Telegram: {exc.message}") from exc
-        except (BadRequest, ChatMigrated) as exc:  # will never succeed as sent
-            raise Drop(f"Telegram refused the message: {exc}") from exc
-        except TelegramError as exc:  # 5xx, timeouts, network: back off and try again
-            raise Retry(f"Telegram error: {exc}") from exc
-
-    @contextlib.asynccontextmanager
-    async def _typing(self, chat_id: str) -> AsyncIterator[None]:
-        """Show "typing…" while the body runs (Telegram shows it ~5 s, so it is renewed)."""
-        stop = asyncio.Event()
-        task = asyncio.create_task(self._keep_typing(chat_id, stop), name=f"typing-{chat_id}")
-        try:
-            yield
-        finally:
-            stop.set()
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-
-    async def _keep_typing(self, chat_id: str, stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            try:
-                await self.application.bot.send_chat_action(chat_id=chat_id, action=ChatAction.TYPING)
-            except Forbidden:
-                return
-            except TelegramError as exc:  # cosmetic; never hold up the answer for it
-                log.debug("sendChatAction failed: %s", exc)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), self.typing_every_s)
-
     async def _on_error(self, update: object, context: ContextTypes.DEFAULT_TYPE) -> None:
         log.error("Telegram handler error: %r", context.error, exc_info=context.error)
 
@@ -605,45 +514,6 @@ def parse_update(data: object, bot: Any) -> Update | None:
         return Update.de_json(data, bot)
     except Exception:  # python-telegram-bot raises whatever the field parsers raise
         return None
-
-
-def feedback_markup(message_id: int) -> InlineKeyboardMarkup:
-    """👍/👎 under an answer; the callback data carries the stored answer's id."""
-    return InlineKeyboardMarkup(
-        [
-            [
-                InlineKeyboardButton("👍", callback_data=f"fb:up:{message_id}"),
-                InlineKeyboardButton("👎", callback_data=f"fb:down:{message_id}"),
-            ]
-        ]
-    )
-
-
-def csat_markup(conversation_id: int) -> InlineKeyboardMarkup:
-    """Yes / No under "Did this solve your problem?"; the callback data carries the conversation id
-    (checked against the chat the press comes from)."""
-    return InlineKeyboardMarkup(
-        [
-            [
-                InlineKeyboardButton("Yes", callback_data=f"csat:yes:{conversation_id}"),
-                InlineKeyboardButton("No", callback_data=f"csat:no:{conversation_id}"),
-            ]
-        ]
-    )
-
-
-def _parse_csat(data: str | object | None) -> tuple[bool, int] | None:
-    if not isinstance(data, str):
-        return None
-    m = re.fullmatch(r"csat:(yes|no):(\d{1,18})", data)
-    return (m.group(1) == "yes", int(m.group(2))) if m else None
-
-
-def _parse_feedback(data: str | object | None) -> tuple[bool, int] | None:
-    if not isinstance(data, str):
-        return None
-    m = re.fullmatch(r"fb:(up|down):(\d{1,18})", data)
-    return (m.group(1) == "up", int(m.group(2))) if m else None
 
 
 def _command_of(msg: Message) -> tuple[str, str] | None:
@@ -667,56 +537,3 @@ def _kind(msg: Message, edited: bool) -> str | None:
         if getattr(msg, attr, None):
             return kind
     return None
-
-
-def _seconds(value: int | float | dt.timedelta) -> float:
-    return value.total_seconds() if isinstance(value, dt.timedelta) else float(value)
-
-
-def _units(text: str) -> int:
-    """Length as Telegram counts it (UTF-16 code units)."""
-    return len(text.encode("utf-16-le")) // 2
-
-
-def split_text(text: str, limit: int = MAX_MESSAGE) -> list[str]:
-    """Parts of at most `limit` units, cut between paragraphs, else lines, sentences, words, characters."""
-    if _units(text) <= limit:
-        return [text]
-    pieces: list[str] = []
-    for para in re.split(r"\n[ \t]*\n", text):
-        if para.strip():
-            pieces.extend(_cut(para.strip(), limit))
-    parts: list[str] = []
-    current = ""
-    for piece in pieces:
-        joined = f"{current}\n\n{piece}" if current else piece
-        if _units(joined) <= limit:
-            current = joined
-        else:
-            parts.append(current)
-            current = piece
-    if current:
-        parts.append(current)
-    return parts
-
-
-def _cut(para: str, limit: int) -> list[str]:
-    out = []
-    while _units(para) > limit:
-        end = min(len(para), limit)
-        while _units(para[:end]) > limit:
-            end -= max(1, _units(para[:end]) - limit)
-        window = para[:end]
-        cut = -1
-        for sep in ("\n", ". ", "! ", "? ", " "):
-            at = window.rfind(sep)
-            if at >= end // 2:
-                cut = at + len(sep)
-                break
-        if cut <= 0:
-            cut = end
-        out.append(para[:cut].rstrip())
-        para = para[cut:].lstrip()
-    if para:
-        out.append(para)
-    return out

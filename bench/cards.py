@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import importlib
-import json
 import logging
 import random
 import sys
@@ -35,13 +34,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
+from bench.common import percentiles, pyplot, save_chart, write_json
 from bot.channels.slack import DIGEST_SIZE, SlackChannel
-from bot.conversation import Answer, ConversationService
+from bot.conversation import ConversationService
+from bot.envelope import Answer
 from bot.http import HttpServer
 from knowledge.models import Conversation
 from knowledge.settings import Settings
 from knowledge.store import Store
-from learning.bench_speed import percentiles
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ def run_cards_bench(out_dir: Path, options: CardsOptions, digest_after_s: float)
         "ok": all(run["ok"] for run in runs.values()),
         "wall_s": round(time.monotonic() - started, 1),
     }
-    (out_dir / "report.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
+    write_json(out_dir / "report.json", report)
     _chart(report, {k: run["points"] for k, run in runs.items()}, out_dir / "report.png")
     return report
 
@@ -269,11 +269,7 @@ def _card_value(blocks: list[dict[str, Any]]) -> str:
 
 def _chart(report: dict[str, Any], points: dict[str, list[tuple[float, float, str]]], path: Path) -> None:
     """Lag of every answer against when it arrived, one panel per rate."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(points), figsize=(4.6 * len(points), 3.6), dpi=100, squeeze=False)
     colours = {"card": "#2f80ed", "digest": "#9aa5b1", "flagged": "#eb5757"}
     labels = {"card": "own card", "digest": "in a digest", "flagged": "flagged (own card)"}
@@ -291,6 +287,4 @@ def _chart(report: dict[str, Any], points: dict[str, list[tuple[float, float, st
         ax.set_ylim(0, max(MAX_LAG_S * 1.1, max((y for _, y, _ in pts), default=0) * 1.1))
         ax.legend(fontsize=7, loc="upper left")
     fig.suptitle("Review cards at Slack's 1 message/s per channel (dashed: 2 minutes)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_chart(fig, path)

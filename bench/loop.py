@@ -38,22 +38,33 @@ import shutil
 import tempfile
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from learning.bench_speed import latency_pair, percentiles
+from bench.common import (
+    BenchChannel,
+    bench_runtime,
+    bench_service,
+    bench_settings,
+    latency_pair,
+    load_questions,
+    loadavg,
+    percentiles,
+    pyplot,
+    save_chart,
+    write_json,
+    write_jsonl,
+)
 
 if TYPE_CHECKING:
     from knowledge.settings import Settings
-    from learning.runtime import LocalRuntime
     from learning.train import TrainConfig
 
 log = logging.getLogger(__name__)
 
 STAGES = ("baseline", "memory", "weights", "both")
-CHANNEL = "bench"
 NO_MEMORY = 2.0  # a cosine threshold no correction can reach: the memory is off
 
 
@@ -73,23 +84,6 @@ class Selection:
     feedback: list[Item] = field(default_factory=list)  # first phrasing of each corrected group
     heldout: list[Item] = field(default_factory=list)  # the other phrasings (or the same, asked again)
     control: list[Item] = field(default_factory=list)
-
-
-def load_questions(path: Path) -> list[dict[str, Any]]:
-    """questions.jsonl rows; each needs id, question, answer and group."""
-    rows = []
-    with Path(path).open(encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            missing = [k for k in ("id", "question", "answer", "group") if not str(row.get(k, "")).strip()]
-            if missing:
-                raise ValueError(f"{path}:{n}: missing {', '.join(missing)}; see ../shared/bench/README.md.")
-            rows.append(row)
-    if not rows:
-        raise ValueError(f"{path} holds no questions.")
-    return rows
 
 
 def select(rows: Sequence[dict[str, Any]], groups: int, controls: int, seed: int) -> Selection:
@@ -128,50 +122,9 @@ def select(rows: Sequence[dict[str, Any]], groups: int, controls: int, seed: int
     return sel
 
 
-# --- answering through the conversation flow ------------------------------------------------------
-
-
-class _Collector:
-    """A Reviewer that keeps every posted answer, keyed by chat id (the benchmark's own record)."""
-
-    def __init__(self) -> None:
-        self.answers: dict[str, Any] = {}
-
-    async def answer_posted(self, conv: Any, answer: Any) -> None:
-        self.answers[conv.chat_id] = answer
-
-    async def customer_flag(self, conv: Any, message_id: int | None, why: str) -> None:
-        return None
-
-    async def relay(self, conv: Any, text: str) -> None:
-        return None
-
-    async def correction_stored(self, conv: Any, correction: Any) -> None:
-        return None
-
-
-async def _no_delivery(conv: Any, out: Any) -> None:
-    """The bench channel has no customer at the other end: the correction is stored, 'sent' nowhere."""
-    return None
-
-
-@dataclass(frozen=True)
-class ServingPath:
-    """How the benchmark reaches the conversation flow.
-
-    `learning` may not import `bot` (layering), so the caller hands it in: bot/cli.py passes
-    `ConversationService` and `Inbound`. `service(settings, store, kb, generator)` must return an
-    object with `handle(inbound)`, `correct(message_id, text, staff)`, `approve_correction(id, staff)`,
-    `reviewers` and `deliverers`.
-    """
-
-    service: Callable[[Settings, Any, Any, Any], Any]
-    inbound: Callable[..., Any]
-
-
 @dataclass
 class LoopOptions:
-    """What one loop benchmark run does; the defaults are the issue's N=40, M=40."""
+    """What one loop benchmark run does; the defaults are the README's N=40, M=40."""
 
     groups: int = 40
     controls: int = 40
@@ -183,66 +136,12 @@ class LoopOptions:
     data_dir: Path | None = None  # keep the run's data here (default: a temporary folder)
 
 
-def bench_settings(
-    base: Settings, data_dir: Path, kb_dir: Path, model: str | None = None, **overrides: Any
-) -> Settings:
-    """The operator's settings, pointed at a fresh data dir with embedded stores.
-
-    The converted model cache is shared (no 20 s re-conversion), the per-customer rate limit and the
-    golden file are off (the benchmark brings its own controls).
-    """
-    from knowledge.settings import Settings
-
-    values = base.model_dump()
-    values.update(
-        data_dir=data_dir,
-        database_url="",
-        chroma_url="",
-        llm_url="",
-        kb=str(kb_dir),
-        model_cache=base.models_dir.resolve(),
-        rate_limit_per_minute=0,
-        min_new_examples=1,
-        golden="",
-        two_person_rule="off",  # the benchmark is the one trusted operator teaching reference answers
-    )
-    if model:
-        values["model"] = model
-    values.update(overrides)
-    return Settings(**values)
+# --- answering through the conversation flow ------------------------------------------------------
 
 
-def bench_runtime(settings: Settings) -> LocalRuntime:
-    from learning.runtime import LocalRuntime
-
-    return LocalRuntime.from_settings(settings, max_queue=max(settings.max_queue, 256), timeout_s=3600.0)
-
-
-def make_service(serving: ServingPath, settings: Settings, store: Any, kb: Any, runtime: Any) -> Any:
-    service = serving.service(settings, store, kb, runtime)
-    collector = _Collector()
-    service.reviewers.append(collector)
-    service.deliverers[CHANNEL] = _no_delivery
-    service.bench_collector = collector
-    return service
-
-
-async def _ask(
-    serving: ServingPath, service: Any, items: Sequence[Item], stage: str, width: int
-) -> list[Any]:
+async def _ask(channel: BenchChannel, items: Sequence[Item], stage: str, width: int) -> list[Any]:
     """Each question in a new conversation, `width` at a time (the runtime batches them)."""
-    gate = asyncio.Semaphore(width)
-    collector: _Collector = service.bench_collector
-
-    async def one(i: int, it: Item) -> Any:
-        chat = f"{stage}-{it.set}-{i}"
-        async with gate:
-            await service.handle(
-                serving.inbound(channel=CHANNEL, chat_id=chat, customer_id=chat, text=it.question)
-            )
-        return collector.answers.get(chat)
-
-    return list(await asyncio.gather(*(one(i, it) for i, it in enumerate(items))))
+    return await channel.ask(((f"{stage}-{it.set}-{i}", it.question) for i, it in enumerate(items)), width)
 
 
 def _from_memory(answer: Any) -> bool:
@@ -297,11 +196,7 @@ def _train_figures(report: dict[str, Any], adapter: Any) -> dict[str, Any]:
 
 
 def _chart(report: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     stages = [s for s in STAGES if report["scores"].get(s)]
     held = [report["scores"][s]["heldout"] or 0.0 for s in stages]
     ctrl = [report["scores"][s]["control"] or 0.0 for s in stages]
@@ -329,9 +224,7 @@ def _chart(report: dict[str, Any], path: Path) -> None:
         fontsize=9,
     )
     ax.legend(fontsize=8, loc="upper left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_chart(fig, path, dpi=120)
 
 
 def run_loop_bench(
@@ -339,7 +232,6 @@ def run_loop_bench(
     kb_dir: Path,
     questions_file: Path,
     out_dir: Path,
-    serving: ServingPath,
     options: LoopOptions | None = None,
 ) -> dict[str, Any]:
     """Run the whole loop benchmark; write report.json, answers.jsonl and report.png; return the report."""
@@ -352,11 +244,9 @@ def run_loop_bench(
         data = Path(opts.data_dir)
         if data.exists() and any(data.iterdir()):
             raise ValueError(f"{data} is not empty; the loop benchmark needs a fresh data directory.")
-        return asyncio.run(_run(settings, data, kb_dir, questions_file, out_dir, serving, opts, selection))
+        return asyncio.run(_run(settings, data, kb_dir, questions_file, out_dir, opts, selection))
     with tempfile.TemporaryDirectory(prefix="apprentice-loop-") as tmp:
-        return asyncio.run(
-            _run(settings, Path(tmp), kb_dir, questions_file, out_dir, serving, opts, selection)
-        )
+        return asyncio.run(_run(settings, Path(tmp), kb_dir, questions_file, out_dir, opts, selection))
 
 
 async def _run(
@@ -365,17 +255,16 @@ async def _run(
     kb_dir: Path,
     questions_file: Path,
     out_dir: Path,
-    serving: ServingPath,
     opts: LoopOptions,
     sel: Selection,
 ) -> dict[str, Any]:
     from knowledge.retrieve import KnowledgeBase
     from knowledge.store import Store
     from learning import registry
+    from learning.cpus import cpu_budget
     from learning.datasets import BuildOptions
     from learning.evaluate import score_pairs
     from learning.nightly import run_nightly
-    from learning.runtime import cpu_budget
 
     started = time.perf_counter()
     walls: dict[str, float] = {}
@@ -394,16 +283,16 @@ async def _run(
         log.warning("loop bench: ingested %d chunks; loading %s", kb.count(), settings.model)
         runtime = await asyncio.to_thread(bench_runtime, settings)
         width = opts.concurrency or settings.max_batch
-        front = make_service(serving, settings, store, kb, runtime)
-        with_memory = make_service(serving, settings, scratch, kb, runtime)
-        without_memory = make_service(serving, no_memory, scratch, kb, runtime)
+        front = bench_service(settings, store, kb, runtime)
+        with_memory = bench_service(settings, scratch, kb, runtime)
+        without_memory = bench_service(no_memory, scratch, kb, runtime)
         asked = [*sel.heldout, *sel.control]
         answers: dict[str, list[Any]] = {}
         stage_latency: dict[str, dict[str, float]] = {}
 
-        async def stage(name: str, service: Any) -> None:
+        async def stage(name: str, channel: BenchChannel) -> None:
             t0 = time.perf_counter()
-            got = await _ask(serving, service, asked, name, width)
+            got = await _ask(channel, asked, name, width)
             walls[name] = round(time.perf_counter() - t0, 1)
             answers[name] = got
             ms = [a.latency_ms / 1000 for a in got if a is not None]
@@ -424,18 +313,18 @@ async def _run(
 
         # 4. feedback: the first phrasing is answered, then corrected by staff as in Slack
         t0 = time.perf_counter()
-        first = await _ask(serving, front, sel.feedback, "feedback", width)
+        first = await _ask(front, sel.feedback, "feedback", width)
         corrections = second_approvals = 0
         for it, answer in zip(sel.feedback, first, strict=True):
             if answer is None:
                 log.warning("loop bench: no answer to correct for %s", it.id)
                 continue
-            result = await front.correct(answer.message_id, it.reference, "bench:staff")
+            result = await front.service.correct(answer.message_id, it.reference, "bench:staff")
             corrections += int(bool(result.created))
             if result.created and getattr(result.correction, "status", "active") == "pending":
                 # The two-person rule held it back (it contradicts a document or another correction):
                 # a second staff member approves it, as /apprentice approve would.
-                await front.approve_correction(result.correction.id, "bench:second-staff")
+                await front.service.approve_correction(result.correction.id, "bench:second-staff")
                 second_approvals += 1
         walls["feedback"] = round(time.perf_counter() - t0, 1)
 
@@ -448,7 +337,7 @@ async def _run(
             for it in asked
         ]
         t0 = time.perf_counter()
-        nightly = await asyncio.to_thread(
+        nightly_report = await asyncio.to_thread(
             run_nightly,
             settings,
             store,
@@ -459,6 +348,7 @@ async def _run(
             runtime=runtime,
         )
         walls["retrain"] = round(time.perf_counter() - t0, 1)
+        nightly = nightly_report.as_dict()
         candidate = registry.get_adapter(store, nightly["candidate"]) if nightly.get("candidate") else None
         if candidate is not None:
             runtime.set_adapter(candidate.path, candidate.version)
@@ -554,7 +444,7 @@ async def _run(
             "scores": nightly.get("scores"),
         },
         "answers": "answers.jsonl",
-        # beyond the issue's schema: what a reader needs to trust the figures
+        # beyond the headline figures: what a reader needs to trust the figures
         "heldout_questions": len(sel.heldout),
         "corrections": corrections,
         "second_approvals": second_approvals,  # corrections the two-person rule held for a second approval
@@ -573,24 +463,13 @@ async def _run(
             "max_batch": settings.max_batch,
             "concurrency": width,
         },
-        "conditions": {"cpus": cpu_budget(), "loadavg_at_end": [round(x, 2) for x in _loadavg()]},
+        "conditions": {"cpus": cpu_budget(), "loadavg_at_end": loadavg()},
         "wall_s": walls | {"total": round(time.perf_counter() - started, 1)},
     }
-    with (out_dir / "answers.jsonl").open("w", encoding="utf-8") as fh:
-        for rec in records:
-            fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
-    (out_dir / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", "utf-8")
+    write_jsonl(out_dir / "answers.jsonl", records)
+    write_json(out_dir / "report.json", report)
     _chart(report, out_dir / "report.png")
     if candidate is not None and opts.data_dir is None:
         # The temporary data dir goes away; keep the adapter the figures were measured with.
         shutil.copytree(candidate.path, out_dir / "adapter", dirs_exist_ok=True)
     return report
-
-
-def _loadavg() -> tuple[float, float, float]:
-    import os
-
-    try:
-        return os.getloadavg()
-    except OSError:  # pragma: no cover - not Unix
-        return (0.0, 0.0, 0.0)

@@ -25,7 +25,6 @@ The failure shares, per answer unless said otherwise:
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import random
 import statistics
@@ -37,15 +36,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from learning.bench_loop import (
-    CHANNEL,
-    ServingPath,
+from bench.common import (
     bench_runtime,
+    bench_service,
     bench_settings,
     load_questions,
-    make_service,
+    percentiles,
+    pyplot,
+    save_chart,
+    write_json,
+    write_jsonl,
 )
-from learning.bench_speed import percentiles
 
 if TYPE_CHECKING:
     from knowledge.passages import Passage
@@ -104,7 +105,6 @@ def run_answers_bench(
     kb_dir: Path,
     questions_file: Path,
     out_dir: Path,
-    serving: ServingPath,
     options: AnswersOptions | None = None,
 ) -> dict[str, Any]:
     """Answer, score and chart; write answers.jsonl, report.json and report.png; return the report."""
@@ -114,7 +114,7 @@ def run_answers_bench(
     out_dir.mkdir(parents=True, exist_ok=True)
     adapter = _adapter(settings, opts.adapter) if opts.adapter else None
     with tempfile.TemporaryDirectory(prefix="apprentice-answers-") as tmp:
-        return asyncio.run(_run(settings, Path(tmp), Path(kb_dir), out_dir, serving, opts, rows, adapter))
+        return asyncio.run(_run(settings, Path(tmp), Path(kb_dir), out_dir, opts, rows, adapter))
 
 
 def _adapter(settings: Settings, version: str) -> tuple[str, str]:
@@ -137,7 +137,6 @@ async def _run(
     data_dir: Path,
     kb_dir: Path,
     out_dir: Path,
-    serving: ServingPath,
     opts: AnswersOptions,
     rows: list[dict[str, Any]],
     adapter: tuple[str, str] | None,
@@ -157,19 +156,12 @@ async def _run(
         runtime = await asyncio.to_thread(bench_runtime, settings)
         if adapter is not None:
             await asyncio.to_thread(runtime.set_adapter, *adapter)
-        service = make_service(serving, settings, store, kb, runtime)
-        gate = asyncio.Semaphore(opts.concurrency or settings.max_batch)
+        channel = bench_service(settings, store, kb, runtime)
         log.warning("answers bench: %d questions, answer mode %s", len(rows), settings.answer_mode)
-
-        async def one(i: int, row: dict[str, Any]) -> Any:
-            chat = f"answers-{i}"
-            async with gate:
-                await service.handle(
-                    serving.inbound(channel=CHANNEL, chat_id=chat, customer_id=chat, text=row["question"])
-                )
-            return service.bench_collector.answers.get(chat)
-
-        answers = await asyncio.gather(*(one(i, r) for i, r in enumerate(rows)))
+        answers = await channel.ask(
+            ((f"answers-{i}", str(r["question"])) for i, r in enumerate(rows)),
+            opts.concurrency or settings.max_batch,
+        )
         retrievals = [await asyncio.to_thread(kb.search, r["question"], settings.top_k) for r in rows]
     finally:
         if runtime is not None:
@@ -241,21 +233,15 @@ async def _run(
         "wall_time_s": round(time.perf_counter() - started, 1),
         "shares_of": "truncated and off_role: of answers with status ok; unsupported: of their sentences",
     }
-    with (out_dir / "answers.jsonl").open("w", encoding="utf-8") as fh:
-        for rec in records:
-            fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
-    (out_dir / "report.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
+    write_jsonl(out_dir / "answers.jsonl", records)
+    write_json(out_dir / "report.json", report)
     _chart(report, out_dir / "report.png")
     return report
 
 
 def _chart(report: dict[str, Any], path: Path) -> None:
     """Scores of the bot, the pasted passage and the extract; the failure shares beside them."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.6), dpi=100)
     names = ["bot", "passage", "extract"]
     values = [report["score"], report["reference_scores"]["passage"], report["reference_scores"]["extract"]]
@@ -273,6 +259,4 @@ def _chart(report: dict[str, Any], path: Path) -> None:
     right.set_ylim(0, 1)
     right.set_title(f"failure shares (answer mode {report['answer_mode']})", fontsize=9)
     right.tick_params(axis="x", labelsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_chart(fig, path)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from knowledge.bench_retrieval import run_retrieval_bench
+from bench.retrieval import run_retrieval_bench
 
 ROOT = Path(__file__).resolve().parents[2]
 

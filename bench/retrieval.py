@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import json
 import logging
-import statistics
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from bench.common import percentiles, pyplot, save_chart, write_json
 from knowledge.retrieve import KnowledgeBase
 
 log = logging.getLogger(__name__)
@@ -38,18 +38,8 @@ def _load_questions(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _percentile(values: list[float], q: float) -> float:
-    if len(values) == 1:
-        return values[0]
-    return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1]
-
-
 def _chart(report: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     modes = list(MODES)
     r1 = [report["modes"][m]["recall@1"] for m in modes]
     r5 = [report["modes"][m]["recall@5"] for m in modes]
@@ -68,9 +58,7 @@ def _chart(report: dict[str, Any], path: Path) -> None:
         fontsize=9,
     )
     ax.legend(loc="upper center", ncol=2, frameon=False)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_chart(fig, path, dpi=120)
 
 
 def run_retrieval_bench(
@@ -118,6 +106,7 @@ def run_retrieval_bench(
                 modes[mode] = {"recall@1": hits1 / len(questions), "recall@5": hits5 / len(questions)}
         finally:
             kb.close()
+    latency_ms = percentiles(latencies, digits=2)
     report: dict[str, Any] = {
         "kb": str(kb_dir),
         "questions": len(questions),
@@ -127,12 +116,12 @@ def run_retrieval_bench(
         "ingest_s": round(ingest_s, 2),
         "recall@1": round(modes["hybrid"]["recall@1"], 4),
         "recall@5": round(modes["hybrid"]["recall@5"], 4),
-        "p50_ms": round(_percentile(latencies, 50), 2),
-        "p95_ms": round(_percentile(latencies, 95), 2),
+        "p50_ms": latency_ms["p50"],
+        "p95_ms": latency_ms["p95"],
         "recall@5_by_kind": {kind: round(h / n, 4) for kind, (n, h) in sorted(by_kind.items())},
         "modes": {m: {key: round(v, 4) for key, v in r.items()} for m, r in modes.items()},
         "misses": misses,
     }
-    (out_dir / "retrieval.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    write_json(out_dir / "retrieval.json", report)
     _chart(report, out_dir / "retrieval.png")
     return report
