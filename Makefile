@@ -32,7 +32,7 @@ run: $(STAMP)
 	@$(BIN)/apprentice serve
 
 services:
-	@bash tests/services.sh
+	@bash tests/support/services.sh
 
 test: $(STAMP) services
 	$(BIN)/python -m pytest -q -ra --durations=30

@@ -3,7 +3,7 @@
 Slack posts about one message a second per channel. This benchmark feeds answers at a steady
 rate (60 and 600 a minute by default) into the real `SlackChannel` and its outbox, exactly as the
 conversation service does after an answer (`answer_posted`), against the fake Slack Web API of
-tests/fakes/slack_api.py started in this process on 127.0.0.1, which enforces that limit with a
+tests/support/fakes/slack_api.py started in this process on 127.0.0.1, which enforces that limit with a
 token bucket and answers HTTP 429 with Retry-After beyond it. No model is involved: the
 conversations and answers are written to the database before the clock starts.
 
@@ -61,8 +61,8 @@ class CardsOptions:
 
 
 def fake_slack_class() -> Any:
-    """tests/fakes/slack_api.py's FakeSlack, from the checkout this module runs from."""
-    tests = Path(__file__).resolve().parents[1] / "tests"
+    """tests/support/fakes/slack_api.py's FakeSlack, from the checkout this module runs from."""
+    tests = Path(__file__).resolve().parents[1] / "tests" / "support"
     if not (tests / "fakes" / "slack_api.py").is_file():
         raise RuntimeError(f"bench cards runs the fake Slack in {tests}/fakes: run it from a source checkout")
     if str(tests) not in sys.path:

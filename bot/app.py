@@ -112,7 +112,7 @@ class App:
             for channel in self.channels:
                 post = getattr(channel, "post_report", None)
                 if post is not None:
-                    await post(result.as_dict())  # a channel takes the report in its JSON form
+                    await post(result)
                     return
             if result.status != "skipped":
                 print(result.render(), flush=True)
@@ -203,7 +203,7 @@ async def serve(settings: Settings) -> int:
     async with App(settings) as app:
         # Each chat service starts only when its token is set; see README "Connecting Telegram/Slack".
         # Staff's channel first: Telegram hands in the updates a killed process left as soon as it
-        # starts, and each of their answers needs its review card (found by the soak, tests/soak.py).
+        # starts, and each of their answers needs its review card (found by the soak, tests/bench/soak.py).
         if settings.slack_bot_token.get_secret_value():
             from bot.channels.slack import SlackChannel
 

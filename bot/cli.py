@@ -10,11 +10,12 @@ import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from knowledge.settings import Settings
     from knowledge.store import Store
+    from learning.nightly import NightlyReport
 
 log = logging.getLogger(__name__)
 
@@ -351,7 +352,7 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     if not (settings.slack_bot_token.get_secret_value() and settings.slack_channel):
         return retrain(settings, args)
 
-    def to_slack(store: Store, report: dict[str, Any]) -> None:
+    def to_slack(store: Store, report: NightlyReport) -> None:
         from bot.channels.slack import queue_report
 
         if queue_report(store, report):  # a running bot replica posts it from the outbox

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from knowledge.retrieve import KnowledgeBase
     from knowledge.settings import Settings
     from knowledge.store import Store
+    from learning.nightly import NightlyReport
 
 
 @contextmanager
@@ -214,15 +215,15 @@ def adapters_rollback(settings: Settings, args: argparse.Namespace) -> int:
 def retrain(
     settings: Settings,
     args: argparse.Namespace,
-    on_report: Callable[[Store, dict[str, Any]], None] | None = None,
+    on_report: Callable[[Store, NightlyReport], None] | None = None,
 ) -> int:
-    """`apprentice retrain`: the nightly job now; `on_report` also gets the report's JSON form (for Slack)."""
+    """`apprentice retrain`: the nightly job now; `on_report` also gets the report (for Slack)."""
     from learning.nightly import run_nightly
 
     with _open(settings, kb=True) as (store, kb):
         report = run_nightly(settings, store, kb, force=args.force, train_config=train_config(args))
         if on_report is not None:
-            on_report(store, report.as_dict())
+            on_report(store, report)
     print(report.render())
     if args.json:
         print(json.dumps(report.as_dict(), indent=1, default=str))

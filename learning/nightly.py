@@ -130,13 +130,6 @@ class NightlyReport:
         return "\n".join(lines)
 
 
-def format_report(report: NightlyReport | Mapping[str, Any]) -> str:
-    """`report.render()`; a report still in its `as_dict` form (the Slack channel's) is read first."""
-    if not isinstance(report, NightlyReport):
-        report = NightlyReport.from_dict(report)
-    return report.render()
-
-
 def _holder() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 

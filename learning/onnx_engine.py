@@ -1,7 +1,7 @@
 """The CPU decoding engine: the model exported once to ONNX and run by ONNX Runtime GenAI.
 
 Why: on a CPU, batch-1 decoding has to read every weight once per token, and PyTorch's matrix-vector
-kernels plus per-layer Python overhead reach about 12% of the memory-bandwidth bound (notes.md, README
+kernels plus per-layer Python overhead reach about 12% of the memory-bandwidth bound (docs/engines.md, README
 Benchmarks). ONNX Runtime GenAI fuses each layer (GroupQueryAttention, SkipSimplifiedLayerNorm,
 MatMulNBits) and its int8 weight-only matmuls read half the bytes of bf16: on SmolLM2-135M it decodes
 4.8x faster (`apprentice bench speed`) with answers as good as bf16's (the loop benchmark's baseline:

@@ -7,7 +7,7 @@ out-of-memory kill in training never takes the bot down, and registers the adapt
 
 The job writes into a hidden `.partial` folder and renames it into place only when everything is
 saved, so a killed run leaves no half-written adapter behind. Defaults suit SmolLM2-135M on a CPU
-(notes.md: learning rate and epochs matter most; lr 1e-3 learned facts where lr 2e-4 learned none).
+(docs/engines.md: learning rate and epochs matter most; lr 1e-3 learned facts where lr 2e-4 learned none).
 Six epochs were needed to memorise facts from bare questions; the datasets' grounded views (the
 answer is in the retrieved passages) reach their floor within the first epoch (SFT loss 0.40 at
 epoch 0.75, 0.42 at 1.75 on the emanual benchmark), so two epochs are the default.
@@ -275,7 +275,7 @@ def _common_args(cfg: TrainConfig, output_dir: Path) -> dict[str, Any]:
         "save_strategy": "no",
         "report_to": "none",
         "seed": cfg.seed,
-        "bf16": True,  # mixed precision: bf16 on CUDA; on the CPU it needs use_cpu (notes.md)
+        "bf16": True,  # mixed precision: bf16 on CUDA; on the CPU it needs use_cpu (docs/engines.md)
         "use_cpu": not cuda,
         "gradient_checkpointing": cfg.gradient_checkpointing,
         "max_length": cfg.max_length,

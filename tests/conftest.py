@@ -1,4 +1,4 @@
-"""Shared fixtures. Server fixtures live in their own modules (tests/ is on sys.path under pytest)."""
+"""Shared fixtures. The server fixtures live in tests/support (on sys.path: pyproject `pythonpath`)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from chroma_server import chroma_server, chroma_url  # noqa: F401
 from pg import database_url, postgres_server, postgres_url  # noqa: F401
 
 # An operator's `.env` (real tokens) in the checkout must never reach a test; set before any Settings
-# class exists, and passed on to the subprocesses the tests start (tests/replicas.py clean_env).
+# class exists, and passed on to the subprocesses the tests start (tests/support/replicas.py clean_env).
 os.environ["APPRENTICE_ENV_FILE"] = os.devnull
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

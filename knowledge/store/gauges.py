@@ -8,6 +8,8 @@ never builds a query itself.
 
 from __future__ import annotations
 
+from typing import Any
+
 from sqlalchemy import func, select, text
 
 from knowledge.models import Correction, Customer, TrainingRun
@@ -25,19 +27,16 @@ class GaugeQueries(StoreBase):
 
     def training_runs_by_status(self) -> dict[str, int]:
         """How many nightly learning runs ended in each status (statuses with none are left out)."""
-        with self.session() as s:
-            rows = s.execute(
-                select(TrainingRun.status, func.count(TrainingRun.id)).group_by(TrainingRun.status)
-            ).all()
-        return {str(status): int(n) for status, n in rows}
+        return self._count_by_status(TrainingRun.status, TrainingRun.id)
 
     def corrections_by_status(self) -> dict[str, int]:
         """How many staff corrections are in each status (statuses with none are left out)."""
+        return self._count_by_status(Correction.status, Correction.id)
+
+    def _count_by_status(self, status: Any, key: Any) -> dict[str, int]:
         with self.session() as s:
-            rows = s.execute(
-                select(Correction.status, func.count(Correction.id)).group_by(Correction.status)
-            ).all()
-        return {str(status): int(n) for status, n in rows}
+            rows = s.execute(select(status, func.count(key)).group_by(status)).all()
+        return {str(value): int(n) for value, n in rows}
 
     # --- the output guard ----------------------------------------------------------------
     def customer_names(self) -> dict[int, str]:

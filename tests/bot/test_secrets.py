@@ -1,7 +1,7 @@
 """Secrets: read from the environment only, never shown, compared in constant time; HTTP on loopback.
 
-The webhook and signing-secret checks are also exercised end to end (tests/bot/test_telegram.py
-`test_webhook_accepts_only_the_secret_token`, tests/bot/test_slack.py
+The webhook and signing-secret checks are also exercised end to end (tests/bot/channels/test_telegram.py
+`test_webhook_accepts_only_the_secret_token`, tests/bot/channels/test_slack.py
 `test_bad_or_stale_signature_is_refused`, and the fuzz test's unsigned requests); here we pin the
 properties that a refactor could silently lose.
 """

@@ -27,5 +27,5 @@ def test_dotenv_in_the_working_folder_is_read_unless_another_file_is_named(tmp_p
     other = str(tmp_path / "other.env")
     assert settings_in(tmp_path, APPRENTICE_ENV_FILE=other) == "5 UTC"
     assert settings_in(tmp_path, APPRENTICE_ENV_FILE=other, APPRENTICE_MAX_BATCH="7") == "7 UTC"  # env wins
-    # the test suite itself never reads an operator's .env (tests/conftest.py, tests/replicas.py)
+    # the test suite itself never reads an operator's .env (tests/conftest.py, tests/support/replicas.py)
     assert settings_in(tmp_path) == "8 UTC"

@@ -1,6 +1,6 @@
 """After a restart, the first answers of a burst are served with the active adapter, not the base.
 
-Found by the soak (tests/soak.py): a restarted process hands in the updates a killed one left, all
+Found by the soak (tests/bench/soak.py): a restarted process hands in the updates a killed one left, all
 at once; the first request starts loading the adapter, and the others must wait for that load
 instead of slipping out on the base model with `adapter_version=None`.
 """

@@ -10,7 +10,7 @@ import pytest
 
 from knowledge.store import Store
 from learning import registry
-from learning.nightly import NightlyReport, format_report
+from learning.nightly import NightlyReport
 
 SCORES = {
     "candidate": {"heldout": {"score": 0.512, "n": 4}, "regression": {"score": 0.4, "n": 3}, "control": None},
@@ -35,7 +35,7 @@ def test_an_evaluated_report_keeps_its_empty_baseline_and_round_trips() -> None:
     assert data["baseline"] is None and data["warm_start"] is None and data["losses"] is None
     assert NightlyReport.from_dict(data) == report
     text = report.render()
-    assert text == format_report(report) == format_report(data)
+    assert text == NightlyReport.from_dict(data).render()
     assert text.splitlines() == [
         "Nightly learning: adapter v0003 NOT promoted; still serving the base model.",
         "Examples: 5 new, 12 SFT rows, 3 DPO pairs, 2 replayed",
@@ -48,9 +48,9 @@ def test_an_evaluated_report_keeps_its_empty_baseline_and_round_trips() -> None:
     ]
 
 
-def test_a_partial_report_from_a_channel_renders() -> None:
-    assert format_report({"status": "skipped"}) == "Nightly learning: skipped."
-    assert format_report({}) == "Nightly learning: ?."
+def test_a_partial_report_read_back_from_json_renders() -> None:
+    assert NightlyReport.from_dict({"status": "skipped"}).render() == "Nightly learning: skipped."
+    assert NightlyReport.from_dict({}).render() == "Nightly learning: ?."
 
 
 @pytest.fixture

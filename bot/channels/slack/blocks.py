@@ -174,76 +174,69 @@ def render_report(text: str) -> tuple[str, list[Any]]:
 def correct_modal(answer: str, private_metadata: str) -> dict[str, Any]:
     """The Correct form: the answer pre-filled, a reason, and two options that start ticked."""
     options = [
-        {"text": {"type": "plain_text", "text": "Send to the customer"}, "value": SEND},
-        {"text": {"type": "plain_text", "text": "Remember for similar questions"}, "value": REMEMBER},
+        {"text": _plain("Send to the customer"), "value": SEND},
+        {"text": _plain("Remember for similar questions"), "value": REMEMBER},
     ]
-    reasons = [{"text": {"type": "plain_text", "text": label}, "value": v} for v, label in REASONS]
-    return {
-        "type": "modal",
-        "callback_id": "apprentice_correct",
-        "private_metadata": private_metadata,
-        "title": {"type": "plain_text", "text": "Correct the answer"},
-        "submit": {"type": "plain_text", "text": "Save"},
-        "close": {"type": "plain_text", "text": "Cancel"},
-        "blocks": [
-            {
-                "type": "input",
-                "block_id": "corrected",
-                "label": {"type": "plain_text", "text": "The answer the customer should get"},
-                "element": {
-                    "type": "plain_text_input",
-                    "action_id": "text",
-                    "multiline": True,
-                    "initial_value": answer[:3000],
-                    "max_length": 3000,
-                },
-            },
-            {
-                "type": "input",
-                "block_id": "reason",
-                "label": {"type": "plain_text", "text": "Reason"},
-                "element": {
-                    "type": "static_select",
-                    "action_id": "reason",
-                    "options": reasons,
-                    "initial_option": reasons[0],
-                },
-            },
-            {
-                "type": "input",
-                "block_id": "options",
-                "optional": True,
-                "label": {"type": "plain_text", "text": "Options"},
-                "element": {
-                    "type": "checkboxes",
-                    "action_id": "options",
-                    "options": options,
-                    "initial_options": options,
-                },
-            },
-        ],
+    reasons = [{"text": _plain(label), "value": v} for v, label in REASONS]
+    text = {
+        "type": "plain_text_input",
+        "action_id": "text",
+        "multiline": True,
+        "initial_value": answer[:3000],
+        "max_length": 3000,
     }
+    first = reasons[0]
+    reason = {"type": "static_select", "action_id": "reason", "options": reasons, "initial_option": first}
+    ticks = {"type": "checkboxes", "action_id": "options", "options": options, "initial_options": options}
+    return _modal(
+        "apprentice_correct",
+        private_metadata,
+        ("Correct the answer", "Save"),
+        [
+            _input("corrected", "The answer the customer should get", text),
+            _input("reason", "Reason", reason),
+            _input("options", "Options", ticks, optional=True),
+        ],
+    )
 
 
 def flag_modal(private_metadata: str) -> dict[str, Any]:
     """The Flag form: an optional reason."""
+    reason = {"type": "plain_text_input", "action_id": "reason", "max_length": 500}
+    return _modal(
+        "apprentice_flag",
+        private_metadata,
+        ("Flag the answer", "Flag"),
+        [_input("reason", "Why? (optional)", reason, optional=True)],
+    )
+
+
+def _modal(
+    callback_id: str, private_metadata: str, title_submit: tuple[str, str], blocks: list[dict[str, Any]]
+) -> dict[str, Any]:
+    title, submit = title_submit
     return {
         "type": "modal",
-        "callback_id": "apprentice_flag",
+        "callback_id": callback_id,
         "private_metadata": private_metadata,
-        "title": {"type": "plain_text", "text": "Flag the answer"},
-        "submit": {"type": "plain_text", "text": "Flag"},
-        "close": {"type": "plain_text", "text": "Cancel"},
-        "blocks": [
-            {
-                "type": "input",
-                "block_id": "reason",
-                "optional": True,
-                "label": {"type": "plain_text", "text": "Why? (optional)"},
-                "element": {"type": "plain_text_input", "action_id": "reason", "max_length": 500},
-            }
-        ],
+        "title": _plain(title),
+        "submit": _plain(submit),
+        "close": _plain("Cancel"),
+        "blocks": blocks,
     }
+
+
+def _input(block_id: str, label: str, element: dict[str, Any], optional: bool = False) -> dict[str, Any]:
+    block: dict[str, Any] = {"type": "input", "block_id": block_id}
+    if optional:
+        block["optional"] = True
+    block["label"] = _plain(label)
+    block["element"] = element
+    return block
+
+
+def _plain(text: str) -> dict[str, str]:
+    return {"type": "plain_text", "text": text}
 
 
 # --- building blocks and mrkdwn -------------------------------------------------------------

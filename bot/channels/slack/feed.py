@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bot.channels.slack.blocks import esc, quote
 from bot.channels.slack.identity import CHANNEL, Directory
@@ -22,6 +22,9 @@ from bot.outbox import Outbox
 from knowledge.models import Conversation, Correction
 from knowledge.settings import Settings
 from knowledge.store import Store
+
+if TYPE_CHECKING:
+    from learning.nightly import NightlyReport
 
 
 class ReviewFeed:
@@ -91,7 +94,7 @@ class ReviewFeed:
         if conv is not None and correction.message_id is not None and self.settings.review != "none":
             await self._put("update", conv.id, {"message_id": correction.message_id})
 
-    async def post_report(self, result: dict[str, Any]) -> None:
+    async def post_report(self, result: NightlyReport) -> None:
         """The nightly learning report, posted to the review channel (through the outbox, like cards)."""
         for kind, payload in report_items(result):
             await self.outbox.put(kind, payload, key="report")

@@ -19,7 +19,7 @@ import asyncio
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bot.channels.slack.blocks import (
     MAX_SECTION,
@@ -39,6 +39,9 @@ from bot.outbox import Drop, Outbox, Retry
 from knowledge.models import Conversation, OutboxItem
 from knowledge.settings import Settings
 from knowledge.store import Store
+
+if TYPE_CHECKING:
+    from learning.nightly import NightlyReport
 
 log = logging.getLogger(__name__)
 
@@ -275,19 +278,17 @@ def card_key(message_id: int) -> str:
 
 
 # --- reports ----------------------------------------------------------------------------------
-def report_items(result: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+def report_items(result: NightlyReport) -> list[tuple[str, dict[str, Any]]]:
     """The outbox items of a learning report: its text, then its chart (nothing for a skipped run)."""
-    if result.get("status") == "skipped":
+    if result.status == "skipped":
         return []
-    from learning.nightly import format_report  # lazy: the learning job's imports are not ours
-
-    items: list[tuple[str, dict[str, Any]]] = [("report", {"text": format_report(result)})]
-    if result.get("chart"):  # one key for both: the chart follows its text, never overtakes it
+    items: list[tuple[str, dict[str, Any]]] = [("report", {"text": result.render()})]
+    if result.chart:  # one key for both: the chart follows its text, never overtakes it
         items.append(("report_chart", _chart_payload(result)))
     return items
 
 
-def queue_report(store: Store, result: dict[str, Any]) -> int:
+def queue_report(store: Store, result: NightlyReport) -> int:
     """Queue a report made outside `serve` (`apprentice retrain`, the CronJob) for the review channel.
 
     Whichever bot replica drains the Slack outbox posts it; returns how many items were queued.
@@ -298,9 +299,9 @@ def queue_report(store: Store, result: dict[str, Any]) -> int:
     return len(items)
 
 
-def _chart_payload(result: dict[str, Any]) -> dict[str, Any]:
+def _chart_payload(result: NightlyReport) -> dict[str, Any]:
     """The outbox item of a report's chart: its path and a title that says which run it shows."""
-    candidate = result.get("candidate") or "?"
-    baseline = result.get("baseline") or "base model"
-    title = f"Nightly learning ({result.get('status', '?')}): {candidate} vs {baseline}"
-    return {"path": str(result["chart"]), "title": title}
+    candidate = result.candidate or "?"
+    baseline = result.baseline or "base model"
+    title = f"Nightly learning ({result.status}): {candidate} vs {baseline}"
+    return {"path": str(result.chart), "title": title}

@@ -558,7 +558,7 @@ async def test_feedback_rows_are_unique_per_customer(bot) -> None:
 
 
 def test_only_the_channel_and_its_sender_import_telegram() -> None:
-    root = Path(__file__).resolve().parents[2]
+    root = Path(__file__).resolve().parents[3]
     offenders = [
         str(p.relative_to(root))
         for pkg in ("bot", "knowledge", "learning")

@@ -1,4 +1,4 @@
-"""`apprentice serve` replicas as real subprocesses, for the replica test and tests/load_replicas.py.
+"""`apprentice serve` replicas as real subprocesses, for the replica test and tests/bench/load_replicas.py.
 
 Each replica gets its own data dir, HTTP port and log file, and shares what a scaled-out install
 shares: one PostgreSQL database, one Chroma server, one model server (APPRENTICE_LLM_URL) and

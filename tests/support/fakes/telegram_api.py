@@ -10,7 +10,7 @@ served by `getUpdates` long polls, which wake at once when an update arrives or 
 PTB form-encodes parameters: strings raw, everything else as JSON. The fake JSON-decodes every
 form parameter except free-text ones (`text`, `caption`, ...), and also accepts JSON bodies.
 
-Usable outside pytest too (tests/load_telegram.py): `async with FakeTelegramApi() as fake: ...`.
+Usable outside pytest too (tests/bench/load_telegram.py): `async with FakeTelegramApi() as fake: ...`.
 """
 
 from __future__ import annotations

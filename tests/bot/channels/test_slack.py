@@ -1,6 +1,6 @@
 """The Slack review channel, read like a shift in the review channel.
 
-Real bolt and slack_sdk against the fake Slack Web API (tests/fakes/slack_api.py), with signed
+Real bolt and slack_sdk against the fake Slack Web API (tests/support/fakes/slack_api.py), with signed
 HTTP requests and a Socket Mode connection. The customer side is the real conversation flow
 with a scripted generator; what reaches the customer is recorded by a deliverer registered for
 the "test" channel.
@@ -39,6 +39,7 @@ from knowledge.models import AuditEntry, Conversation, Feedback, RegistryState
 from knowledge.retrieve import KnowledgeBase
 from knowledge.settings import Settings
 from knowledge.store import Store
+from learning.nightly import NightlyReport
 
 SECRET = "test-signing-secret"
 REVIEW = "CREVIEW"
@@ -577,14 +578,14 @@ async def test_socket_mode_cards_buttons_commands_and_thread_replies(
 
 
 async def test_nightly_report_is_posted_to_the_review_channel(rig: Rig) -> None:
-    await rig.channel.post_report({"status": "skipped"})
+    await rig.channel.post_report(NightlyReport(status="skipped"))
     report = {
         "status": "promoted",
         "candidate": "v3",
         "examples": {"new": 7},
         "reason": "wins & no regressions",
     }
-    await rig.channel.post_report(report)
+    await rig.channel.post_report(NightlyReport.from_dict(report))
     [call] = await rig.slack.wait_for("chat.postMessage")
     assert call.params["channel"] == REVIEW and "adapter v3 promoted" in call.params["text"]
     assert "wins &amp; no regressions" in json.dumps(call.params["blocks"])  # escaped for mrkdwn
@@ -592,8 +593,8 @@ async def test_nightly_report_is_posted_to_the_review_channel(rig: Rig) -> None:
 
 async def test_a_report_queued_by_a_separate_retrain_job_is_posted_by_the_running_bot(rig: Rig) -> None:
     # bot replicas run with the nightly job off; `apprentice retrain` (a CronJob) queues its report
-    assert queue_report(rig.store, {"status": "skipped"}) == 0
-    assert queue_report(rig.store, {"status": "rejected", "candidate": "v4", "reason": "no better"}) == 1
+    assert queue_report(rig.store, NightlyReport(status="skipped")) == 0
+    assert queue_report(rig.store, NightlyReport(status="rejected", candidate="v4", reason="no better")) == 1
     [call] = await rig.slack.wait_for("chat.postMessage")
     assert call.params["channel"] == REVIEW and "v4" in call.params["text"]
 
@@ -612,8 +613,8 @@ def tiny_png(path: Path) -> bytes:
     return png
 
 
-def promoted_report(chart: Path) -> dict[str, Any]:
-    return {"status": "promoted", "candidate": "v3", "baseline": "v2", "reason": "wins", "chart": str(chart)}
+def promoted_report(chart: Path) -> NightlyReport:
+    return NightlyReport(status="promoted", candidate="v3", baseline="v2", reason="wins", chart=str(chart))
 
 
 async def test_nightly_report_uploads_its_chart_to_the_review_channel(rig: Rig, tmp_path: Path) -> None:
@@ -641,7 +642,7 @@ async def test_a_missing_files_write_scope_drops_only_the_chart(
     tiny_png(tmp_path / "eval.png")
     rig.slack.fail("files.getUploadURLExternal", status=200, error="missing_scope")
     await rig.channel.post_report(promoted_report(tmp_path / "eval.png"))
-    await rig.channel.post_report({"status": "rejected", "candidate": "v4", "reason": "no gain"})
+    await rig.channel.post_report(NightlyReport(status="rejected", candidate="v4", reason="no gain"))
     # the second report shares the key "report": it arrives only once the chart has left the outbox
     await rig.slack.wait_for("chat.postMessage", where=lambda c: "v4" in c.params["text"])
     texts = [c.params["text"] for c in rig.slack.called("chat.postMessage")]
@@ -654,7 +655,7 @@ async def test_a_missing_files_write_scope_drops_only_the_chart(
 
 async def test_a_report_whose_chart_file_is_gone_still_posts_its_text(rig: Rig, tmp_path: Path) -> None:
     await rig.channel.post_report(promoted_report(tmp_path / "missing.png"))
-    await rig.channel.post_report({"status": "rejected", "candidate": "v4", "reason": "no gain"})
+    await rig.channel.post_report(NightlyReport(status="rejected", candidate="v4", reason="no gain"))
     await rig.slack.wait_for("chat.postMessage", count=2)
     assert rig.slack.called("files.getUploadURLExternal") == []
     assert rig.count(AuditEntry, AuditEntry.action == "outbox_drop") == 1

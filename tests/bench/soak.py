@@ -1,6 +1,6 @@
 """Soak: kill `apprentice serve` at random moments while customers write and staff correct; lose nothing.
 
-    .venv/bin/python tests/soak.py --kills 50 --out bench-out/soak
+    .venv/bin/python tests/bench/soak.py --kills 50 --out bench-out/soak
 
 One `apprentice serve` subprocess (Telegram webhook mode, Slack HTTP mode, SQLite, embedded Chroma)
 talks to the fake Telegram Bot API, the fake Slack Web API and a fake OpenAI-compatible model
@@ -43,8 +43,9 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent))
+ROOT = HERE.parents[1]
+sys.path.insert(0, str(ROOT / "tests" / "support"))  # the fakes and servers
+sys.path.insert(0, str(ROOT))
 
 SECRET = "soak-webhook-secret"
 SIGNING = "soak-signing-secret"

@@ -1,6 +1,6 @@
 """Load test of the scaled-out topology: two `apprentice serve` replicas, many concurrent customers.
 
-    .venv/bin/python tests/load_replicas.py --customers 50 --messages 4 --out bench-out/replicas
+    .venv/bin/python tests/bench/load_replicas.py --customers 50 --messages 4 --out bench-out/replicas
 
 Starts a private PostgreSQL and Chroma server, the fake Telegram Bot API and a fake vLLM server
 (`--model echo`: deterministic text, so the numbers measure the bot itself: webhook, de-dup,
@@ -28,8 +28,9 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent))
+ROOT = HERE.parents[1]
+sys.path.insert(0, str(ROOT / "tests" / "support"))  # the fakes and servers
+sys.path.insert(0, str(ROOT))
 
 QUESTIONS = [
     "How long does shipping take?",
@@ -73,7 +74,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.model == "smollm2":
         from learning.modelfiles import convert_bundled
 
-        folder = convert_bundled(HERE.parent / ".cache" / "models")
+        folder = convert_bundled(ROOT / ".cache" / "models")
         model_name = "SmolLM2-135M-Instruct"
         backend = RuntimeBackend(folder, name=model_name, max_batch=8, max_new_tokens=args.max_new_tokens)
     with PostgresServer() as pg, ChromaServer() as chroma:

@@ -1,99 +1,28 @@
-"""The nightly loop with the tiny random Llama: training in a subprocess, the gate, the registry,
-hot-swap under load, a killed run, and the lock. Training is kept to a couple of steps."""
+"""The nightly job with the tiny random Llama: training in a subprocess, the gate, a killed run, the
+lock and the schedule. Training is kept to a couple of steps; the run the tests share is the `nightly`
+fixture (tests/learning/conftest.py)."""
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import hashlib
 import json
 import re
-import shutil
 import signal
 import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
+from nightly_world import TINY, seed
 
 from knowledge.models import TrainingRun
-from knowledge.retrieve import KnowledgeBase
 from knowledge.settings import ConfigError, Settings
-from knowledge.store import Store
 from learning import registry
 from learning.evaluate import Gate, token_f1
 from learning.modelfiles import base_model_hash
-from learning.nightly import crontab_weekdays, format_report, run_nightly, start_scheduler
+from learning.nightly import crontab_weekdays, run_nightly, start_scheduler
 from learning.train import TrainConfig, TrainingFailed, build_command, parse_event, run_training
-
-TINY = TrainConfig(
-    rank=4, alpha=8, max_steps=2, batch_size=2, max_length=512, gradient_checkpointing=False, dpo_epochs=1
-)
-DOCS = {
-    "warranty.md": "# Warranty\n\nEvery frame has a two-year warranty. Batteries are covered for one year.\n",
-    "shipping.md": "# Shipping\n\nWe ship within 3 working days by DHL. Shipping is free above 50 euros.\n",
-}
-LESSONS = [
-    ("How long is the frame warranty?", "One year.", "Frames have a two-year warranty."),
-    ("Who delivers parcels?", "UPS.", "DHL delivers within 3 working days."),
-    ("Is shipping free?", "Never.", "Shipping is free above 50 euros."),
-    ("Are batteries covered?", "No.", "Batteries are covered for one year."),
-]
-
-
-def make_world(root: Path, model: Path, **overrides: Any) -> tuple[Settings, Store, KnowledgeBase]:
-    docs = root / "docs"
-    docs.mkdir(parents=True, exist_ok=True)
-    for name, text in DOCS.items():
-        (docs / name).write_text(text, encoding="utf-8")
-    fields: dict[str, Any] = {
-        "data_dir": root / "data", "model": str(model), "max_new_tokens": 8, "min_new_examples": 1,
-        "dtype": "float32", "max_batch": 4, "top_k": 2,
-    } | overrides  # fmt: skip
-    settings = Settings(**fields)
-    store = Store(settings.database)
-    kb = KnowledgeBase.from_settings(settings)
-    kb.ingest([docs])
-    return settings, store, kb
-
-
-def seed(store: Store, kb: KnowledgeBase) -> None:
-    for i, (question, answer, corrected) in enumerate(LESSONS):
-        conv = store.conversation_for("terminal", f"chat{i}", f"cust{i}")
-        q = store.add_message(conv.id, "customer", question)
-        a = store.add_message(conv.id, "bot", answer, reply_to_id=q.id)
-        corr, _ = store.add_correction(
-            message_id=a.id, conversation_id=conv.id, question=question, original=answer, corrected=corrected,
-            staff="staff",
-        )  # fmt: skip
-        kb.remember(corr.id, question, corrected)
-
-
-@pytest.fixture(scope="module")
-def nightly(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Any:
-    """One nightly run whose gate cannot pass (margin 1000%): trains v0001 and keeps the base model."""
-    settings, store, kb = make_world(tmp_path_factory.mktemp("nightly"), tiny_model_dir)
-    seed(store, kb)
-    report = run_nightly(settings, store, kb, train_config=TINY, gate=Gate(margin=10.0))
-    yield settings, store, kb, report
-    kb.close()
-    store.close()
-
-
-@pytest.fixture
-def fresh(tmp_path: Path, tiny_model_dir: Path, nightly: Any) -> Any:
-    """An empty world with the nightly run's adapter registered as v0001 and a copy as v0002."""
-    settings, store, kb = make_world(tmp_path, tiny_model_dir)
-    trained = registry.get_adapter(nightly[1], "v0001")
-    assert trained is not None
-    for version in ("v0001", "v0002"):
-        path = registry.adapters_root(settings) / version
-        shutil.copytree(trained.path, path)
-        registry.register(store, version, path, trained.meta)
-    yield settings, store, kb
-    kb.close()
-    store.close()
-
 
 # --- training ---------------------------------------------------------------------------------
 
@@ -111,7 +40,7 @@ def test_a_failing_gate_trains_but_does_not_promote(nightly: Any) -> None:
     run_dir = Path(report.run_dir)
     assert json.loads((run_dir / "eval.json").read_text())["promote"] is False
     assert (run_dir / "eval.png").read_bytes()[:4] == b"\x89PNG"
-    assert "NOT promoted" in format_report(report)
+    assert "NOT promoted" in report.render()
 
 
 @pytest.mark.slow
@@ -259,103 +188,6 @@ def run_spec(settings: Settings) -> Any:
     return JobSpec("d", "o", "b")
 
 
-# --- registry and hot-swap ----------------------------------------------------------------------
-
-
-def test_promote_and_rollback_move_one_pointer(fresh: Any) -> None:
-    _, store, _ = fresh
-    assert registry.pointer(store) == registry.Pointer(None, None)
-    with pytest.raises(registry.RegistryError, match="Nothing to roll back"):
-        registry.rollback(store)
-    registry.promote(store, "v0001")
-    assert registry.promote(store, "v0002") == registry.Pointer("v0002", "v0001")
-    assert registry.rollback(store) == registry.Pointer("v0001", "v0002")
-    assert registry.rollback(store) == registry.Pointer("v0002", "v0001")
-    with pytest.raises(registry.RegistryError, match="No adapter 'v9'"):
-        registry.promote(store, "v9")
-    assert registry.pointer(store).active == "v0002"
-
-
-def test_an_adapter_for_another_base_is_refused(fresh: Any, tiny_model_dir: Path) -> None:
-    settings, store, _ = fresh
-    v1 = registry.get_adapter(store, "v0001")
-    assert v1 is not None
-    path = registry.adapters_root(settings) / "v0009"
-    shutil.copytree(v1.path, path)
-    registry.register(store, "v0009", path, {**v1.meta, "base_model": "other-7b", "base_hash": "f" * 64})
-    running = registry.running_base_hash(settings)
-    assert running == base_model_hash(tiny_model_dir)
-    with pytest.raises(registry.BaseMismatch, match="trained on other-7b"):
-        registry.promote(store, "v0009", running)
-    assert registry.pointer(store).active is None
-
-
-@pytest.mark.slow
-async def test_hot_swap_while_answers_are_in_flight(fresh: Any, tiny_model_dir: Path) -> None:
-    from learning.runtime import load_local
-
-    _, store, _ = fresh
-    runtime = await asyncio.to_thread(
-        load_local, str(tiny_model_dir), dtype="float32", max_batch=2, max_new_tokens=6, timeout_s=600
-    )
-    watcher = registry.AdapterWatcher(store, runtime, interval_s=0.05)
-    try:
-        await watcher.start()
-        assert runtime.adapter_version is None
-        ask = [{"role": "user", "content": "Who delivers parcels?"}]
-
-        async def until(version: str | None) -> None:
-            for _ in range(600):  # the watcher polls every 0.05 s; 30 s at most
-                if runtime.adapter_version == version:
-                    return
-                await asyncio.sleep(0.05)
-            raise AssertionError(f"the watcher did not switch to {version}")
-
-        # Each group is in flight while the next switch is requested; a group is collected before the
-        # switch after that, because a pending switch goes ahead of requests still queued (by design:
-        # a promotion takes effect at the next batch), so a busy machine could otherwise answer a
-        # queued request with a version two switches later.
-        first = [asyncio.create_task(runtime.generate(ask)) for _ in range(5)]
-        await asyncio.to_thread(registry.promote, store, "v0001")
-        await until("v0001")
-        answers = list(await asyncio.gather(*first))
-        second = [asyncio.create_task(runtime.generate(ask)) for _ in range(5)]
-        await asyncio.to_thread(registry.promote, store, "v0002")
-        await until("v0002")
-        answers += await asyncio.gather(*second)
-        third = [asyncio.create_task(runtime.generate(ask)) for _ in range(3)]
-        await asyncio.to_thread(registry.rollback, store)
-        await until("v0001")
-        fourth = [asyncio.create_task(runtime.generate(ask)) for _ in range(3)]
-        answers += await asyncio.gather(*third, *fourth)
-    finally:
-        await watcher.stop()
-        await runtime.aclose()
-    assert len(answers) == 16 and all(a.text is not None for a in answers)  # nothing dropped
-    assert {a.adapter_version for a in answers[:5]} <= {None, "v0001"}
-    assert {a.adapter_version for a in answers[5:10]} <= {"v0001", "v0002"}
-    assert {a.adapter_version for a in answers[13:]} == {"v0001"}
-    assert runtime.stats.errors == 0 and runtime.stats.adapter_errors == 0
-
-
-async def test_the_watcher_refuses_a_foreign_base_and_keeps_serving(fresh: Any) -> None:
-    from scripted import ScriptedModel
-
-    settings, store, _ = fresh
-    v1 = registry.get_adapter(store, "v0001")
-    assert v1 is not None
-    path = registry.adapters_root(settings) / "v0007"
-    shutil.copytree(v1.path, path)
-    registry.register(store, "v0007", path, {**v1.meta, "base_hash": "e" * 64})
-    model = ScriptedModel()
-    watcher = registry.AdapterWatcher(store, model, base_hash=v1.base_hash)
-    registry.promote(store, "v0001")
-    assert await watcher.check() and model.adapter_version == "v0001"
-    registry.promote(store, "v0007")  # no running hash given: the pointer moves, the watcher must refuse
-    assert not await watcher.check()
-    assert model.adapter_version == "v0001"
-
-
 # --- the nightly job ---------------------------------------------------------------------------
 
 
@@ -426,22 +258,3 @@ def test_gate_rules() -> None:
     ok, why = gate.decide({"heldout": 0.9, "control": 0.4}, {"heldout": 0.5, "control": 0.5})
     assert not ok and "control" in why and "REGRESSED" in why
     assert token_f1("The frame has a two-year warranty", "frame: two-year warranty!") == pytest.approx(6 / 7)
-
-
-def test_adapters_cli(
-    fresh: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    from bot.cli import main
-
-    settings, store, _ = fresh
-    monkeypatch.setenv("APPRENTICE_DATA_DIR", str(settings.data_dir))
-    monkeypatch.setenv("APPRENTICE_MODEL", settings.model)
-    assert main(["adapters", "promote", "v0002"]) == 0
-    assert registry.pointer(store).active == "v0002"
-    assert main(["adapters", "list"]) == 0
-    out = capsys.readouterr().out
-    assert "* v0002" in out and "  v0001" in out
-    assert main(["adapters", "rollback"]) == 0
-    assert registry.pointer(store) == registry.Pointer(None, "v0002")
-    assert main(["adapters", "promote", "v404"]) == 1
-    assert "No adapter 'v404'" in capsys.readouterr().err

@@ -1,6 +1,6 @@
-"""The soak (tests/soak.py) in small: three SIGKILLs of `apprentice serve` mid-stream, nothing lost.
+"""The soak (tests/bench/soak.py) in small: three SIGKILLs of `apprentice serve` mid-stream, nothing lost.
 
-The full run is `.venv/bin/python tests/soak.py --kills 50 --out bench-out/soak` (docs/security.md
+The full run is `.venv/bin/python tests/bench/soak.py --kills 50 --out bench-out/soak` (docs/security.md
 quotes its figures). This variant keeps CI short; it checks the same things.
 """
 

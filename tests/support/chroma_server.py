@@ -5,7 +5,7 @@ tests run against it as well as against embedded Chroma through the `chroma_url`
 ("" = embedded). Collections are wiped before each test that asks for the server, so tests
 stay independent while sharing one process.
 
-Also used outside pytest (tests/load_replicas.py): `with ChromaServer() as chroma: chroma.url`.
+Also used outside pytest (tests/bench/load_replicas.py): `with ChromaServer() as chroma: chroma.url`.
 """
 
 from __future__ import annotations

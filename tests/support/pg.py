@@ -1,11 +1,12 @@
 """A real PostgreSQL server for the tests: initdb into a temp dir, 127.0.0.1 on a free port, trust auth.
 
-`tests/services.sh` installs Debian's `postgresql` package when it is missing; this module only
+`tests/support/services.sh` installs Debian's `postgresql` package when it is missing; this module only
 starts a private instance (never the system one) and stops it at the end of the session. When
 PostgreSQL truly cannot be started the PostgreSQL tests skip with a loud message, unless
 APPRENTICE_TEST_REQUIRE_SERVERS=1 (CI), where they fail instead.
 
-Also used outside pytest (tests/load_replicas.py): `with PostgresServer() as pg: pg.create_database("x")`.
+Also used outside pytest (tests/bench/load_replicas.py):
+`with PostgresServer() as pg: pg.create_database("x")`.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def pg_bindir() -> Path:
     if initdb:
         return Path(initdb).parent
     raise ServerUnavailable(
-        "PostgreSQL is not installed (no initdb found). Run `make services` (bash tests/services.sh) "
+        "PostgreSQL is not installed (no initdb found). Run `make services` (bash tests/support/services.sh) "
         "as root to install Debian's postgresql package."
     )
 

@@ -1,6 +1,6 @@
 """Load test of the Telegram channel: many customers writing at once, answered by the real SmolLM2.
 
-    .venv/bin/python tests/load_telegram.py --customers 20 --messages 2 --out bench-out/telegram
+    .venv/bin/python tests/bench/load_telegram.py --customers 20 --messages 2 --out bench-out/telegram
 
 One `App` (as `apprentice serve` runs it: SQLite, embedded Chroma with the demo KB, the in-process
 SmolLM2 runtime with its micro-batching) with the Telegram channel long-polling the fake Bot API.
@@ -28,8 +28,9 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent))
+ROOT = HERE.parents[1]
+sys.path.insert(0, str(ROOT / "tests" / "support"))  # the fakes and servers
+sys.path.insert(0, str(ROOT))
 
 QUESTIONS = [
     "How long does shipping take?",
@@ -71,7 +72,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         settings = Settings(
             _env_file=None,  # type: ignore[call-arg]
             data_dir=data,
-            model_cache=HERE.parent / ".cache" / "models",  # the converted SmolLM2, shared with the tests
+            model_cache=ROOT / ".cache" / "models",  # the converted SmolLM2, shared with the tests
             telegram_bot_token=TOKEN,
             telegram_api_url=fake.base_url,
             http_port=0,
