@@ -137,11 +137,24 @@ def install(settings: Settings, throttle_s: float = 60.0) -> None:
             handler.addFilter(guard)
 
 
+def mask_also(secret: str) -> None:
+    """A secret the bot makes itself at run time (the Telegram webhook secret it generates and keeps
+    in the database): the installed filters mask it from now on too, like the configured ones."""
+    if len(secret) < MIN_SECRET_CHARS:
+        return
+    for handler in logging.getLogger().handlers:
+        for found in handler.filters:
+            if isinstance(found, SecretFilter) and secret not in found.secrets:
+                found.secrets.append(secret)
+                found.secrets.sort(key=len, reverse=True)
+
+
 __all__ = [
     "MIN_SECRET_CHARS",
     "SecretFilter",
     "ThrottleFilter",
     "install",
+    "mask_also",
     "quiet_http_clients",
     "secret_values",
 ]

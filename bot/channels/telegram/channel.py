@@ -44,6 +44,7 @@ from telegram.constants import ChatType
 from telegram.error import Conflict, InvalidToken, TelegramError
 from telegram.ext import Application, ApplicationBuilder, ContextTypes, TypeHandler
 
+from bot import logsafe
 from bot.channels.telegram.sender import TelegramSender
 from bot.channels.telegram.text import parse_csat, parse_feedback
 from bot.conversation import ConversationService
@@ -246,7 +247,9 @@ class TelegramChannel:
         if configured:
             return configured
         # A-Z a-z 0-9 _ -, as Telegram requires; replicas starting together agree on one value
-        return self.store.setdefault_kv(SECRET_KV, secrets.token_urlsafe(32))
+        generated = self.store.setdefault_kv(SECRET_KV, secrets.token_urlsafe(32))
+        logsafe.mask_also(generated)  # not a setting, so the log filter learns it here
+        return generated
 
     # --- updates in --------------------------------------------------------------------
     async def _webhook(self, request: web.Request) -> web.Response:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import logging
 import re
 from collections.abc import AsyncIterator
@@ -30,6 +31,7 @@ from bot.channels.telegram import (
     TelegramChannel,
     split_text,
 )
+from bot.logsafe import MASK, SecretFilter
 from bot.messages import CATALOG
 from bot.notices import APOLOGY, HUMAN, NON_TEXT, SLOW_DOWN, THANKS_DOWN, THANKS_UP
 from knowledge.models import Conversation, Customer, Feedback, Message, OutboxItem
@@ -542,6 +544,24 @@ async def test_webhook_accepts_only_the_secret_token(fake_telegram, app_data_dir
     async with telegram_app(fake, app_data_dir, model, telegram_webhook_url=url):
         hooks = await fake.wait_for("setWebhook", count=2)
         assert hooks[1].params["secret_token"] == secret
+
+
+async def test_a_generated_webhook_secret_is_masked_in_the_logs(fake_telegram, app_data_dir) -> None:  # noqa: F811
+    """The secret the bot makes itself is no setting, yet a log line carrying it shows [secret]."""
+    fake, model = fake_telegram, ChatModel()
+    written = io.StringIO()
+    handler = logging.StreamHandler(written)
+    handler.addFilter(SecretFilter([]))  # what `apprentice serve` installs on its log handlers
+    logging.getLogger().addHandler(handler)
+    try:
+        url = "https://bot.example.test/telegram"
+        async with telegram_app(fake, app_data_dir, model, telegram_webhook_url=url):
+            secret = (await fake.wait_for("setWebhook"))[0].params["secret_token"]
+            logging.getLogger("some.library").warning("request failed: headers %s", {"token": secret})
+    finally:
+        logging.getLogger().removeHandler(handler)
+    assert "request failed" in written.getvalue()
+    assert secret not in written.getvalue() and MASK in written.getvalue()
 
 
 async def test_feedback_rows_are_unique_per_customer(bot) -> None:
