@@ -24,10 +24,14 @@ async def test_two_drainers_send_each_item_once_and_in_key_order(database_url: s
 
         return send
 
-    outboxes = [Outbox(s, "telegram", sender(f"r{i}"), base_delay_s=0) for i, s in enumerate(stores)]
+    outboxes = [Outbox(s, "telegram", sender(f"r{i}"), base_delay_s=0, batch=5) for i, s in enumerate(stores)]
     try:
         for n in range(40):
             stores[n % 2].enqueue("telegram", "send", {"n": n, "chat": n % 4}, key=str(n % 4))
+        # one round each on its own first, so both deliver however the threads are scheduled; then
+        # both at once until the outbox is empty
+        for outbox in outboxes:
+            await outbox.drain_once()
         while stores[0].outbox_depth("telegram"):
             await asyncio.gather(*(o.drain_once() for o in outboxes))
     finally:
