@@ -32,28 +32,11 @@ ROOT = HERE.parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "support"))  # the fakes and servers
 sys.path.insert(0, str(ROOT))
 
-QUESTIONS = [
-    "How long does shipping take?",
-    "Can I return a bike I bought online?",
-    "What are your opening hours on Saturday?",
-    "Do you offer test rides?",
-    "How do I track my order?",
-    "Which payment methods do you accept?",
-    "Do you repair e-bikes?",
-    "How does the warranty work?",
-    "Do you sell gift cards?",
-    "What size frame do I need?",
-]
+from demo_questions import QUESTIONS  # noqa: E402
+
+from bench.common import percentiles  # noqa: E402
+
 SECRET = "load-test-secret"
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    if not ordered:
-        return float("nan")
-    k = (len(ordered) - 1) * q
-    lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -154,8 +137,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "answers_stored": stored_answers,
         "answered_exactly_once": exactly_once,
         "handled_per_replica": per_replica,
-        "latency_p50_s": round(percentile(lat, 0.50), 3),
-        "latency_p95_s": round(percentile(lat, 0.95), 3),
+        "latency_p50_s": percentiles(lat, 3)["p50"],
+        "latency_p95_s": percentiles(lat, 3)["p95"],
         "latency_max_s": round(max(lat), 3),
         "latency_mean_s": round(statistics.fmean(lat), 3),
         "wall_s": round(result["wall_s"], 2),

@@ -32,31 +32,13 @@ ROOT = HERE.parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "support"))  # the fakes and servers
 sys.path.insert(0, str(ROOT))
 
-QUESTIONS = [
-    "How long does shipping take?",
-    "Can I return a bike I bought online?",
-    "What are your opening hours on Saturday?",
-    "Do you offer test rides?",
-    "How do I track my order?",
-    "Which payment methods do you accept?",
-    "Do you repair e-bikes?",
-    "How does the warranty work?",
-    "Do you sell gift cards?",
-    "What size frame do I need?",
-]
+from demo_questions import QUESTIONS  # noqa: E402
+
+from bench.common import percentiles  # noqa: E402
 
 
 def _to_chat(chat: int, call: Any) -> bool:
     return str(call.params.get("chat_id")) == str(chat)
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    if not ordered:
-        return float("nan")
-    k = (len(ordered) - 1) * q
-    lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -142,8 +124,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "answered_exactly_once": exactly_once,
         "answer_status": dict(statuses),
         "max_new_tokens": args.max_new_tokens,
-        "latency_p50_s": round(percentile(latencies, 0.50), 2),
-        "latency_p95_s": round(percentile(latencies, 0.95), 2),
+        "latency_p50_s": percentiles(latencies, 2)["p50"],
+        "latency_p95_s": percentiles(latencies, 2)["p95"],
         "latency_max_s": round(max(latencies), 2),
         "latency_mean_s": round(statistics.fmean(latencies), 2),
         "wall_s": round(wall, 1),

@@ -18,7 +18,8 @@ from knowledge.models import Correction, Customer, Message
 from knowledge.retrieve import KnowledgeBase
 from knowledge.settings import Settings
 from knowledge.store import Store
-from learning.datasets import VIEWS, BuildOptions, build_datasets, rephrasings
+from learning.datasets import VIEWS, BuildOptions, build_datasets
+from learning.lessons import rephrasings
 
 DOCS = {
     "warranty.md": "# Warranty\n\nEvery frame has a two-year warranty. Batteries are covered for one year.\n",
