@@ -129,11 +129,6 @@ class HttpGenerator:
         return self._requested_version
 
     @property
-    def served_name(self) -> str | None:
-        """The `model` sent with new requests: the adapter's served name, or None before the first call."""
-        return self._current[0] or self._served_base
-
-    @property
     def queue_depth(self) -> int:
         return sum(self._inflight.values())
 

@@ -25,7 +25,6 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, fields
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from knowledge.models import utcnow
@@ -450,9 +449,3 @@ def start_report_scheduler(settings: Settings, store: Store, post: Callable[[], 
             log.exception("posting the weekly figures failed")
 
     return _start_claimed(trigger, settings.timezone, store, REPORT_JOB, "weekly figures", report)
-
-
-def last_run_dir(settings: Settings) -> Path | None:
-    """The newest run folder (for `apprentice eval` defaults)."""
-    runs = sorted((settings.data_dir / "runs").glob("[0-9]*"))
-    return runs[-1] if runs else None
