@@ -163,12 +163,15 @@ def latency_pair(
     """
     from learning.answer import ground
     from learning.prompt import answer_messages, build_messages
+    from learning.rerank import rerank, wanted
 
     rag: list[float] = []
     bare: list[float] = []
     for q in questions:
         t = time.perf_counter()
         retrieval = kb.retrieve(q, settings.top_k, settings.memory_threshold)
+        if wanted(runtime, settings.rerank):  # the model reads the passages first, as served
+            retrieval.passages = asyncio.run(rerank(runtime, q, retrieval.passages))
         reply = runtime.generate_batch([answer_messages(settings, q, retrieval.all)])[0].text
         if settings.answer_mode == "grounded":  # the check every served answer passes
             ground(q, reply, retrieval.all)

@@ -26,10 +26,11 @@ from bot.ratelimit import verdict as rate_verdict
 from bot.staff import StaffActions
 from knowledge import embed
 from knowledge.models import Conversation, Message
-from knowledge.passages import Passage
+from knowledge.passages import Passage, Retrieval
 from learning.answer import cite, finish, ground
-from learning.generation import GenerationTimeout, ModelBusy
+from learning.generation import GenerationError, GenerationTimeout, ModelBusy
 from learning.prompt import answer_messages, prompt_turns
+from learning.rerank import rerank, wanted
 
 log = logging.getLogger(__name__)
 
@@ -193,10 +194,12 @@ class ConversationService(StaffActions, CustomerFeedback):
         elif retrieval.memory is None and retrieval.best_score < self.settings.relevance_threshold:
             reply, status, flagged = await self._unsure(inbound, text), "unsure", True
         elif self.settings.answer_mode == "extract" and retrieval.passages:
-            # the extract answer mode: the best passage's relevant sentences, no model
+            # the extract answer mode: the best passage's relevant sentences, no model writing
+            retrieval = await self._reranked(text, retrieval)
             reply = await asyncio.to_thread(cite, text, retrieval.passages[0])
             model, grounding = "extract", "extract"
         else:
+            retrieval = await self._reranked(text, retrieval)
             history = await asyncio.to_thread(self._history, conv.id, question_id)
             try:
                 prompt = (self.settings, text, retrieval.all, history)
@@ -247,6 +250,18 @@ class ConversationService(StaffActions, CustomerFeedback):
             conv.id, question_id, mid, text, reply, sources, status, model, adapter, latency_ms, flagged,
             grounding=grounding,
         )  # fmt: skip
+
+    async def _reranked(self, question: str, retrieval: Retrieval) -> Retrieval:
+        """The documents in the model's order (learning/rerank.py); as retrieved when reranking is
+        off, the backend cannot score, or the model is busy or fails (the answer still goes out)."""
+        if len(retrieval.passages) < 2 or not wanted(self.generator, self.settings.rerank):
+            return retrieval
+        try:
+            passages = await rerank(self.generator, question, retrieval.passages)
+        except (ModelBusy, GenerationTimeout, GenerationError) as exc:
+            log.warning("passages left in retrieval order: %s", type(exc).__name__)
+            return retrieval
+        return dataclasses.replace(retrieval, passages=passages)
 
     def _ground(
         self,

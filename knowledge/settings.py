@@ -141,9 +141,19 @@ class Settings(BaseSettings):
             "grounded: the model answers from the passage sentences closest to the question; a reply "
             "with a sentence or figure the passages do not support, or an off-role one, is replaced by "
             "the best passage's relevant sentences and its title, and flagged for staff. extract: those "
-            "sentences, no model. model: the reply as generated (cut at its last full sentence when "
-            "the token cap stopped it). "
+            "sentences, the model writes nothing (it still picks the passage, APPRENTICE_RERANK). "
+            "model: the reply as generated (cut at its last full sentence when the token cap stopped it). "
             "docs/answers.md has the measurements."
+        ),
+    )
+    rerank: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description=(
+            "on: the model reorders the retrieved passages by how likely the customer's question is "
+            "after each (query likelihood) and the answer comes from its first; off: retrieval's order; "
+            "auto: on where the in-process model runs on a GPU. On a CPU it costs a prefill of each "
+            "passage (about 2.4 s an answer on one core) for a better-chosen passage; with "
+            "APPRENTICE_LLM_URL retrieval's order stands. docs/answers.md has the measurements."
         ),
     )
     history_turns: int = Field(2, description="Earlier turns of the conversation included in the prompt.")

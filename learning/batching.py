@@ -68,6 +68,10 @@ class Engine(Protocol):
         self, rows: Sequence[list[int]], budgets: Sequence[int], stop: Callable[[int], bool]
     ) -> tuple[list[list[int]], float | None]: ...
 
+    def score(self, prefixes: Sequence[list[int]], continuation: list[int]) -> list[float]:
+        """Mean log-probability per token of `continuation` after each prefix (one batch)."""
+        ...
+
     def use_adapter(self, path: str | None, version: str | None) -> None: ...
 
     @property
@@ -121,13 +125,27 @@ class _Request:
         return self.abandoned or self.future.cancelled()
 
 
-def _settle(request: _Request, result: Generation | None = None, error: BaseException | None = None) -> None:
+@dataclass(eq=False)
+class _Scoring:
+    """One `likelihoods` call: scored alone, as one batch of its prompts."""
+
+    prompts: list[Messages]
+    continuation: str
+    future: concurrent.futures.Future[list[float]]
+    submitted: float
+    abandoned: bool = False
+
+    def gone(self) -> bool:
+        return self.abandoned or self.future.cancelled()
+
+
+def _settle(request: _Request | _Scoring, result: Any = None, error: BaseException | None = None) -> None:
     """Resolve a request's future exactly once (the caller may have cancelled it meanwhile)."""
     with contextlib.suppress(concurrent.futures.InvalidStateError):
         if error is not None:
             request.future.set_exception(error)
         else:
-            request.future.set_result(result)  # type: ignore[arg-type]
+            request.future.set_result(result)
 
 
 class LocalRuntime:
@@ -166,7 +184,7 @@ class LocalRuntime:
 
         self.stats = RuntimeStats()
         self._cond = threading.Condition()
-        self._queue: collections.deque[_Request] = collections.deque()
+        self._queue: collections.deque[_Request | _Scoring] = collections.deque()
         self._closing = False
         self._pending_adapter: tuple[str | None, str | None] | None = None
         self._requested_version: str | None = None
@@ -186,6 +204,10 @@ class LocalRuntime:
         return self._requested_version
 
     @property
+    def device(self) -> str:
+        return self.engine.device
+
+    @property
     def queue_depth(self) -> int:
         return len(self._queue)
 
@@ -196,9 +218,23 @@ class LocalRuntime:
 
     async def generate(self, messages: Messages, max_new_tokens: int | None = None) -> Generation:
         """Answer one conversation. Raises ModelBusy at once when the queue is full."""
-        request = self._enqueue(messages, max_new_tokens, wait_for_room=False)
+        return await self._wait(self._enqueue(messages, max_new_tokens, wait_for_room=False))
+
+    async def likelihoods(self, prompts: list[Messages], continuation: str) -> list[float]:
+        """`Scorer`: the mean log-probability per token of `continuation` as the reply to each prompt.
+
+        All prompts go to the engine as one batch, queued with the answers (ModelBusy when full).
+        """
+        if not prompts or not continuation.strip():
+            raise ValueError("likelihoods needs at least one prompt and a non-empty continuation.")
+        request = _Scoring([list(m) for m in prompts], continuation, concurrent.futures.Future(), 0.0)
+        self._put(request, wait_for_room=False)
+        return await self._wait(request)
+
+    async def _wait(self, request: _Request | _Scoring) -> Any:
         # wrap_future hands the worker's result to this loop with call_soon_threadsafe.
-        waiter = asyncio.wrap_future(request.future)
+        future: concurrent.futures.Future[Any] = request.future
+        waiter = asyncio.wrap_future(future)
         try:
             return await asyncio.wait_for(waiter, self.timeout_s)
         except TimeoutError:
@@ -285,6 +321,10 @@ class LocalRuntime:
         if budget < 1:
             raise ValueError("max_new_tokens must be at least 1.")
         request = _Request(list(messages), budget, concurrent.futures.Future(), time.perf_counter())
+        self._put(request, wait_for_room)
+        return request
+
+    def _put(self, request: _Request | _Scoring, wait_for_room: bool) -> None:
         with self._cond:
             if wait_for_room:
                 self._cond.wait_for(lambda: self._closing or len(self._queue) < self.max_queue)
@@ -296,10 +336,10 @@ class LocalRuntime:
             request.submitted = time.perf_counter()
             self._queue.append(request)
             self._cond.notify_all()
-        return request
 
-    def _take(self) -> tuple[tuple[str | None, str | None] | None, list[_Request]] | None:
-        """Block until there is work: an adapter change (always first) or a batch. None: shut down."""
+    def _take(self) -> tuple[tuple[str | None, str | None] | None, list[_Request] | _Scoring] | None:
+        """Block until there is work: an adapter change (always first), a batch of answers or one
+        scoring request (never mixed: a batch stops at the first scoring request). None: shut down."""
         with self._cond:
             self._cond.wait_for(
                 lambda: self._closing or self._pending_adapter is not None or bool(self._queue)
@@ -311,9 +351,14 @@ class LocalRuntime:
                 return change, []
             batch: list[_Request] = []
             while self._queue and len(batch) < self.max_batch:
+                if isinstance(self._queue[0], _Scoring) and batch:
+                    break
                 request = self._queue.popleft()
                 if request.gone():
                     self.stats.abandoned += 1
+                elif isinstance(request, _Scoring):
+                    self._cond.notify_all()
+                    return None, request
                 else:
                     batch.append(request)
             self._cond.notify_all()  # room in the queue for generate_batch callers
@@ -335,6 +380,8 @@ class LocalRuntime:
             try:
                 if change is not None:
                     self._apply_adapter(*change)
+                elif isinstance(batch, _Scoring):
+                    self._score(batch)
                 elif batch:
                     self._run_batch(batch)
             except Exception:  # the worker must survive anything; the requests were settled already
@@ -389,6 +436,20 @@ class LocalRuntime:
                     log.exception("generation failed")
                     self._count_error()
                     _settle(item[0], error=GenerationError(f"the model failed: {single}"))
+
+    def _score(self, request: _Scoring) -> None:
+        try:
+            prefixes = [self._encode(m, 1) for m in request.prompts]
+            continuation: list[int] = self.tokenizer(request.continuation, add_special_tokens=False)[
+                "input_ids"
+            ]
+            scores = self.engine.score(prefixes, continuation)
+        except Exception as exc:
+            log.exception("scoring failed")
+            self._count_error()
+            _settle(request, error=GenerationError(f"the model failed to score: {exc}"))
+            return
+        _settle(request, result=scores)
 
     def _count_error(self) -> None:
         with self._cond:

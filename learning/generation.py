@@ -65,6 +65,23 @@ class Generator(Protocol):
     async def aclose(self) -> None: ...
 
 
+@runtime_checkable
+class Scorer(Protocol):
+    """A backend that can also read: how likely `continuation` is as the answer to each prompt.
+
+    `learning.rerank` asks it how likely the customer's question is after each retrieved passage, so
+    the model itself picks the passage that answers (docs/answers.md). The in-process runtime keeps
+    it; a backend without it leaves passages in retrieval order. Raises what `generate` raises.
+    """
+
+    @property
+    def device(self) -> str:
+        """Where the model runs, "cpu" or "cuda": a prefill per passage is cheap only on a GPU."""
+        ...
+
+    async def likelihoods(self, prompts: list[Messages], continuation: str) -> list[float]: ...
+
+
 # --- statistics (for /metrics and `apprentice bench speed`) ---------------------------------------
 
 

@@ -122,6 +122,32 @@ class HfEngine:
         new: list[list[int]] = output[:, width:].tolist()
         return new, stops.first_token_at
 
+    def score(self, prefixes: Sequence[list[int]], continuation: list[int]) -> list[float]:
+        """One forward pass over every prefix + continuation, left-padded so the continuations line up."""
+        import torch
+
+        n = len(continuation)
+        width = max(len(ids) for ids in prefixes) + n
+        input_ids = torch.full((len(prefixes), width), self._pad, dtype=torch.long)
+        attention = torch.zeros((len(prefixes), width), dtype=torch.long)
+        for row, ids in enumerate(prefixes):
+            input_ids[row, width - len(ids) - n :] = torch.tensor([*ids, *continuation], dtype=torch.long)
+            attention[row, width - len(ids) - n :] = 1
+        positions = (attention.cumsum(-1) - 1).clamp(min=0)
+        adapter_off = (
+            self._model.disable_adapter()
+            if self._model is not self._base and self._adapter_key is None
+            else contextlib.nullcontext()
+        )
+        with torch.inference_mode(), adapter_off:
+            logits = self._model(
+                input_ids=input_ids.to(self.device),
+                attention_mask=attention.to(self.device),
+                position_ids=positions.to(self.device),
+            ).logits[:, width - n - 1 : width - 1].float()
+        picked = torch.log_softmax(logits, -1).gather(-1, input_ids[:, width - n :, None].to(self.device))
+        return [float(v) for v in picked[..., 0].mean(-1).tolist()]
+
     # --- adapters ---------------------------------------------------------------------------------
     def use_adapter(self, path: str | None, version: str | None) -> None:
         if path is None:

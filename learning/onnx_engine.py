@@ -261,6 +261,36 @@ class OnnxModel:
         return out
 
 
+    def score(self, rows: Sequence[list[int]], continuation: list[int]) -> list[float]:
+        """Mean log-probability per token of `continuation` after each (right-padded) row.
+
+        ONNX Runtime GenAI appends tokens to a batch only once and returns the last position's logits,
+        so the continuation is forced a token at a time: its log-probability is read from the logits,
+        then the logits are replaced by a one-hot on that token and the generator takes it.
+        """
+        import numpy as np
+
+        batch, width = len(rows), max(len(ids) for ids in rows)
+        params = self._og.GeneratorParams(self._model)
+        params.set_search_options(max_length=width + len(continuation), batch_size=batch, do_sample=False)
+        generator = self._og.Generator(self._model, params)
+        ids = np.full((batch, width), self.pad, dtype=np.int32)
+        for row, tokens in enumerate(rows):
+            ids[row, : len(tokens)] = tokens
+        generator.append_tokens(ids)
+        total = np.zeros(batch, dtype=np.float64)
+        for step, token in enumerate(continuation):
+            logits = np.array(generator.get_logits(), dtype=np.float32).reshape(batch, -1)
+            top = logits.max(axis=1)
+            total += logits[:, token] - top - np.log(np.exp(logits - top[:, None]).sum(axis=1))
+            if step + 1 < len(continuation):
+                forced = np.full_like(logits, -1e9)
+                forced[:, token] = 0.0
+                generator.set_logits(forced)
+                generator.generate_next_token()
+        return [float(v) for v in total / len(continuation)]
+
+
 class OnnxEngine:
     """The `Engine` on ONNX Runtime GenAI: the base export, or the export with the adapter merged in.
 
@@ -311,6 +341,9 @@ class OnnxEngine:
             on_step=on_step,
         )  # fmt: skip
         return new, (first[0] if first else None)
+
+    def score(self, prefixes: Sequence[list[int]], continuation: list[int]) -> list[float]:
+        return self._model.score(prefixes, continuation)
 
     def use_adapter(self, path: str | None, version: str | None) -> None:
         if path is None:

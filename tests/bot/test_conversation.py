@@ -234,6 +234,59 @@ async def test_the_extract_mode_answers_from_the_document_without_the_model(
     assert model.prompts == []
 
 
+class ReadingModel(ScriptedModel):
+    """A scripted model that can also score (`learning.generation.Scorer`): it prefers the passage
+    ranked `favourite` by retrieval, or raises `fails` when set."""
+
+    device = "cpu"
+
+    def __init__(self, favourite: int, fails: BaseException | None = None) -> None:
+        super().__init__()
+        self.favourite, self.fails = favourite, fails
+        self.scored: list[tuple[list[str], str]] = []
+
+    async def likelihoods(self, prompts: list[list[dict[str, str]]], continuation: str) -> list[float]:
+        self.scored.append(([p[-1]["content"].split("\n", 1)[0] for p in prompts], continuation))
+        if self.fails is not None:
+            raise self.fails
+        return [-1.0 if i == self.favourite else -3.0 for i in range(len(prompts))]
+
+
+async def test_the_model_picks_the_passage_the_answer_comes_from(
+    tmp_path: Path, demo_kb: KnowledgeBase
+) -> None:
+    question = "Can I pay with PayPal?"
+    retrieved = [p.title for p in demo_kb.search(question, 4)]
+    model = ReadingModel(favourite=2)
+    settings = Settings(data_dir=tmp_path, answer_mode="extract", rerank="on")
+    store = Store(settings.database)
+    service = ConversationService(settings, store, demo_kb, model)
+    [out] = await service.handle(msg(question))
+    # the model read every retrieved passage (title first) with the customer's question after it
+    [(titles, continuation)] = model.scored
+    assert titles == retrieved and continuation == question
+    # the customer reads the passage the model chose; staff see the sources in the model's order
+    assert out.text.endswith(f"(From: {retrieved[2]})") and retrieved[2] != retrieved[0]
+    sources = store.message(out.message_id).sources
+    assert [s["title"] for s in sources][:2] == [retrieved[2], retrieved[0]]
+    store.close()
+
+
+@pytest.mark.parametrize("reason", ["off", "auto on a CPU", "busy"])
+async def test_without_a_reading_the_answer_comes_from_retrievals_first_passage(
+    tmp_path: Path, demo_kb: KnowledgeBase, reason: str
+) -> None:
+    question = "Can I pay with PayPal?"
+    first = demo_kb.search(question, 4)[0].title
+    model = ReadingModel(favourite=2, fails=ModelBusy("queue full") if reason == "busy" else None)
+    mode = {"off": "off", "auto on a CPU": "auto", "busy": "on"}[reason]
+    settings = Settings(data_dir=tmp_path, answer_mode="extract", rerank=mode)
+    service = ConversationService(settings, Store(settings.database), demo_kb, model)
+    [out] = await service.handle(msg(question))
+    assert out.text.endswith(f"(From: {first})") and out.feedback_buttons
+    assert len(model.scored) == (1 if reason == "busy" else 0)
+
+
 async def test_a_reply_stopped_by_the_token_cap_ends_on_its_last_full_sentence(
     tmp_path: Path, demo_kb: KnowledgeBase
 ) -> None:

@@ -47,6 +47,7 @@ class ScriptedEngine:
 
     def __init__(self) -> None:
         self.batches: list[int] = []
+        self.calls: list[str] = []  # decode:N and score:N, in the order the worker made them
         self.adapter: str | None = None
         self.attached_on: str | None = None
         self.poison = ord("☠")
@@ -58,6 +59,7 @@ class ScriptedEngine:
         self, rows: Sequence[list[int]], budgets: Sequence[int], stop: Callable[[int], bool]
     ) -> tuple[list[list[int]], float | None]:
         self.batches.append(len(rows))
+        self.calls.append(f"decode:{len(rows)}")
         if any(self.poison in row for row in rows):
             raise RuntimeError("this row breaks the model")
         out = []
@@ -65,6 +67,13 @@ class ScriptedEngine:
             text = f"{self.adapter or 'base'}:{len(ids)}"
             out.append(([ord(c) for c in text] + [EOS, PAD, PAD])[:budget])
         return out, 0.0
+
+    def score(self, prefixes: Sequence[list[int]], continuation: list[int]) -> list[float]:
+        """Shorter prompts score higher: -(prompt length) / (continuation length)."""
+        self.calls.append(f"score:{len(prefixes)}")
+        if any(self.poison in row for row in prefixes):
+            raise RuntimeError("this row breaks the model")
+        return [-len(ids) / len(continuation) for ids in prefixes]
 
     def use_adapter(self, path: str | None, version: str | None) -> None:
         if path is not None and Path(path).name == "broken":
@@ -184,6 +193,45 @@ async def test_a_full_queue_is_busy_and_a_closed_runtime_fails_what_waits() -> N
             future.result(timeout=1)
     with pytest.raises(GenerationError, match="shut down"):
         rt.submit(chat("d"))
+
+
+async def test_a_scoring_request_is_its_own_batch_between_answers() -> None:
+    """`likelihoods` (the reranker) waits in the same queue, is never mixed into a batch of answers,
+    and scores each prompt with the continuation after it."""
+    engine = ScriptedEngine()
+    rt = runtime(engine, max_batch=8, start=False)
+    try:
+        before = [rt.submit(chat(q)) for q in ("a", "b")]
+        scoring = asyncio.create_task(rt.likelihoods([chat("short"), chat("a longer prompt")], "question?"))
+        while rt.queue_depth < 3:  # the task enqueues on its first step
+            await asyncio.sleep(0)
+        after = [rt.submit(chat(q)) for q in ("c", "d")]
+        rt.start()
+        scores = await scoring
+        assert all(f.result(timeout=10).text for f in [*before, *after])
+    finally:
+        await rt.aclose()
+    assert engine.calls == ["decode:2", "score:2", "decode:2"]
+    # "<user>short<assistant>" is 22 characters, the other 32; "question?" is 9
+    assert scores == pytest.approx([-22 / 9, -32 / 9])
+
+
+async def test_scoring_fails_like_answering_busy_broken_or_empty() -> None:
+    rt = runtime(ScriptedEngine(), max_queue=1, start=False)
+    try:
+        waiting = rt.submit(chat("a"))
+        with pytest.raises(ModelBusy):
+            await rt.likelihoods([chat("b")], "q")
+        rt.start()
+        waiting.result(timeout=10)
+        with pytest.raises(GenerationError, match="failed to score"):
+            await rt.likelihoods([chat("☠")], "q")
+        with pytest.raises(ValueError, match="non-empty continuation"):
+            await rt.likelihoods([chat("b")], "  ")
+        assert await rt.likelihoods([chat("b")], "q") == [-len("<user>b<assistant>")]
+    finally:
+        await rt.aclose()
+    assert rt.stats.errors == 1
 
 
 def test_queue_numbers_below_one_are_refused() -> None:

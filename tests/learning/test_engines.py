@@ -88,3 +88,26 @@ def test_the_factory_checks_its_options_before_loading_anything(tmp_path: Path) 
         load_local(missing, engine="onnx", device="cuda")
     with pytest.raises(ValueError, match="dtype 'int4' is not one of"):
         resolve_dtype("int4")
+
+
+def test_each_engine_scores_a_continuation_the_same_batched_as_alone(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """`score` (the reranker's query likelihood): padding must not leak into a row's score, and the
+    int8 ONNX export must read the continuation as transformers does."""
+    vocabulary = load_vocabulary(str(tiny_model_dir))
+    hf = HfEngine(
+        str(tiny_model_dir), pad=vocabulary.pad, eos=vocabulary.eos, repetition_penalty=1.0, dtype="float32"
+    )
+    onnx = OnnxEngine(
+        str(tiny_model_dir), pad=choose_pad(vocabulary.tokenizer, set(vocabulary.eos)), eos=vocabulary.eos,
+        repetition_penalty=1.0, cache_dir=tmp_path / "onnx", threads=1,
+    )  # fmt: skip
+    rows, continuation = [[5, 6, 7, 8, 9, 10, 11, 12], [13, 14], [15, 16, 17, 18]], [20, 21, 22]
+    alone_hf = [hf.score([row], continuation)[0] for row in rows]
+    batched_hf = hf.score(rows, continuation)
+    assert batched_hf == pytest.approx(alone_hf, abs=1e-4)
+    assert all(v < 0 for v in batched_hf) and len(set(batched_hf)) == 3
+    alone_onnx = [onnx.score([row], continuation)[0] for row in rows]
+    assert onnx.score(rows, continuation) == pytest.approx(alone_onnx, abs=1e-3)
+    assert alone_onnx == pytest.approx(alone_hf, abs=0.05)

@@ -1,0 +1,72 @@
+"""When the model reads the passages (APPRENTICE_RERANK) and how its scores become an order."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from knowledge.passages import Passage
+from knowledge.retrieve import KnowledgeBase
+from knowledge.settings import Settings
+from learning.rerank import INSTRUCTION, PASSAGE_CHARS, order, prompts, rerank, wanted
+
+
+class Reader:
+    def __init__(self, device: str) -> None:
+        self.device = device
+
+    async def likelihoods(self, prompts: list[list[dict[str, str]]], continuation: str) -> list[float]:
+        return [0.0 for _ in prompts]
+
+
+class Writer:
+    """A backend that can only write (an OpenAI-compatible server)."""
+
+    device = "cuda"
+
+
+def test_auto_reads_on_a_gpu_only_and_a_backend_that_cannot_score_never_reads() -> None:
+    assert wanted(Reader("cuda"), "auto") and not wanted(Reader("cpu"), "auto")
+    assert wanted(Reader("cpu"), "on") and not wanted(Reader("cuda"), "off")
+    assert not wanted(Writer(), "on") and not wanted(Writer(), "auto")
+
+
+def test_retrievals_order_breaks_near_ties_and_a_clear_winner_moves_up() -> None:
+    assert order([-2.00, -1.98, -3.0]) == [0, 1, 2]  # 0.02 better is not enough to pass the first
+    assert order([-2.00, -1.90, -3.0]) == [1, 0, 2]
+    assert order([-2.0, -2.0, -1.0]) == [2, 0, 1]
+
+
+def test_each_passage_is_read_by_its_title_and_first_characters_with_the_instruction() -> None:
+    long = Passage(text="x" * (PASSAGE_CHARS + 50), title="Picture Settings", source="s.md", score=0.5)
+    [[message]] = prompts([long])
+    title, rest = message["content"].split("\n", 1)
+    assert message["role"] == "user" and title == "Picture Settings"
+    assert rest == "x" * PASSAGE_CHARS + "\n\n" + INSTRUCTION
+
+
+@pytest.mark.slow
+async def test_the_real_model_reads_which_passage_answers(
+    tmp_path: Path, demo_kb: KnowledgeBase, smollm2_dir: Path
+) -> None:
+    """The bundled SmolLM2 on its default engine, the demo shop's documents given in the wrong order."""
+    from learning.runtime import build_local
+
+    settings = Settings(data_dir=tmp_path, model_cache=smollm2_dir.parent)
+    runtime = build_local(settings, timeout_s=600)
+    try:
+        for question, title in (
+            ("Can I pay with PayPal?", "Payment options"),
+            ("How long is the warranty?", "Warranty"),
+        ):
+            retrieved = demo_kb.search(question, 4)
+            assert title in [p.title for p in retrieved]
+            wrong_first = sorted(retrieved, key=lambda p: p.title == title)  # the answer last
+            scores = await runtime.likelihoods(prompts(wrong_first), question)
+            assert max(range(len(scores)), key=scores.__getitem__) == len(scores) - 1, (question, scores)
+            # retrieval's order still counts (PRIOR), so a clear winner moves up from second place
+            second = [wrong_first[0], wrong_first[-1], *wrong_first[1:-1]]
+            assert (await rerank(runtime, question, second))[0].title == title
+    finally:
+        runtime.close()
