@@ -152,7 +152,7 @@ class Settings(BaseSettings):
             "on: the model reorders the retrieved passages by how likely the customer's question is "
             "after each (query likelihood) and the answer comes from its first; off: retrieval's order; "
             "auto: on where the in-process model runs on a GPU. On a CPU it costs a prefill of each "
-            "passage (about 2.4 s an answer on one core) for a better-chosen passage; with "
+            "passage (2.4–2.6 s an answer on one core) for a better-chosen passage; with "
             "APPRENTICE_LLM_URL retrieval's order stands. docs/answers.md has the measurements."
         ),
     )

@@ -9,7 +9,7 @@ does. What the customer is sent (the model's reply when it passes the grounding 
 extract) then comes from that passage. Measured with `apprentice bench answers`; docs/answers.md
 has the figures and the alternatives that did not help (MiniLM cosine to the passage or its title).
 
-It costs a prefill of every passage: nothing on a GPU, about 2.4 s an answer on one CPU core, more
+It costs a prefill of every passage: nothing on a GPU, 2.4–2.6 s an answer on one CPU core, more
 than the answer's own prompt. APPRENTICE_RERANK=auto therefore reads on a GPU only. A backend that
 cannot score (an OpenAI-compatible server) leaves retrieval's order.
 """
@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, TypeGuard
 
 from learning.generation import Scorer
+from learning.prompt import defang
 
 if TYPE_CHECKING:
     from knowledge.passages import Passage
@@ -45,7 +46,8 @@ def wanted(generator: object, mode: str) -> TypeGuard[Scorer]:
 
 def prompts(passages: Sequence[Passage]) -> list[Messages]:
     """One chat prompt per passage: its title, its first PASSAGE_CHARS characters, the instruction."""
-    texts = [f"{p.title}\n{p.text[:PASSAGE_CHARS]}\n\n{INSTRUCTION}" for p in passages]
+    # documents and questions are data: no chat-template token in them may fake a turn (prompt.defang)
+    texts = [f"{defang(p.title)}\n{defang(p.text[:PASSAGE_CHARS])}\n\n{INSTRUCTION}" for p in passages]
     return [[{"role": "user", "content": text}] for text in texts]
 
 
@@ -58,5 +60,5 @@ async def rerank(scorer: Scorer, question: str, passages: Sequence[Passage]) -> 
     """`passages` (documents, retrieval's order) reordered by the model; one batch of forward passes."""
     if len(passages) < 2 or not question.strip():
         return list(passages)
-    scores = await scorer.likelihoods(prompts(passages), question.strip()[:QUESTION_CHARS])
+    scores = await scorer.likelihoods(prompts(passages), defang(question.strip()[:QUESTION_CHARS]))
     return [passages[i] for i in order(scores)]
