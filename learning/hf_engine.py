@@ -96,22 +96,13 @@ class HfEngine:
     ) -> tuple[list[list[int]], float | None]:
         import torch
 
-        width = max(len(ids) for ids in rows)
-        input_ids = torch.full((len(rows), width), self._pad, dtype=torch.long)
-        attention = torch.zeros((len(rows), width), dtype=torch.long)
-        for row, ids in enumerate(rows):
-            input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
-            attention[row, width - len(ids) :] = 1
+        input_ids, attention = self._left_padded(rows)
+        width = input_ids.shape[1]
         hooks = _hooks()
         stops = hooks.RowStops(budgets, stop, width)
         penalty = hooks.GeneratedRepetitionPenalty(self.repetition_penalty, width)
-        adapter_off = (
-            self._model.disable_adapter()
-            if self._model is not self._base and self._adapter_key is None
-            else contextlib.nullcontext()
-        )
         processors = [penalty] if self.repetition_penalty != 1.0 else []
-        with torch.inference_mode(), adapter_off:
+        with torch.inference_mode(), self._adapter_context():
             output = self._model.generate(
                 input_ids=input_ids.to(self.device),
                 attention_mask=attention.to(self.device),
@@ -127,19 +118,10 @@ class HfEngine:
         import torch
 
         n = len(continuation)
-        width = max(len(ids) for ids in prefixes) + n
-        input_ids = torch.full((len(prefixes), width), self._pad, dtype=torch.long)
-        attention = torch.zeros((len(prefixes), width), dtype=torch.long)
-        for row, ids in enumerate(prefixes):
-            input_ids[row, width - len(ids) - n :] = torch.tensor([*ids, *continuation], dtype=torch.long)
-            attention[row, width - len(ids) - n :] = 1
+        input_ids, attention = self._left_padded([[*ids, *continuation] for ids in prefixes])
+        width = input_ids.shape[1]
         positions = (attention.cumsum(-1) - 1).clamp(min=0)
-        adapter_off = (
-            self._model.disable_adapter()
-            if self._model is not self._base and self._adapter_key is None
-            else contextlib.nullcontext()
-        )
-        with torch.inference_mode(), adapter_off:
+        with torch.inference_mode(), self._adapter_context():
             logits = self._model(
                 input_ids=input_ids.to(self.device),
                 attention_mask=attention.to(self.device),
@@ -148,7 +130,25 @@ class HfEngine:
         picked = torch.log_softmax(logits, -1).gather(-1, input_ids[:, width - n :, None].to(self.device))
         return [float(v) for v in picked[..., 0].mean(-1).tolist()]
 
+    def _left_padded(self, rows: Sequence[list[int]]) -> tuple[Any, Any]:
+        """(input_ids, attention_mask) with every row padded on the left to the longest."""
+        import torch
+
+        width = max(len(ids) for ids in rows)
+        input_ids = torch.full((len(rows), width), self._pad, dtype=torch.long)
+        attention = torch.zeros((len(rows), width), dtype=torch.long)
+        for row, ids in enumerate(rows):
+            input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+            attention[row, width - len(ids) :] = 1
+        return input_ids, attention
+
     # --- adapters ---------------------------------------------------------------------------------
+    def _adapter_context(self) -> Any:
+        """Where a PeftModel serves the base model, its adapters are switched off for the call."""
+        if self._model is not self._base and self._adapter_key is None:
+            return self._model.disable_adapter()
+        return contextlib.nullcontext()
+
     def use_adapter(self, path: str | None, version: str | None) -> None:
         if path is None:
             # The base model: generation runs under disable_adapter(). The last adapter stays parked

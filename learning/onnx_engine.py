@@ -260,7 +260,6 @@ class OnnxModel:
                 break
         return out
 
-
     def score(self, rows: Sequence[list[int]], continuation: list[int]) -> list[float]:
         """Mean log-probability per token of `continuation` after each (right-padded) row.
 

@@ -22,16 +22,24 @@ from learning.runtime import build_local, build_runtime, load_local
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def both_engines(model_dir: Path, tmp_path: Path, repetition_penalty: float) -> tuple[HfEngine, OnnxEngine]:
+    """The transformers (fp32) and ONNX (int8, one thread) engines on the same model."""
+    vocabulary = load_vocabulary(str(model_dir))
+    hf = HfEngine(
+        str(model_dir), pad=vocabulary.pad, eos=vocabulary.eos, repetition_penalty=repetition_penalty,
+        dtype="float32",
+    )  # fmt: skip
+    onnx = OnnxEngine(
+        str(model_dir), pad=choose_pad(vocabulary.tokenizer, set(vocabulary.eos)), eos=vocabulary.eos,
+        repetition_penalty=repetition_penalty, cache_dir=tmp_path / "onnx", threads=1,
+    )  # fmt: skip
+    return hf, onnx
+
+
 def test_each_in_process_engine_keeps_the_engine_interface(tiny_model_dir: Path, tmp_path: Path) -> None:
     vocabulary = load_vocabulary(str(tiny_model_dir))
     assert vocabulary.eos and vocabulary.context_tokens == 2048
-    hf = HfEngine(
-        str(tiny_model_dir), pad=vocabulary.pad, eos=vocabulary.eos, repetition_penalty=1.1, dtype="float32"
-    )
-    onnx = OnnxEngine(
-        str(tiny_model_dir), pad=choose_pad(vocabulary.tokenizer, set(vocabulary.eos)), eos=vocabulary.eos,
-        repetition_penalty=1.1, cache_dir=tmp_path / "onnx", threads=1,
-    )  # fmt: skip
+    hf, onnx = both_engines(tiny_model_dir, tmp_path, repetition_penalty=1.1)
     for engine, name in ((hf, "transformers"), (onnx, "onnx")):
         assert isinstance(engine, Engine)
         assert engine.name == name and engine.device == "cpu" and engine.loaded_adapters == []
@@ -95,14 +103,7 @@ def test_each_engine_scores_a_continuation_the_same_batched_as_alone(
 ) -> None:
     """`score` (the reranker's query likelihood): padding must not leak into a row's score, and the
     int8 ONNX export must read the continuation as transformers does."""
-    vocabulary = load_vocabulary(str(tiny_model_dir))
-    hf = HfEngine(
-        str(tiny_model_dir), pad=vocabulary.pad, eos=vocabulary.eos, repetition_penalty=1.0, dtype="float32"
-    )
-    onnx = OnnxEngine(
-        str(tiny_model_dir), pad=choose_pad(vocabulary.tokenizer, set(vocabulary.eos)), eos=vocabulary.eos,
-        repetition_penalty=1.0, cache_dir=tmp_path / "onnx", threads=1,
-    )  # fmt: skip
+    hf, onnx = both_engines(tiny_model_dir, tmp_path, repetition_penalty=1.0)
     rows, continuation = [[5, 6, 7, 8, 9, 10, 11, 12], [13, 14], [15, 16, 17, 18]], [20, 21, 22]
     alone_hf = [hf.score([row], continuation)[0] for row in rows]
     batched_hf = hf.score(rows, continuation)
