@@ -17,8 +17,10 @@ import time
 from typing import Any
 
 from bot import handoff
+from bot.courtesy import courtesy
 from bot.envelope import Answer, Inbound, Outbound, clean_text
 from bot.guard import BLOCKED, Verdict
+from bot.messages import normalise
 from bot.metrics import METRICS
 from bot.notices import EMPTY, CustomerFeedback
 from bot.ratelimit import CUSTOMER_WINDOW_S
@@ -120,6 +122,15 @@ class ConversationService(StaffActions, CustomerFeedback):
                 await asyncio.to_thread(self.store.update_message, q, status="relayed")
                 await self._each_reviewer("relay", conv, text)
             return []
+        # "hi", "thanks!", "bye", 👍: a courtesy back, no search, no page to staff (bot/courtesy.py)
+        polite = courtesy(text)
+        if polite is not None:
+            # the channel's language first, as for every notice; else the phrase's ("gracias" is too
+            # short to detect)
+            lang = normalise(inbound.language)
+            if lang not in self.messages.languages:
+                lang = polite.lang or await self._language(inbound, text)
+            return [await self._notice(conv, self.messages.text(polite.key, lang), q, status="courtesy")]
         # "can I talk to a person?" in any words, or the same question a third time: as /human
         why = await asyncio.to_thread(self._wants_human, conv.id, q, text)
         if why:

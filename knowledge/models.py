@@ -70,7 +70,8 @@ class Message(Base):
     adapter_version: Mapped[str | None] = mapped_column(String(64), nullable=True)
     latency_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
     # "ok", "unsure" (nothing relevant found), "error" (model failed), "refused", "relayed",
-    # "limited" (over the customer's rate limit: neither answered nor relayed)
+    # "limited" (over the customer's rate limit: neither answered nor relayed); system notices:
+    # "notice", "handoff", "courtesy" (the reply to "hi" or "thanks", bot/courtesy.py)…
     status: Mapped[str] = mapped_column(String(16), default="ok")
     flagged: Mapped[bool] = mapped_column(Boolean, default=False)
     approved: Mapped[bool] = mapped_column(Boolean, default=False)

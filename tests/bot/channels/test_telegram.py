@@ -438,8 +438,8 @@ async def test_flood_control_and_server_errors_are_retried(bot) -> None:
     fake, _, _ = bot
     fake.fail("sendMessage", times=1, status=429, retry_after=1)
     fake.fail("sendMessage", times=2, status=502)
-    await fake.push_message(31, "hello?")
-    await fake.wait_for_text(31, "Answer: hello?")
+    await fake.push_message(31, "where is my order?")
+    await fake.wait_for_text(31, "Answer: where is my order?")
     failed = [c.status for c in fake.find("sendMessage", ok=False)]
     assert failed == [429, 502, 502]
     assert len(fake.sent(31)) == 1
@@ -461,10 +461,10 @@ async def test_flood_control_schedules_the_retry_after_telegram_s_wait(bot) -> N
 async def test_blocked_customer_is_marked_unreachable_and_others_are_served(bot) -> None:
     fake, app, _ = bot
     fake.fail("sendMessage", times=1, status=403)
-    await fake.push_message(32, "hi", user_id=3200)
+    await fake.push_message(32, "do you ship abroad?", user_id=3200)
     await fake.wait_for("sendMessage", lambda c: c.status == 403, ok=False)
-    await fake.push_message(33, "hello")
-    await fake.wait_for_text(33, "Answer: hello")  # the outbox went past the dropped reply
+    await fake.push_message(33, "do you repair bikes?")
+    await fake.wait_for_text(33, "Answer: do you repair bikes?")  # the outbox went past the dropped reply
     blocked = stored(app.store, Customer, external_id="3200")[0]
     assert blocked.unreachable
     dropped = [i for i in stored(app.store, OutboxItem) if i.key == "32"]
