@@ -151,9 +151,10 @@ class Settings(BaseSettings):
         description=(
             "on: the model reorders the retrieved passages by how likely the customer's question is "
             "after each (query likelihood) and the answer comes from its first; off: retrieval's order; "
-            "auto: on where the in-process model runs on a GPU. On a CPU it costs a prefill of each "
-            "passage (2.4–2.6 s an answer on one core) for a better-chosen passage; with "
-            "APPRENTICE_LLM_URL retrieval's order stands. docs/answers.md has the measurements."
+            "auto: on where the prefill runs on a GPU: the in-process model on CUDA, or a vLLM server "
+            "(APPRENTICE_LLM_URL; its prompt_logprobs). On a CPU it costs a prefill of each passage "
+            "(2.4–2.6 s an answer on one core) for a better-chosen passage; a server without "
+            "prompt_logprobs keeps retrieval's order. docs/answers.md has the measurements."
         ),
     )
     history_turns: int = Field(2, description="Earlier turns of the conversation included in the prompt.")

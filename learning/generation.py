@@ -71,12 +71,14 @@ class Scorer(Protocol):
 
     `learning.rerank` asks it how likely the customer's question is after each retrieved passage, so
     the model itself picks the passage that answers (docs/answers.md). The in-process runtime keeps
-    it; a backend without it leaves passages in retrieval order. Raises what `generate` raises.
+    it, and so does the vLLM client (`prompt_logprobs`); a backend without it leaves passages in
+    retrieval order. Raises what `generate` raises.
     """
 
     @property
     def device(self) -> str:
-        """Where the model runs, "cpu" or "cuda": a prefill per passage is cheap only on a GPU."""
+        """Where the prefill runs: "cpu", "cuda", or "server" (a model server's, vLLM's GPU): a
+        prefill per passage is cheap only on a GPU."""
         ...
 
     async def likelihoods(self, prompts: list[Messages], continuation: str) -> list[float]: ...

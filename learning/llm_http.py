@@ -2,7 +2,8 @@
 
 `HttpGenerator` implements the `Generator` contract (learning/generation.py) over
 `POST /v1/chat/completions`: greedy (temperature 0), streaming off, one overall deadline per answer
-with retries inside it. The server does the batching; this side only bounds how many requests may
+with retries inside it. It also reads (`Scorer`, learning/rerank.py) through vLLM's
+`prompt_logprobs` on the same endpoint. The server does the batching; this side only bounds how many requests may
 wait (`max_queue`).
 The server tokenizes, so prompts arrive here within their token budget already
 (`learning.prompt.answer_messages`: the context window, APPRENTICE_CONTEXT_TOKENS = the server's
@@ -27,6 +28,7 @@ import re
 import threading
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -117,6 +119,7 @@ class HttpGenerator:
         self._inflight: dict[str | None, int] = {}
         self._drained: asyncio.Condition | None = None
         self._background: set[asyncio.Task[None]] = set()
+        self._cannot_score = False  # the server answered without prompt_logprobs (not vLLM)
 
     # --- Generator --------------------------------------------------------------------------------
     @property
@@ -150,36 +153,9 @@ class HttpGenerator:
 
     async def generate(self, messages: Messages, max_new_tokens: int | None = None) -> Generation:
         """Answer one conversation. Raises ModelBusy, GenerationTimeout or GenerationError."""
-        await self._ensure_started()
-        assert self._switch_lock is not None
-        if self._pending is not None or self._switch_lock.locked():
-            # also when another request is loading the adapter right now: answers wait for the
-            # switch instead of slipping out on the previous adapter (the base, after a restart)
-            await self.sync_adapter()
-        if self.queue_depth >= self.max_queue:
-            self.stats.busy += 1
-            raise ModelBusy(f"{self.max_queue} requests are already waiting for {self.base_url}.")
         submitted = time.perf_counter()
-        deadline = submitted + self.timeout_s
-        reloaded = False
-        while True:
-            name, _path, version = self._current
-            self._inflight[name] = self._inflight.get(name, 0) + 1
-            try:
-                served = name or await self._base_name(deadline)
-                body = await self._chat(served, messages, max_new_tokens or self.max_new_tokens, deadline)
-            except (ServerError, httpx.HTTPError, TimeoutError) as exc:
-                if isinstance(exc, ServerError) and exc.status == 404 and name is not None and not reloaded:
-                    # The server lost the adapter (restarted?): load it again under a new name, once.
-                    log.warning("server does not know adapter %s; loading %s again", name, version)
-                    reloaded = True
-                    await self._reload_current(name)
-                    continue
-                self._count_failure(exc)
-                raise self._translate(exc) from None
-            finally:
-                await self._release(name)
-            break
+        max_tokens = max_new_tokens or self.max_new_tokens
+        body, version = await self._send(lambda name, until: self._chat(name, messages, max_tokens, until))
         choice = (body.get("choices") or [{}])[0]
         text = str((choice.get("message") or {}).get("content") or "")
         usage = body.get("usage") or {}
@@ -194,6 +170,82 @@ class HttpGenerator:
             new_tokens=int(usage.get("completion_tokens") or 0),
             latency_s=time.perf_counter() - submitted,
         )
+
+    # --- Scorer -------------------------------------------------------------------------------------
+    @property
+    def device(self) -> str:
+        """ "server": the model server does the prefill (a GPU, with vLLM), so reading the passages is
+        cheap and APPRENTICE_RERANK=auto reads; "cpu" once the server has shown it cannot score."""
+        return "cpu" if self._cannot_score else "server"
+
+    async def likelihoods(self, prompts: list[Messages], continuation: str) -> list[float]:
+        """Mean log-probability per token of `continuation` as the assistant's reply to each prompt.
+
+        One request per prompt, all at once: the conversation with `continuation` as an unfinished
+        assistant turn (`continue_final_message`), one new token, and vLLM's `prompt_logprobs` of
+        the prompt's own tokens. The continuation's tokens are the last ones whose decoded text
+        spells it. A server that answers without `prompt_logprobs` (not vLLM) cannot score: that is
+        remembered, and `device` stops asking for reading.
+        """
+        if not prompts or not continuation.strip():
+            raise ValueError("likelihoods needs at least one prompt and a non-empty continuation.")
+        if self._cannot_score:
+            raise GenerationError(f"the model server at {self.base_url} does not return prompt_logprobs.")
+
+        async def one(prompt: Messages) -> float:
+            turns = [*prompt, {"role": "assistant", "content": continuation}]
+            body, _version = await self._send(lambda served, deadline: self._score(served, turns, deadline))
+            try:
+                return continuation_logprob(body, continuation)
+            except LookupError as exc:
+                if "prompt_logprobs" not in body:
+                    self._stop_scoring("returns no prompt_logprobs")
+                raise GenerationError(f"the model server's prompt_logprobs cannot be read: {exc}") from None
+
+        return list(await asyncio.gather(*(one(p) for p in prompts)))
+
+    def _stop_scoring(self, why: str) -> None:
+        if not self._cannot_score:
+            self._cannot_score = True
+            log.warning(
+                "the model server at %s %s, so the passages stay in retrieval's order (vLLM reads "
+                "them; APPRENTICE_RERANK=off stops asking)", self.base_url, why,
+            )
+
+    async def _send(
+        self, request: Callable[[str, float], Awaitable[dict[str, Any]]]
+    ) -> tuple[dict[str, Any], str | None]:
+        """`request(served model name, deadline)` as every request to the model goes: after a pending
+        adapter switch, within `max_queue`, on the adapter in use, which is loaded again once if the
+        server lost it. Returns the body and the adapter version that answered."""
+        await self._ensure_started()
+        assert self._switch_lock is not None
+        if self._pending is not None or self._switch_lock.locked():
+            # also when another request is loading the adapter right now: answers wait for the
+            # switch instead of slipping out on the previous adapter (the base, after a restart)
+            await self.sync_adapter()
+        if self.queue_depth >= self.max_queue:
+            self.stats.busy += 1
+            raise ModelBusy(f"{self.max_queue} requests are already waiting for {self.base_url}.")
+        deadline = time.perf_counter() + self.timeout_s
+        reloaded = False
+        while True:
+            name, _path, version = self._current
+            self._inflight[name] = self._inflight.get(name, 0) + 1
+            try:
+                served = name or await self._base_name(deadline)
+                return await request(served, deadline), version
+            except (ServerError, httpx.HTTPError, TimeoutError) as exc:
+                if isinstance(exc, ServerError) and exc.status == 404 and name is not None and not reloaded:
+                    # The server lost the adapter (restarted?): load it again under a new name, once.
+                    log.warning("server does not know adapter %s; loading %s again", name, version)
+                    reloaded = True
+                    await self._reload_current(name)
+                    continue
+                self._count_failure(exc)
+                raise self._translate(exc) from None
+            finally:
+                await self._release(name)
 
     async def aclose(self) -> None:
         """Unload what this process loaded, and close the connections."""
@@ -379,6 +431,25 @@ class HttpGenerator:
         }
         return await self._request("POST", "/v1/chat/completions", payload, deadline)
 
+    async def _score(self, model: str, messages: Messages, deadline: float) -> dict[str, Any]:
+        payload = {
+            "model": model,
+            "messages": messages,
+            "max_tokens": 1,
+            "temperature": 0,
+            "stream": False,
+            "add_generation_prompt": False,
+            "continue_final_message": True,
+            "prompt_logprobs": 0,  # the prompt token's own log-probability only
+            "return_token_ids": True,
+        }
+        try:
+            return await self._request("POST", "/v1/chat/completions", payload, deadline)
+        except ServerError as exc:
+            if exc.status == 400:  # a server that does not take these fields will not later
+                self._stop_scoring(f"refuses a scoring request ({exc.message[:200]})")
+            raise
+
     async def _post(self, path: str, payload: dict[str, Any], deadline: float) -> dict[str, Any]:
         return await self._request("POST", path, payload, deadline)
 
@@ -446,6 +517,38 @@ class HttpGenerator:
         return GenerationError(f"the model server at {self.base_url} failed: {exc}")
 
 
+def continuation_logprob(body: dict[str, Any], continuation: str) -> float:
+    """The mean log-probability of `continuation`'s tokens in a vLLM answer with `prompt_logprobs`.
+
+    vLLM lists, for every prompt token but the first, {token id: {"logprob", "rank",
+    "decoded_token"}}: with `prompt_logprobs: 0` the prompt token alone (`prompt_token_ids`, when
+    returned, names it where there are more). The continuation is the prompt's end, so its tokens
+    are the last ones, taken back to front until their decoded text holds it. Raises LookupError
+    when the answer has no such list or its tokens do not end with `continuation`.
+    """
+    rows = body.get("prompt_logprobs")
+    if not isinstance(rows, list) or not rows:
+        raise LookupError("no prompt_logprobs in the answer")
+    ids = body.get("prompt_token_ids")
+    want = " ".join(continuation.split())
+    text, logprobs = "", []
+    for i in range(len(rows) - 1, -1, -1):
+        row = rows[i]
+        if not isinstance(row, dict) or not row:
+            break
+        key = str(ids[i]) if isinstance(ids, list) and len(ids) == len(rows) else ""
+        entry = row.get(key) or (next(iter(row.values())) if len(row) == 1 else None)
+        if not isinstance(entry, dict):
+            raise LookupError(f"prompt token {i} has {len(row)} log-probabilities and no token id")
+        text = str(entry.get("decoded_token") or "") + text
+        logprobs.append(float(entry.get("logprob", -9999.0)))
+        if len(" ".join(text.split())) >= len(want):
+            break
+    if not " ".join(text.split()).endswith(want):
+        raise LookupError("the prompt's last tokens are not the continuation")
+    return sum(logprobs) / len(logprobs)
+
+
 def build_http_generator(settings: Settings) -> HttpGenerator:
     """The HTTP backend the settings describe (APPRENTICE_LLM_URL and friends)."""
     return HttpGenerator(
@@ -459,4 +562,4 @@ def build_http_generator(settings: Settings) -> HttpGenerator:
     )
 
 
-__all__ = ["HttpGenerator", "ServerError", "adapter_name", "build_http_generator"]
+__all__ = ["HttpGenerator", "ServerError", "adapter_name", "build_http_generator", "continuation_logprob"]

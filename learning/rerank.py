@@ -10,8 +10,9 @@ extract) then comes from that passage. Measured with `apprentice bench answers`;
 has the figures and the alternatives that did not help (MiniLM cosine to the passage or its title).
 
 It costs a prefill of every passage: nothing on a GPU, 2.4–2.6 s an answer on one CPU core, more
-than the answer's own prompt. APPRENTICE_RERANK=auto therefore reads on a GPU only. A backend that
-cannot score (an OpenAI-compatible server) leaves retrieval's order.
+than the answer's own prompt. APPRENTICE_RERANK=auto therefore reads on a GPU only: the in-process
+model on CUDA, or a model server (vLLM's `prompt_logprobs`, learning/llm_http.py). A server that
+cannot score (an OpenAI-compatible server other than vLLM) leaves retrieval's order.
 """
 
 from __future__ import annotations
@@ -38,10 +39,11 @@ PRIOR = 0.05
 
 
 def wanted(generator: object, mode: str) -> TypeGuard[Scorer]:
-    """Whether to rerank with `generator` under APPRENTICE_RERANK=`mode` ("auto": on a GPU only)."""
+    """Whether to rerank with `generator` under APPRENTICE_RERANK=`mode` ("auto": where prefill is
+    cheap, a GPU in this process or a model server such as vLLM)."""
     if mode == "off" or not isinstance(generator, Scorer):
         return False
-    return mode == "on" or generator.device == "cuda"
+    return mode == "on" or generator.device in ("cuda", "server")
 
 
 def prompts(passages: Sequence[Passage]) -> list[Messages]:

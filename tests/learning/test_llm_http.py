@@ -11,10 +11,18 @@ import httpx
 import pytest
 from fakes.openai_api import FakeOpenAIServer
 
+from bot.conversation import ConversationService
+from bot.envelope import Inbound
+from knowledge.retrieve import KnowledgeBase
+from knowledge.settings import Settings
+from knowledge.store import Store
 from learning.generation import GenerationError, GenerationTimeout, ModelBusy
-from learning.llm_http import HttpGenerator
+from learning.llm_http import HttpGenerator, continuation_logprob
+from learning.rerank import order, prompts, wanted
 
 BASE = "shop-model"
+# a question whose words the fake's model finds in a passage retrieval ranks below its first
+READ_QUESTION = "Can you ship the Voltline to Hawaii?"
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Where is my parcel?"}]
 
 
@@ -251,3 +259,98 @@ async def test_adapters_are_checked_against_the_weights_the_server_loaded(
                     await gen.aclose()
     finally:
         store.close()
+
+
+# --- reading the passages: vLLM's prompt_logprobs ---------------------------------------------------
+
+
+async def test_likelihoods_read_the_questions_tokens_from_prompt_logprobs(fake: FakeOpenAIServer) -> None:
+    gen = client(fake)
+    prompts = [[{"role": "user", "content": "hours"}], [{"role": "user", "content": "parcel"}]]
+    try:
+        scores = await gen.likelihoods(prompts, "Where is my parcel?")
+    finally:
+        await gen.aclose()
+    # the fake's model: -4.0 a word, -0.5 one the prompt already holds ("parcel"); only the
+    # question's four tokens count, not the prompt's
+    assert scores == [-4.0, (-4.0 * 3 - 0.5) / 4]
+    calls = fake.paths("/v1/chat/completions")
+    assert len(calls) == 2
+    for call, prompt in zip(calls, prompts, strict=True):
+        assert call.body["messages"] == [*prompt, {"role": "assistant", "content": "Where is my parcel?"}]
+        assert (call.body["continue_final_message"], call.body["add_generation_prompt"]) == (True, False)
+        assert (call.body["prompt_logprobs"], call.body["max_tokens"]) == (0, 1)
+
+
+async def test_a_server_without_prompt_logprobs_stops_being_asked() -> None:
+    async with FakeOpenAIServer(BASE, prompt_logprobs=False) as plain:
+        gen = client(plain)
+        try:
+            assert gen.device == "server" and wanted(gen, "auto")
+            with pytest.raises(GenerationError, match="prompt_logprobs"):
+                await gen.likelihoods([[{"role": "user", "content": "parcel"}]], "Where is my parcel?")
+            assert gen.device == "cpu" and not wanted(gen, "auto")
+            with pytest.raises(GenerationError, match="prompt_logprobs"):
+                await gen.likelihoods([[{"role": "user", "content": "parcel"}]], "Where is my parcel?")
+            assert len(plain.paths("/v1/chat/completions")) == 1  # the second call asked nothing
+            assert (await gen.generate(CHAT)).text == f"{BASE} says: Where is my parcel?"  # still answers
+        finally:
+            await gen.aclose()
+
+
+def test_continuation_logprob_takes_the_prompt_token_and_refuses_a_foreign_tail() -> None:
+    rows = [
+        None,
+        {"7": {"logprob": -1.0, "decoded_token": "Hi"}},
+        {"9": {"logprob": -2.0, "decoded_token": " there"}, "3": {"logprob": -0.1, "decoded_token": " you"}},
+    ]
+    assert continuation_logprob({"prompt_logprobs": rows, "prompt_token_ids": [1, 7, 9]}, "there") == -2.0
+    assert continuation_logprob({"prompt_logprobs": rows, "prompt_token_ids": [1, 7, 9]}, "Hi there") == -1.5
+    with pytest.raises(LookupError):  # two entries and no token ids: which one is the prompt's?
+        continuation_logprob({"prompt_logprobs": rows}, "there")
+    with pytest.raises(LookupError):  # the template closed the turn after the question
+        continuation_logprob({"prompt_logprobs": rows[:2], "prompt_token_ids": [1, 7]}, "there")
+    with pytest.raises(LookupError):
+        continuation_logprob({"choices": []}, "there")
+
+
+async def test_conversation_over_http_answers_from_the_passage_the_model_read_best(
+    fake: FakeOpenAIServer, tmp_path: Path, demo_kb: KnowledgeBase
+) -> None:
+    settings = Settings(
+        data_dir=tmp_path, llm_url=fake.base_url, model=BASE, answer_mode="extract", rate_limit_per_minute=0
+    )
+    question = READ_QUESTION
+    retrieved = demo_kb.retrieve(question, settings.top_k, settings.memory_threshold).passages
+    gen = client(fake)
+    store = Store(settings.database)
+    try:
+        service = ConversationService(settings, store, demo_kb, gen)
+        [out] = await service.handle(Inbound("telegram", "1", "1", question, name="Ada"))
+        scores = await gen.likelihoods(prompts(retrieved), question)
+    finally:
+        await gen.aclose()
+        store.close()
+    chosen = retrieved[order(scores)[0]]
+    assert chosen.title != retrieved[0].title  # the reading moved the answer off retrieval's first
+    assert out.text.endswith(f"(From: {chosen.title})")
+    assert store_titles(settings, out.message_id)[0] == chosen.title
+
+
+def store_titles(settings: Settings, message_id: int) -> list[str]:
+    store = Store(settings.database)
+    try:
+        return [s["title"] for s in store.message(message_id).sources]
+    finally:
+        store.close()
+
+
+async def test_a_server_that_refuses_the_scoring_fields_stops_being_asked(fake: FakeOpenAIServer) -> None:
+    fake.fail("/v1/chat/completions", times=1, status=400, message="Extra inputs are not permitted")
+    gen = client(fake)
+    try:
+        with pytest.raises(GenerationError):
+            await gen.likelihoods([[{"role": "user", "content": "parcel"}]], "Where is my parcel?")
+        assert gen.device == "cpu" and not wanted(gen, "auto")
+    finally:
+        await gen.aclose()

@@ -7,6 +7,11 @@ Endpoints, as vLLM serves them with `--enable-lora` and `VLLM_ALLOW_RUNTIME_LORA
 the name is taken, 404 when the folder holds no adapter) and `POST /v1/unload_lora_adapter` (404 for
 an unknown name); both answer plain text on success, like vLLM.
 
+With `prompt_logprobs` in a chat request (the passage reading of learning/rerank.py), the answer
+also carries vLLM's `prompt_logprobs` (and `prompt_token_ids` with `return_token_ids`), from the
+fake's word-overlap "model" (`prompt_logprobs()` below); `prompt_logprobs=False` makes a server that
+ignores the field, as OpenAI-compatible servers other than vLLM do.
+
 Text comes from `backend`: by default an echo (`"<model> says: <last user message>"`), or
 `RuntimeBackend`, which runs the project's in-process runtime on the same weights, so the HTTP path
 can be compared with the in-process one. `fail()` injects errors, `hold()` keeps answers waiting
@@ -16,8 +21,10 @@ until `release()`, `forget_adapters()` acts like a server restart. Every call is
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 import uuid
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -77,6 +84,39 @@ class RuntimeBackend:
         self.runtime.close()
 
 
+_TOKEN = re.compile(r"\s*\S+")
+
+
+def prompt_logprobs(
+    messages: list[dict[str, str]], continue_final: bool
+) -> tuple[list[dict[str, dict[str, Any]] | None], list[int]]:
+    """vLLM's `prompt_logprobs` for the rendered prompt, one entry per prompt token (None for the
+    first), each {token id: {"logprob", "rank", "decoded_token"}}, and the prompt's token ids.
+
+    The fake's template is "<|role|>\ncontent\n" per message (the last one left open with
+    `continue_final_message`) and its tokens are words with their leading space. Its "model" finds a
+    word likely (-0.5) when an earlier message holds it, else unlikely (-4.0): a passage that shares
+    the question's words makes the question more likely, as a real model's reading does.
+    """
+    parts = []
+    for i, m in enumerate(messages):
+        last = i == len(messages) - 1
+        end = "" if last and continue_final else "\n"
+        parts.append(f"<|{m.get('role')}|>\n{m.get('content', '')}{end}")
+    tokens = _TOKEN.findall("".join(parts))
+    rows: list[dict[str, dict[str, Any]] | None] = []
+    ids: list[int] = []
+    seen: set[str] = set()
+    for n, tok in enumerate(tokens):
+        word = tok.strip().strip("?!.,").casefold()
+        tid = zlib.crc32(tok.encode()) % 49_152
+        ids.append(tid)
+        logprob = -0.5 if word in seen else -4.0
+        rows.append(None if n == 0 else {str(tid): {"logprob": logprob, "rank": 1, "decoded_token": tok}})
+        seen.add(word)
+    return rows, ids
+
+
 def _error(status: int, message: str, kind: str, param: str | None = None) -> web.Response:
     return web.json_response(
         {"error": {"message": message, "type": kind, "param": param, "code": status}}, status=status
@@ -100,8 +140,11 @@ class FakeOpenAIServer:
         *,
         root: str = "",
         api_key: str = "",
+        prompt_logprobs: bool = True,
     ) -> None:
         self.base_model = base_model
+        # vLLM answers `prompt_logprobs`; other OpenAI-compatible servers ignore the field
+        self.prompt_logprobs = prompt_logprobs
         self.root = root or base_model  # what vLLM was started with: a folder or a hub id
         self.api_key = api_key  # vLLM's --api-key: every /v1 request needs "Authorization: Bearer <key>"
         self.backend: Backend = backend or EchoBackend()
@@ -242,7 +285,14 @@ class FakeOpenAIServer:
         text, prompt_tokens, completion_tokens = await self.backend.complete(
             str(model), self.adapters.get(str(model)), messages, max_tokens
         )
+        extra: dict[str, Any] = {}
+        if self.prompt_logprobs and body.get("prompt_logprobs") is not None:
+            rows, ids = prompt_logprobs(messages, bool(body.get("continue_final_message")))
+            extra["prompt_logprobs"] = rows
+            if body.get("return_token_ids"):
+                extra["prompt_token_ids"] = ids
         return web.json_response({
+            **extra,
             "id": f"chatcmpl-{uuid.uuid4().hex}",
             "object": "chat.completion",
             "created": int(time.time()),
