@@ -3,8 +3,8 @@
 `HttpGenerator` implements the `Generator` contract (learning/generation.py) over
 `POST /v1/chat/completions`: greedy (temperature 0), streaming off, one overall deadline per answer
 with retries inside it. It also reads (`Scorer`, learning/rerank.py) through vLLM's
-`prompt_logprobs` on the same endpoint. The server does the batching; this side only bounds how many requests may
-wait (`max_queue`).
+`prompt_logprobs` on the same endpoint. The server does the batching; this side only bounds how
+many requests may wait (`max_queue`).
 The server tokenizes, so prompts arrive here within their token budget already
 (`learning.prompt.answer_messages`: the context window, APPRENTICE_CONTEXT_TOKENS = the server's
 --max-model-len, less `max_tokens`), counted in UTF-8 bytes when the model is not on this machine.
