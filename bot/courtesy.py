@@ -10,7 +10,7 @@ more and it is a question, answered as one: "hi, do you price match?" is a quest
 
 The reply comes from the message catalog (bot/messages.py): `start` for a greeting (the operator's
 APPRENTICE_START_TEXT when set), `welcome` for thanks, `goodbye`, and `anything_else` for a bare
-acknowledgement ("ok", "👍"). Its language is the phrase's own when only one language has it
+acknowledgement ("ok", "yes", "👍"). Its language is the phrase's own when only one language has it
 ("gracias" is too short for the language detector), else the usual choice.
 """
 
@@ -79,8 +79,10 @@ _WITH = """ok okay okey k kk alright great perfect cool awesome nice good fine s
     tamam peki harika super cok
     حسنا تمام ممتاز
     باشه عالی خوب"""
-# An acknowledgement on its own ("ok", "got it", "👍"): of these words only.
-_ACK = """ok okay okey k kk alright great perfect cool awesome nice good fine super got it vale genial
+# An acknowledgement on its own ("ok", "got it", "yes", "👍"): of these words only. A bare "no" is
+# not one: after an answer it may well mean "that did not help", and goes the way of a question.
+_ACK = """yes yeah yep yup si sim ja oui да так evet نعم بله
+    ok okay okey k kk alright great perfect cool awesome nice good fine super got it vale genial
     perfecto certo beleza perfeito gut prima alles klar parfait d'accord хорошо ок понятно отлично ясно
     добре гаразд зрозуміло чудово tamam peki harika حسنا تمام ممتاز باشه عالی"""
 # Longer than this many words, it is a message with something to say.
@@ -121,8 +123,8 @@ def _table() -> dict[tuple[str, ...], dict[str, set[str]]]:
 
 _TABLE = _table()
 _LONGEST = max(len(p) for p in _TABLE)
-_WITH_WORDS = frozenset(_words(_WITH))
 _ACK_WORDS = frozenset(_words(_ACK))
+_WITH_WORDS = frozenset(_words(_WITH)) | _ACK_WORDS
 # the order a message with several kinds is answered in: "thanks, bye" is a goodbye
 _PRIORITY = ("goodbye", "thanks", "greeting")
 

@@ -40,6 +40,8 @@ GOLDEN = Path(__file__).resolve().parents[2] / "knowledge" / "demo_golden.jsonl"
         ("have a nice day!", "goodbye", "en"),
         ("ok", "ack", ""),
         ("got it", "ack", ""),
+        ("yes", "ack", ""),
+        ("Sí", "ack", ""),
         ("👍", "ack", ""),
     ],
 )
