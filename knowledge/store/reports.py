@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import statistics
+from collections import Counter
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -144,6 +145,8 @@ class ReportQueries(StoreBase):
                 )
             ).all()
         convs: set[int] = set()
+        asked: Counter[int] = Counter()  # customer messages, and the courtesies answering some
+        courtesies: Counter[int] = Counter()
         answered: set[int] = set()
         prefix = "conversation:"
         handed = {int(t[len(prefix) :]) for t in taken if t.startswith(prefix) and t[len(prefix) :].isdigit()}
@@ -152,7 +155,12 @@ class ReportQueries(StoreBase):
         for cid, role, status, at in rows:
             if role == "customer":
                 convs.add(cid)
+                asked[cid] += 1
                 first_question.setdefault(cid, at)
+            elif role == "system" and status == "courtesy":
+                courtesies[cid] += 1
+                if cid not in waits:  # "hi" was not the question: the wait starts at the next one
+                    first_question.pop(cid, None)
             elif role == "bot" and status == "ok":
                 answered.add(cid)
             elif (role == "system" and status == "handoff") or (role == "staff" and status != "correction"):
@@ -160,6 +168,8 @@ class ReportQueries(StoreBase):
             if role in ("bot", "staff") and cid in first_question and cid not in waits:
                 waits[cid] = (at - first_question[cid]).total_seconds()
         said = {int(cid): answer for cid, answer in asks}
+        # "hi" and nothing else (every customer message got a courtesy back): no question to resolve
+        convs -= {c for c in convs if courtesies[c] >= asked[c]}
         handed &= convs
         corrected = {int(c) for c in corrections if c is not None} & convs
         alone = answered - handed - corrected
@@ -186,7 +196,8 @@ class ReportQueries(StoreBase):
 class Stats:
     """Resolution figures of the conversations with a customer message in [since, until).
 
-    - `conversations`: conversations with at least one customer message in the window.
+    - `conversations`: conversations with at least one customer message in the window, other than
+      those where every customer message was a courtesy ("hi", "thanks": bot/courtesy.py).
     - `answered`: of those, the ones the bot answered (a bot message with status "ok") in the window.
     - `handed_to_staff`: a hand-off notice (/human, plain words, repeats, two 👎), a take-over by
       staff, or a staff message to the customer (other than a correction) in the window.

@@ -219,6 +219,27 @@ def test_figures_on_a_seeded_database(tmp_path: Path) -> None:
         store.close()
 
 
+def test_a_conversation_of_courtesies_is_not_one_to_resolve(tmp_path: Path) -> None:
+    store = Store(Settings(data_dir=tmp_path).database)
+    try:
+        now = utcnow().replace(microsecond=0)
+        t0 = now - dt.timedelta(hours=1)
+        hello = conversation(store, "hi-only")  # "hi", the greeting back, and nothing else
+        hi = store.add_message(hello, "customer", "hi", created_at=t0).id
+        store.add_message(hello, "system", "Hello!", reply_to_id=hi, status="courtesy", created_at=t0)
+        asks = conversation(store, "hi-then-ask")  # "hi", then a question a minute later, answered in 5 s
+        hi = store.add_message(asks, "customer", "hi", created_at=t0).id
+        store.add_message(asks, "system", "Hello!", reply_to_id=hi, status="courtesy", created_at=t0)
+        q = store.add_message(asks, "customer", "Do you ship abroad?", created_at=t0 + MIN).id
+        later = t0 + MIN + dt.timedelta(seconds=5)
+        store.add_message(asks, "bot", "Yes, to Canada.", reply_to_id=q, status="ok", created_at=later)
+        stats = store.stats(now - dt.timedelta(days=1), now)
+        assert (stats.conversations, stats.answered, stats.resolved) == (1, 1, 1)
+        assert stats.median_first_answer_s == pytest.approx(5.0)  # from the question, not from "hi"
+    finally:
+        store.close()
+
+
 def test_cli_writes_stats_json_and_png(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any) -> None:
     data = tmp_path / "data"
     store = Store(Settings(data_dir=data).database)
