@@ -20,7 +20,6 @@ from bot import handoff
 from bot.courtesy import courtesy
 from bot.envelope import Answer, Inbound, Outbound, clean_text
 from bot.guard import BLOCKED, Verdict
-from bot.messages import normalise
 from bot.metrics import METRICS
 from bot.notices import EMPTY, CustomerFeedback
 from bot.ratelimit import CUSTOMER_WINDOW_S
@@ -127,9 +126,7 @@ class ConversationService(StaffActions, CustomerFeedback):
         if polite is not None:
             # the channel's language first, as for every notice; else the phrase's ("gracias" is too
             # short to detect)
-            lang = normalise(inbound.language)
-            if lang not in self.messages.languages:
-                lang = polite.lang or await self._language(inbound, text)
+            lang = await self._language(inbound, text, polite.lang)
             return [await self._notice(conv, self.messages.text(polite.key, lang), q, status="courtesy")]
         # "can I talk to a person?" in any words, or the same question a third time: as /human
         why = await asyncio.to_thread(self._wants_human, conv.id, q, text)

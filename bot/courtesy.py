@@ -20,7 +20,7 @@ import re
 import unicodedata
 from dataclasses import dataclass
 
-from bot.handoff import fold
+from bot.handoff import question_key
 
 # Phrases by kind and language. Multi-word phrases are matched before single words.
 _PHRASES: dict[str, dict[str, str]] = {
@@ -63,22 +63,15 @@ _PHRASES: dict[str, dict[str, str]] = {
         "fa": "خداحافظ|خدانگهدار|بدرود",
     },
 }
-# Words that go with a courtesy but say nothing on their own ("ok thanks so much guys").
-_WITH = """ok okay okey k kk alright great perfect cool awesome nice good fine super excellent wonderful
-    got it so much very lot a lots again you u for your the all everyone there guys team folks dear sir
-    madam bot and oh ah well just really have day no that's that it is everything now for help helping
-    info information answer answers reply response quick fast time support assistance
+# Words that go with a courtesy but say nothing on their own ("ok thanks so much guys"); the
+# acknowledgements below go with one too.
+_WITH = """excellent wonderful so much very lot a lots again you u for your the all everyone there guys
+    team folks dear sir madam bot and oh ah well just really have day no that's that it is everything
+    now for help helping info information answer answers reply response quick fast time support
+    assistance
     por la su tu ayuda pela sua ajuda fur die ihre hilfe pour votre ton aide за помощь допомогу
     yardim icin
-    vale genial perfecto muy bien ok todo
-    certo beleza perfeito tudo bem
-    gut super prima alles klar
-    ok tres bien parfait d'accord
-    хорошо ок понятно отлично супер ясно
-    добре гаразд зрозуміло чудово супер
-    tamam peki harika super cok
-    حسنا تمام ممتاز
-    باشه عالی خوب"""
+    muy bien todo tudo bem tres супер cok خوب"""
 # An acknowledgement on its own ("ok", "got it", "yes", "👍"): of these words only. A bare "no" is
 # not one: after an answer it may well mean "that did not help", and goes the way of a question.
 _ACK = """yes yeah yep yup si sim ja oui да так evet نعم بله
@@ -88,7 +81,6 @@ _ACK = """yes yeah yep yup si sim ja oui да так evet نعم بله
 # Longer than this many words, it is a message with something to say.
 MAX_WORDS = 10
 
-_WORD = re.compile(r"\w+(?:'\w+)?")
 # no word at all, and at least one emoji or smiley: 👍, 🙏, ":)" (a lone "?" is not an acknowledgement)
 _NO_WORD = re.compile(r"^[\W_]+$")
 _SMILEY = re.compile(r"[:;]-?[)D]|<3")
@@ -108,7 +100,7 @@ _KEYS = {"greeting": "start", "thanks": "welcome", "goodbye": "goodbye", "ack": 
 
 
 def _words(text: str) -> tuple[str, ...]:
-    return tuple(_WORD.findall(fold(text)))
+    return tuple(question_key(text).split())  # folded as the hand-off rules fold, punctuation out
 
 
 def _table() -> dict[tuple[str, ...], dict[str, set[str]]]:

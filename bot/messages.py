@@ -423,13 +423,14 @@ class Messages:
         template = by_lang.get(normalise(lang)) or by_lang.get(self.default) or by_lang["en"]
         return template.format(**values) if values else template
 
-    def choose(self, code: str | None, text: str | None = None) -> str:
+    def choose(self, code: str | None, text: str | None = None, written: str = "") -> str:
         """The reply language: the channel's `code` (Telegram's language_code) when we have texts in
-        it, else the language `text` is written in, else the default (APPRENTICE_LANGUAGE)."""
+        it, else the language `text` is written in (`written` when the caller knows it: a courtesy
+        phrase's, bot/courtesy.py), else the default (APPRENTICE_LANGUAGE)."""
         lang = normalise(code)
         if lang and lang in self.languages:
             return lang
-        detected = detect(text or "")
+        detected = written or detect(text or "")
         return detected or self.default
 
     def when(self, lang: str, opening: dt.datetime, now: dt.datetime) -> str:

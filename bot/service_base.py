@@ -93,14 +93,15 @@ class ServiceBase:
                 log.exception("reviewer %s.%s failed", type(reviewer).__name__, method)
 
     # --- what customers read, in their language -------------------------------------------
-    async def _language(self, inbound: Inbound | None, text: str | None = None) -> str:
-        """The reply language: the channel's (Telegram's language_code), else the message's, else
-        APPRENTICE_LANGUAGE (bot/messages.py). Detection runs in a thread: lingua is CPU work."""
+    async def _language(self, inbound: Inbound | None, text: str | None = None, written: str = "") -> str:
+        """The reply language: the channel's (Telegram's language_code), else the message's (`written`
+        when known), else APPRENTICE_LANGUAGE (bot/messages.py). Detection runs in a thread: lingua is
+        CPU work."""
         if inbound is None:
             return self.messages.default
         if text is None and inbound.kind == "text":
             text = inbound.text
-        return await asyncio.to_thread(self.messages.choose, inbound.language, text)
+        return await asyncio.to_thread(self.messages.choose, inbound.language, text, written)
 
     async def _say(self, key: str, inbound: Inbound | None, text: str | None = None, **values: Any) -> str:
         return self.messages.text(key, await self._language(inbound, text), **values)

@@ -328,21 +328,14 @@ async def test_conversation_over_http_answers_from_the_passage_the_model_read_be
         service = ConversationService(settings, store, demo_kb, gen)
         [out] = await service.handle(Inbound("telegram", "1", "1", question, name="Ada"))
         scores = await gen.likelihoods(prompts(retrieved), question)
+        titles = [s["title"] for s in store.message(out.message_id).sources]
     finally:
         await gen.aclose()
         store.close()
     chosen = retrieved[order(scores)[0]]
     assert chosen.title != retrieved[0].title  # the reading moved the answer off retrieval's first
     assert out.text.endswith(f"(From: {chosen.title})")
-    assert store_titles(settings, out.message_id)[0] == chosen.title
-
-
-def store_titles(settings: Settings, message_id: int) -> list[str]:
-    store = Store(settings.database)
-    try:
-        return [s["title"] for s in store.message(message_id).sources]
-    finally:
-        store.close()
+    assert titles[0] == chosen.title
 
 
 async def test_a_server_that_refuses_the_scoring_fields_stops_being_asked(fake: FakeOpenAIServer) -> None:
