@@ -158,23 +158,30 @@ def latency_pair(
 ) -> dict[str, dict[str, float]]:
     """Seconds per answer, one at a time, with retrieval (as served) and without (the bare question).
 
-    With and without alternate question by question, so load changes hit both alike. Blocking: call
-    it from a plain thread.
+    With retrieval, the answer takes the path the answer mode takes when no staff correction is near
+    the question (`learning.rerank.model_writes`): the model writes and the reply is checked, or the
+    extract is sent; reading the passages first where APPRENTICE_RERANK wants it. With and without
+    alternate question by question, so load changes hit both alike. Blocking: call it from a plain
+    thread.
     """
-    from learning.answer import ground
+    from learning.answer import cite, ground
     from learning.prompt import answer_messages, build_messages
-    from learning.rerank import rerank, wanted
+    from learning.rerank import model_writes, rerank, wanted
 
+    writes = model_writes(settings.answer_mode, runtime, taught=False)
     rag: list[float] = []
     bare: list[float] = []
     for q in questions:
         t = time.perf_counter()
         retrieval = kb.retrieve(q, settings.top_k, settings.memory_threshold)
-        if wanted(runtime, settings.rerank):  # the model reads the passages first, as served
+        if wanted(runtime, settings.rerank, writes):  # the model reads the passages first, as served
             retrieval.passages = asyncio.run(rerank(runtime, q, retrieval.passages))
-        reply = runtime.generate_batch([answer_messages(settings, q, retrieval.all)])[0].text
-        if settings.answer_mode == "grounded":  # the check every served answer passes
-            ground(q, reply, retrieval.all)
+        if writes or not retrieval.passages:
+            reply = runtime.generate_batch([answer_messages(settings, q, retrieval.all)])[0].text
+            if settings.answer_mode != "model":  # the check every served answer passes
+                ground(q, reply, retrieval.all)
+        else:
+            cite(q, retrieval.passages[0])
         rag.append(time.perf_counter() - t)
         t = time.perf_counter()
         runtime.generate_batch([build_messages(settings.system_prompt_text, [], q)])

@@ -31,7 +31,7 @@ from knowledge.passages import Passage, Retrieval
 from learning.answer import cite, finish, ground
 from learning.generation import GenerationError, GenerationTimeout, ModelBusy
 from learning.prompt import answer_messages, prompt_turns
-from learning.rerank import rerank, wanted
+from learning.rerank import model_writes, rerank, wanted
 
 log = logging.getLogger(__name__)
 
@@ -201,33 +201,36 @@ class ConversationService(StaffActions, CustomerFeedback):
             reply, model = retrieval.memory.text, "correction-memory"
         elif retrieval.memory is None and retrieval.best_score < self.settings.relevance_threshold:
             reply, status, flagged = await self._unsure(inbound, text), "unsure", True
-        elif self.settings.answer_mode == "extract" and retrieval.passages:
-            # the extract answer mode: the best passage's relevant sentences, no model writing
-            retrieval = await self._reranked(text, retrieval)
-            reply = await asyncio.to_thread(cite, text, retrieval.passages[0])
-            model, grounding = "extract", "extract"
         else:
-            retrieval = await self._reranked(text, retrieval)
-            history = await asyncio.to_thread(self._history, conv.id, question_id)
-            try:
-                prompt = (self.settings, text, retrieval.all, history)
-                messages = await asyncio.to_thread(answer_messages, *prompt)
-                gen = await self.generator.generate(messages, self.settings.max_new_tokens)
-                # model text is untrusted too: no control characters or lone surrogates into the store
-                generated, model, adapter = clean_text(gen.text), gen.model, gen.adapter_version
-                cut = gen.new_tokens >= self.settings.max_new_tokens  # stopped by the token cap
-                reply, grounding = await asyncio.to_thread(
-                    self._ground, text, generated, retrieval.all, cut, conv.id
-                )
-                if grounding.startswith("fallback"):
-                    flagged = True  # staff see that the model's own reply could not be used
-                if not reply:
-                    reply, status, flagged = await self._unsure(inbound, text), "unsure", True
-            except ModelBusy:
-                reply, status = await self._say("busy", inbound, text), "busy"
-            except (GenerationTimeout, Exception) as exc:  # the customer gets an apology, staff a flag
-                log.warning("generation failed for conversation %s: %s", conv.id, type(exc).__name__)
-                reply, status, flagged = await self._say("apology", inbound, text), "error", True
+            lessons = await asyncio.to_thread(self._lessons, text, retrieval.all, conv.id)
+            writes = not retrieval.passages or model_writes(
+                self.settings.answer_mode, self.generator, bool(lessons)
+            )
+            retrieval = await self._reranked(text, retrieval, writes)
+            if not writes:  # the best passage's relevant sentences, no model writing (learning/answer.py)
+                reply = await asyncio.to_thread(cite, text, retrieval.passages[0])
+                model, grounding = "extract", "extract"
+            else:
+                history = await asyncio.to_thread(self._history, conv.id, question_id)
+                try:
+                    prompt = (self.settings, text, retrieval.all, history)
+                    messages = await asyncio.to_thread(answer_messages, *prompt)
+                    gen = await self.generator.generate(messages, self.settings.max_new_tokens)
+                    # model text is untrusted too: no control characters or lone surrogates into the store
+                    generated, model, adapter = clean_text(gen.text), gen.model, gen.adapter_version
+                    cut = gen.new_tokens >= self.settings.max_new_tokens  # stopped by the token cap
+                    reply, grounding = await asyncio.to_thread(
+                        self._ground, text, generated, retrieval.all, cut, lessons
+                    )
+                    if grounding.startswith("fallback"):
+                        flagged = True  # staff see that the model's own reply could not be used
+                    if not reply:
+                        reply, status, flagged = await self._unsure(inbound, text), "unsure", True
+                except ModelBusy:
+                    reply, status = await self._say("busy", inbound, text), "busy"
+                except (GenerationTimeout, Exception) as exc:  # the customer gets an apology, staff a flag
+                    log.warning("generation failed for conversation %s: %s", conv.id, type(exc).__name__)
+                    reply, status, flagged = await self._say("apology", inbound, text), "error", True
         if status == "ok":
             # a leak attempt is blocked and shown to staff even when grounding would have dropped it
             checked = reply if generated in ("", reply) else f"{generated}\n\n{reply}"
@@ -259,10 +262,11 @@ class ConversationService(StaffActions, CustomerFeedback):
             grounding=grounding,
         )  # fmt: skip
 
-    async def _reranked(self, question: str, retrieval: Retrieval) -> Retrieval:
+    async def _reranked(self, question: str, retrieval: Retrieval, writes: bool) -> Retrieval:
         """The documents in the model's order (learning/rerank.py); as retrieved when reranking is
-        off, the backend cannot score, or the model is busy or fails (the answer still goes out)."""
-        if len(retrieval.passages) < 2 or not wanted(self.generator, self.settings.rerank):
+        off, the backend cannot score, or the model is busy or fails (the answer still goes out).
+        `writes`: the model also writes the answer (APPRENTICE_RERANK=auto then reads on a GPU only)."""
+        if len(retrieval.passages) < 2 or not wanted(self.generator, self.settings.rerank, writes):
             return retrieval
         try:
             passages = await rerank(self.generator, question, retrieval.passages)
@@ -271,28 +275,29 @@ class ConversationService(StaffActions, CustomerFeedback):
             return retrieval
         return dataclasses.replace(retrieval, passages=passages)
 
-    def _ground(
-        self,
-        question: str,
-        reply: str,
-        passages: list[Passage],
-        cut: bool,
-        conversation_id: int | None = None,
-    ) -> tuple[str, str]:
-        """The reply as the answer mode sends it, and what grounding did ("", "grounded", "fallback:why").
-
-        `cut`: the token cap stopped the model, so its last sentence may be unfinished. Staff
-        corrections of similar questions count as evidence even below the memory threshold: they
-        are what a retrained adapter learned from.
-        """
-        if self.settings.answer_mode == "model":
-            return (finish(reply) if cut else reply), ""
+    def _lessons(self, question: str, passages: list[Passage], conversation_id: int) -> list[Passage]:
+        """Staff corrections of questions similar to `question` (cosine ≥ EVIDENCE, even below the
+        memory threshold) that are not among `passages`: what a retrained adapter learned from, so
+        evidence its reply may rest on, and in the auto answer mode the sign that the model writes."""
+        if self.settings.answer_mode not in ("auto", "grounded"):
+            return []
         known = {p.correction_id for p in passages if p.kind == "correction"}
-        lessons = [
+        return [
             p
             for p in self.kb.recall(question, 3, conversation_id)
             if p.score >= EVIDENCE and p.correction_id not in known
         ]
+
+    def _ground(
+        self, question: str, reply: str, passages: list[Passage], cut: bool, lessons: list[Passage]
+    ) -> tuple[str, str]:
+        """The reply as the answer mode sends it, and what grounding did ("", "grounded", "fallback:why").
+
+        `cut`: the token cap stopped the model, so its last sentence may be unfinished. `lessons`
+        (staff corrections of similar questions) count as evidence beside the passages.
+        """
+        if self.settings.answer_mode == "model":
+            return (finish(reply) if cut else reply), ""
         g = ground(question, reply, [*passages, *lessons])
         return g.text, (f"fallback:{g.reason}" if g.fallback else "grounded")
 

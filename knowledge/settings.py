@@ -135,15 +135,17 @@ class Settings(BaseSettings):
         "verbatim",
         description="A winning correction is sent as is (verbatim), or given to the model as first passage.",
     )
-    answer_mode: Literal["grounded", "extract", "model"] = Field(
-        "grounded",
+    answer_mode: Literal["auto", "grounded", "extract", "model"] = Field(
+        "auto",
         description=(
             "grounded: the model answers from the passage sentences closest to the question; a reply "
             "with a sentence or figure the passages do not support, or an off-role one, is replaced by "
             "the best passage's relevant sentences and its title, and flagged for staff. extract: those "
-            "sentences, the model writes nothing (it still picks the passage, APPRENTICE_RERANK). "
-            "model: the reply as generated (cut at its last full sentence when the token cap stopped it). "
-            "docs/answers.md has the measurements."
+            "sentences, the model writes nothing (it picks the passage, APPRENTICE_RERANK). auto: "
+            "grounded where the model runs on a GPU (in process or vLLM) or staff corrected a similar "
+            "question, extract otherwise (on a CPU the bundled model's replies almost never pass the "
+            "check). model: the reply as generated (cut at its last full sentence when the token cap "
+            "stopped it). docs/answers.md has the measurements."
         ),
     )
     rerank: Literal["auto", "on", "off"] = Field(
@@ -151,10 +153,11 @@ class Settings(BaseSettings):
         description=(
             "on: the model reorders the retrieved passages by how likely the customer's question is "
             "after each (query likelihood) and the answer comes from its first; off: retrieval's order; "
-            "auto: on where the prefill runs on a GPU: the in-process model on CUDA, or a vLLM server "
-            "(APPRENTICE_LLM_URL; its prompt_logprobs). On a CPU it costs a prefill of each passage "
-            "(2.4–2.6 s an answer on one core) for a better-chosen passage; a server without "
-            "prompt_logprobs keeps retrieval's order. docs/answers.md has the measurements."
+            "auto: on where the prefill runs on a GPU (the in-process model on CUDA, or a vLLM server, "
+            "APPRENTICE_LLM_URL, through its prompt_logprobs) and for an answer the model does not also "
+            "write (the extract). On a CPU it costs a prefill of each passage (2.4–2.6 s an answer on "
+            "one core) for a better-chosen passage; a server without prompt_logprobs keeps retrieval's "
+            "order. docs/answers.md has the measurements."
         ),
     )
     history_turns: int = Field(2, description="Earlier turns of the conversation included in the prompt.")

@@ -10,9 +10,11 @@ extract) then comes from that passage. Measured with `apprentice bench answers`;
 has the figures and the alternatives that did not help (MiniLM cosine to the passage or its title).
 
 It costs a prefill of every passage: nothing on a GPU, 2.4–2.6 s an answer on one CPU core, more
-than the answer's own prompt. APPRENTICE_RERANK=auto therefore reads on a GPU only: the in-process
-model on CUDA, or a model server (vLLM's `prompt_logprobs`, learning/llm_http.py). A server that
-cannot score (an OpenAI-compatible server other than vLLM) leaves retrieval's order.
+than the answer's own prompt. APPRENTICE_RERANK=auto therefore reads where that is cheap (the
+in-process model on CUDA, or a model server: vLLM's `prompt_logprobs`, learning/llm_http.py) and,
+on a CPU, only for an answer the model does not also write (the extract, `model_writes` below):
+there the reading takes the writing's place in the answer's time. A server that cannot score (an
+OpenAI-compatible server other than vLLM) leaves retrieval's order.
 """
 
 from __future__ import annotations
@@ -38,12 +40,37 @@ QUESTION_CHARS = 300
 PRIOR = 0.05
 
 
-def wanted(generator: object, mode: str) -> TypeGuard[Scorer]:
+def cheap_prefill(generator: object) -> bool:
+    """Whether `generator` prefills on a GPU (in this process, or a model server such as vLLM), where
+    a prefill per passage, or a reply the grounding check may throw away, costs next to nothing."""
+    return isinstance(generator, Scorer) and generator.device in ("cuda", "server")
+
+
+def wanted(generator: object, mode: str, writes: bool = True) -> TypeGuard[Scorer]:
     """Whether to rerank with `generator` under APPRENTICE_RERANK=`mode` ("auto": where prefill is
-    cheap, a GPU in this process or a model server such as vLLM)."""
+    cheap, or where the model does not also write the answer, `writes` false: then the reading is the
+    model's only work for the answer, 2.7 s against the 3.7 s of writing one on a CPU core)."""
     if mode == "off" or not isinstance(generator, Scorer):
         return False
-    return mode == "on" or generator.device in ("cuda", "server")
+    return mode == "on" or not writes or cheap_prefill(generator)
+
+
+def model_writes(mode: str, generator: object, taught: bool) -> bool:
+    """Whether the model writes this answer (else the extract, `learning.answer.cite`, is sent) under
+    APPRENTICE_ANSWER_MODE=`mode`.
+
+    "auto" writes where writing is cheap (`cheap_prefill`: a GPU in this process, or a model
+    server), and where staff corrected a similar question (`taught`): that is what a retrained
+    adapter learned, and its reply is checked against the correction too. Elsewhere, on a CPU, the
+    bundled SmolLM2-135M's replies were replaced by the extract for 97.5% of 120 emanual questions,
+    the few that passed scored below the extract they replaced, and writing took 3.7 s an answer
+    (docs/answers.md): the extract, from the passage the model reads as the best, is sent instead.
+    """
+    if mode == "extract":
+        return False
+    if mode != "auto":
+        return True
+    return taught or cheap_prefill(generator)
 
 
 def prompts(passages: Sequence[Passage]) -> list[Messages]:

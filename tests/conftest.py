@@ -15,7 +15,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("ANONYMIZED_TELEMETRY", "False")
 # Conversation-mechanics tests script the model's replies word for word and assert that the customer
-# gets them, so they run in the `model` answer mode. The default mode (`grounded`) and `extract` have
+# gets them, so they run in the `model` answer mode. The default mode (`auto`), `grounded` and `extract` have
 # their own tests (tests/learning/test_answer.py, tests/bot/test_conversation.py,
 # tests/bot/test_golden_answers.py), which set the mode explicitly.
 os.environ.setdefault("APPRENTICE_ANSWER_MODE", "model")

@@ -272,19 +272,76 @@ async def test_the_model_picks_the_passage_the_answer_comes_from(
     store.close()
 
 
-@pytest.mark.parametrize("reason", ["off", "auto on a CPU", "busy"])
+@pytest.mark.parametrize("reason", ["off", "auto, the model writes on a CPU", "busy"])
 async def test_without_a_reading_the_answer_comes_from_retrievals_first_passage(
     tmp_path: Path, demo_kb: KnowledgeBase, reason: str
 ) -> None:
     question = "Can I pay with PayPal?"
     first = demo_kb.search(question, 4)[0].title
     model = ReadingModel(favourite=2, fails=ModelBusy("queue full") if reason == "busy" else None)
-    mode = {"off": "off", "auto on a CPU": "auto", "busy": "on"}[reason]
-    settings = Settings(data_dir=tmp_path, answer_mode="extract", rerank=mode)
+    mode = {"off": "off", "auto, the model writes on a CPU": "auto", "busy": "on"}[reason]
+    # grounded: the scripted reply fails the check, so the extract shows which passage came first
+    answer_mode = "grounded" if reason.startswith("auto") else "extract"
+    settings = Settings(data_dir=tmp_path, answer_mode=answer_mode, rerank=mode)
     service = ConversationService(settings, Store(settings.database), demo_kb, model)
     [out] = await service.handle(msg(question))
     assert out.text.endswith(f"(From: {first})") and out.feedback_buttons
     assert len(model.scored) == (1 if reason == "busy" else 0)
+
+
+async def test_auto_on_a_cpu_sends_the_extract_of_the_passage_the_model_reads_as_best(
+    tmp_path: Path, demo_kb: KnowledgeBase
+) -> None:
+    """The default answer mode with the model on a CPU and no correction near: no writing, a reading."""
+    question = "Can I pay with PayPal?"
+    retrieved = [p.title for p in demo_kb.search(question, 4)]
+    model = ReadingModel(favourite=2)
+    settings = Settings(data_dir=tmp_path, answer_mode="auto", rerank="auto")
+    assert Settings.model_fields["answer_mode"].default == "auto" == Settings.model_fields["rerank"].default
+    store = Store(settings.database)
+    service = ConversationService(settings, store, demo_kb, model)
+    [out] = await service.handle(msg(question))
+    assert model.prompts == [] and len(model.scored) == 1  # read once, never asked to write
+    assert out.text.endswith(f"(From: {retrieved[2]})") and out.feedback_buttons
+    answer = store.message(out.message_id)
+    assert answer.model == "extract" and not answer.flagged  # an extract is no failure to flag
+    store.close()
+
+
+async def test_auto_lets_the_model_write_where_staff_corrected_a_similar_question(tmp_path: Path) -> None:
+    """What a retrained adapter learned reaches the customer: near a correction (below the memory
+    threshold, so not sent verbatim) the model writes, checked against the correction."""
+    settings = Settings(data_dir=tmp_path, answer_mode="auto", rerank="auto")
+    kb = KnowledgeBase.from_settings(settings)  # its own: the correction must not reach other tests
+    kb.ingest([settings.kb_path])
+    store = Store(settings.database)
+    model = ReadingModel(favourite=0)
+    service = ConversationService(settings, store, kb, model)
+    [first] = await service.handle(msg("When are you open on Sundays?"))
+    assert model.prompts == [] and len(model.scored) == 1
+    lesson_text = "On Sundays both stores are closed for stocktaking until March."
+    await service.correct(first.message_id, lesson_text, staff="u1", request_key="k1")
+    near = "Is anyone at the store on Sunday mornings?"
+    [lesson] = kb.recall(near, 1)
+    assert 0.5 <= lesson.score < settings.memory_threshold  # evidence, but not the memory's verbatim reply
+    model.enqueue(lesson_text)
+    [out] = await service.handle(msg(near, chat="c2"))
+    assert len(model.prompts) == 1 and len(model.scored) == 1  # wrote, and did not also read on a CPU
+    assert out.text == lesson_text and store.message(out.message_id).model == "scripted"
+    store.close()
+    kb.close()
+
+
+async def test_auto_on_a_gpu_reads_and_writes(tmp_path: Path, demo_kb: KnowledgeBase) -> None:
+    question = "Can I pay with PayPal?"
+    retrieved = [p.title for p in demo_kb.search(question, 4)]
+    model = ReadingModel(favourite=2)
+    model.device = "cuda"
+    settings = Settings(data_dir=tmp_path, answer_mode="auto")
+    service = ConversationService(settings, Store(settings.database), demo_kb, model)
+    [out] = await service.handle(msg(question))  # the scripted reply fails the check: the extract
+    assert len(model.prompts) == 1 and len(model.scored) == 1
+    assert out.text.endswith(f"(From: {retrieved[2]})")
 
 
 async def test_a_reply_stopped_by_the_token_cap_ends_on_its_last_full_sentence(

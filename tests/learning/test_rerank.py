@@ -9,7 +9,7 @@ import pytest
 from knowledge.passages import Passage
 from knowledge.retrieve import KnowledgeBase
 from knowledge.settings import Settings
-from learning.rerank import INSTRUCTION, PASSAGE_CHARS, order, prompts, rerank, wanted
+from learning.rerank import INSTRUCTION, PASSAGE_CHARS, model_writes, order, prompts, rerank, wanted
 
 
 class Reader:
@@ -26,10 +26,36 @@ class Writer:
     device = "cuda"
 
 
-def test_auto_reads_on_a_gpu_only_and_a_backend_that_cannot_score_never_reads() -> None:
+def test_auto_reads_on_a_gpu_or_for_an_extract_and_a_backend_that_cannot_score_never_reads() -> None:
     assert wanted(Reader("cuda"), "auto") and not wanted(Reader("cpu"), "auto")
+    # on a CPU the reading takes the writing's place: an extract is read for, a written reply is not
+    assert wanted(Reader("cpu"), "auto", writes=False) and wanted(Reader("server"), "auto", writes=True)
     assert wanted(Reader("cpu"), "on") and not wanted(Reader("cuda"), "off")
-    assert not wanted(Writer(), "on") and not wanted(Writer(), "auto")
+    assert not wanted(Reader("cpu"), "off", writes=False)
+    assert not wanted(Writer(), "on") and not wanted(Writer(), "auto") and not wanted(Writer(), "auto", False)
+
+
+@pytest.mark.parametrize(
+    ("mode", "device", "taught", "writes"),
+    [
+        ("auto", "cpu", False, False),  # the bundled model on a CPU: the extract, read for
+        ("auto", "cpu", True, True),  # staff corrected a similar question: what an adapter learned
+        ("auto", "cuda", False, True),
+        ("auto", "server", False, True),
+        ("grounded", "cpu", False, True),
+        ("model", "cpu", False, True),
+        ("extract", "cuda", True, False),
+    ],
+)
+def test_who_writes_the_answer_in_each_answer_mode(
+    mode: str, device: str, taught: bool, writes: bool
+) -> None:
+    assert model_writes(mode, Reader(device), taught) is writes
+
+
+def test_auto_on_a_backend_that_cannot_score_writes_only_where_taught() -> None:
+    """A generator without `device` (a scripted one) counts as a CPU: it writes when taught."""
+    assert not model_writes("auto", object(), False) and model_writes("auto", object(), True)
 
 
 def test_retrievals_order_breaks_near_ties_and_a_clear_winner_moves_up() -> None:
