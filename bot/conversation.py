@@ -203,9 +203,9 @@ class ConversationService(StaffActions, CustomerFeedback):
             reply, status, flagged = await self._unsure(inbound, text), "unsure", True
         else:
             lessons = await asyncio.to_thread(self._lessons, text, retrieval.all, conv.id)
-            writes = not retrieval.passages or model_writes(
-                self.settings.answer_mode, self.generator, bool(lessons)
-            )
+            # taught: a correction won (memory_mode=prompt gives it to the model) or one is near
+            taught = retrieval.memory is not None or bool(lessons)
+            writes = not retrieval.passages or model_writes(self.settings.answer_mode, self.generator, taught)
             retrieval = await self._reranked(text, retrieval, writes)
             if not writes:  # the best passage's relevant sentences, no model writing (learning/answer.py)
                 reply = await asyncio.to_thread(cite, text, retrieval.passages[0])

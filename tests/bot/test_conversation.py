@@ -332,6 +332,28 @@ async def test_auto_lets_the_model_write_where_staff_corrected_a_similar_questio
     kb.close()
 
 
+async def test_auto_lets_the_model_write_from_a_winning_correction_in_the_prompt_memory_mode(
+    tmp_path: Path,
+) -> None:
+    """memory_mode=prompt gives the winning correction to the model as its first passage: on a CPU
+    too, the model writes from it rather than the extract of a document."""
+    settings = Settings(data_dir=tmp_path, answer_mode="auto", memory_mode="prompt")
+    kb = KnowledgeBase.from_settings(settings)  # its own: the correction must not reach other tests
+    kb.ingest([settings.kb_path])
+    store = Store(settings.database)
+    model = ReadingModel(favourite=0)
+    service = ConversationService(settings, store, kb, model)
+    [first] = await service.handle(msg("When are you open on Sundays?"))
+    lesson_text = "On Sundays both stores are closed for stocktaking until March."
+    await service.correct(first.message_id, lesson_text, staff="u1", request_key="k1")
+    model.enqueue(lesson_text)
+    [out] = await service.handle(msg("Are you open on Sunday?", chat="c2"))
+    assert len(model.prompts) == 1 and lesson_text in model.prompts[0][-1]["content"]
+    assert out.text == lesson_text
+    store.close()
+    kb.close()
+
+
 async def test_auto_on_a_gpu_reads_and_writes(tmp_path: Path, demo_kb: KnowledgeBase) -> None:
     question = "Can I pay with PayPal?"
     retrieved = [p.title for p in demo_kb.search(question, 4)]
