@@ -90,7 +90,7 @@ def run_retrieval_bench(
                 for row in questions:
                     gold = set(row["gold_docs"])
                     t = time.perf_counter()
-                    passages = kb._search(row["question"], 5, dense=dense, lexical=lexical)
+                    passages = kb.search(row["question"], 5, dense=dense, lexical=lexical)
                     if mode == "hybrid":
                         latencies.append((time.perf_counter() - t) * 1000)
                     sources = [Path(p.source).with_suffix("").as_posix() for p in passages]

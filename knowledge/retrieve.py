@@ -241,11 +241,9 @@ class KnowledgeBase:
             self._index_checked = now
             return self._index
 
-    def search(self, query: str, k: int = 4) -> list[Passage]:
-        """The k best document passages for `query`, best first (hybrid dense + BM25 with RRF)."""
-        return self._search(query, k, dense=True, lexical=True)
-
-    def _search(self, query: str, k: int, dense: bool = True, lexical: bool = True) -> list[Passage]:
+    def search(self, query: str, k: int = 4, dense: bool = True, lexical: bool = True) -> list[Passage]:
+        """The k best document passages for `query`, best first: hybrid dense + BM25 with RRF, or one
+        of the two alone (`apprentice bench retrieval` compares them)."""
         import numpy as np
 
         if not query.strip() or k <= 0:

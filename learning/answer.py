@@ -173,8 +173,10 @@ def finish(text: str) -> str:
             lines.append(keep)
     while lines and (not lines[-1].strip() or lines[-1].rstrip().endswith(":")):
         lines.pop()  # an intro to a list that no longer follows
-    # a reply that is one short fragment ("Yes", "Order 5512") is kept: there is nothing before it
-    return "\n".join(lines).strip() or (last.strip() if not _LIST_ITEM.match(last) else "")
+    # a reply that is one short fragment ("Yes", "Order 5512") is kept: there is nothing before it;
+    # not a step, nor an intro to a list that never came ("You can get remote support for your TV:")
+    alone = not _LIST_ITEM.match(last) and not last.rstrip().endswith(":")
+    return "\n".join(lines).strip() or (last.strip() if alone else "")
 
 
 def cosines(left: Sequence[str], right: Sequence[str]) -> list[list[float]]:

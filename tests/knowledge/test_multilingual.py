@@ -111,7 +111,7 @@ def test_bm25_alone_answers_most_questions_at_rank_1(
     assert {index.query_language(r["question"]) for r in rows} == {lang}
     hits = 0
     for row in rows:
-        top = bilingual_kb._search(row["question"], 1, dense=False, lexical=True)
+        top = bilingual_kb.search(row["question"], 1, dense=False, lexical=True)
         hits += bool(top) and Path(top[0].source).stem in row["gold_docs"]
     assert hits / len(rows) >= floor
 

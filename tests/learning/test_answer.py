@@ -46,6 +46,18 @@ def test_a_short_fragment_with_nothing_before_it_is_kept() -> None:
     assert finish("Yes") == "Yes"
 
 
+def test_a_reply_that_is_only_the_intro_to_a_list_is_not_sent() -> None:
+    # a retrained adapter wrote this, and stopped: the customer would wait for a list that never comes
+    assert finish("You can easily get Samsung Remote Support service for your TV:") == ""
+    reply = "You can easily get Samsung Remote Support service for your TV:"
+    passage = Passage(
+        "Samsung Remote Support offers one-on-one support with a technician who can diagnose your TV.",
+        "Remote Support", "kb/remote.md", 0.8,
+    )  # fmt: skip
+    g = ground("How do you do remote support?", reply, [passage])
+    assert g.fallback and g.reason == "empty" and g.text.startswith("Samsung Remote Support offers")
+
+
 def test_list_numbers_stay_with_their_item() -> None:
     assert sentences("Do this:\n1. Open it. It is big.\n2. Close it.") == [
         "Do this:", "1. Open it.", "It is big.", "2. Close it."
