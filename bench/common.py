@@ -158,8 +158,8 @@ def latency_pair(
 ) -> dict[str, dict[str, float]]:
     """Seconds per answer, one at a time, with retrieval (as served) and without (the bare question).
 
-    With retrieval, the answer takes the path the answer mode takes when no staff correction is near
-    the question (`learning.rerank.model_writes`): the model writes and the reply is checked, or the
+    With retrieval, the answer takes the path the answer mode takes when no staff correction won
+    (`learning.rerank.model_writes`): the model writes and the reply is checked, or the
     extract is sent; reading the passages first where APPRENTICE_RERANK wants it. With and without
     alternate question by question, so load changes hit both alike. Blocking: call it from a plain
     thread.
@@ -168,7 +168,7 @@ def latency_pair(
     from learning.prompt import answer_messages, build_messages
     from learning.rerank import model_writes, rerank, wanted
 
-    writes = model_writes(settings.answer_mode, runtime, taught=False)
+    writes = model_writes(settings.answer_mode, runtime, given_correction=False)
     rag: list[float] = []
     bare: list[float] = []
     for q in questions:

@@ -202,15 +202,15 @@ class ConversationService(StaffActions, CustomerFeedback):
         elif retrieval.memory is None and retrieval.best_score < self.settings.relevance_threshold:
             reply, status, flagged = await self._unsure(inbound, text), "unsure", True
         else:
-            lessons = await asyncio.to_thread(self._lessons, text, retrieval.all, conv.id)
-            # taught: a correction won (memory_mode=prompt gives it to the model) or one is near
-            taught = retrieval.memory is not None or bool(lessons)
-            writes = not retrieval.passages or model_writes(self.settings.answer_mode, self.generator, taught)
+            # a correction that won here was not sent verbatim: memory_mode=prompt gives it to the model
+            given = retrieval.memory is not None
+            writes = not retrieval.passages or model_writes(self.settings.answer_mode, self.generator, given)
             retrieval = await self._reranked(text, retrieval, writes)
             if not writes:  # the best passage's relevant sentences, no model writing (learning/answer.py)
                 reply = await asyncio.to_thread(cite, text, retrieval.passages[0])
                 model, grounding = "extract", "extract"
             else:
+                lessons = await asyncio.to_thread(self._lessons, text, retrieval.all, conv.id)
                 history = await asyncio.to_thread(self._history, conv.id, question_id)
                 try:
                     prompt = (self.settings, text, retrieval.all, history)
@@ -278,7 +278,7 @@ class ConversationService(StaffActions, CustomerFeedback):
     def _lessons(self, question: str, passages: list[Passage], conversation_id: int) -> list[Passage]:
         """Staff corrections of questions similar to `question` (cosine ≥ EVIDENCE, even below the
         memory threshold) that are not among `passages`: what a retrained adapter learned from, so
-        evidence its reply may rest on, and in the auto answer mode the sign that the model writes."""
+        evidence its reply may rest on."""
         if self.settings.answer_mode not in ("auto", "grounded"):
             return []
         known = {p.correction_id for p in passages if p.kind == "correction"}

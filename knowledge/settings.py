@@ -142,10 +142,11 @@ class Settings(BaseSettings):
             "with a sentence or figure the passages do not support, or an off-role one, is replaced by "
             "the best passage's relevant sentences and its title, and flagged for staff. extract: those "
             "sentences, the model writes nothing (it picks the passage, APPRENTICE_RERANK). auto: "
-            "grounded where the model runs on a GPU (in process or vLLM) or staff corrected a similar "
-            "question, extract otherwise (on a CPU the bundled model's replies almost never pass the "
-            "check). model: the reply as generated (cut at its last full sentence when the token cap "
-            "stopped it). docs/answers.md has the measurements."
+            "grounded where the model runs on a GPU (in process or vLLM) or memory_mode=prompt gives "
+            "it a winning correction, extract otherwise (on a CPU the bundled model's replies almost "
+            "never pass the check, and a retrained adapter's scored below the extract). model: the "
+            "reply as generated (cut at its last full sentence when the token cap stopped it). "
+            "docs/answers.md has the measurements."
         ),
     )
     rerank: Literal["auto", "on", "off"] = Field(

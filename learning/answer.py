@@ -18,9 +18,9 @@ cut mid-list by the token cap, and simply pasting the best passage scores better
    the rest is not to be trusted.)
 
 `learning.rerank.model_writes` decides, under the default answer mode (auto), whether the model
-writes at all: on a CPU, with no staff correction near the question, the bundled model's replies
-almost never pass the check and the few that do score below the extract, so the customer gets the
-extract at once and the model's time goes to reading the passages instead.
+writes at all: on a CPU the bundled model's replies almost never pass the check and the few that
+do score below the extract (a retrained adapter's too), so the customer gets the extract at once and
+the model's time goes to reading the passages instead.
 """
 
 from __future__ import annotations

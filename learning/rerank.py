@@ -55,22 +55,23 @@ def wanted(generator: object, mode: str, writes: bool = True) -> TypeGuard[Score
     return mode == "on" or not writes or cheap_prefill(generator)
 
 
-def model_writes(mode: str, generator: object, taught: bool) -> bool:
+def model_writes(mode: str, generator: object, given_correction: bool) -> bool:
     """Whether the model writes this answer (else the extract, `learning.answer.cite`, is sent) under
     APPRENTICE_ANSWER_MODE=`mode`.
 
     "auto" writes where writing is cheap (`cheap_prefill`: a GPU in this process, or a model
-    server), and where staff corrected a similar question (`taught`): that is what a retrained
-    adapter learned, and its reply is checked against the correction too. Elsewhere, on a CPU, the
-    bundled SmolLM2-135M's replies were replaced by the extract for 97.5% of 120 emanual questions,
-    the few that passed scored below the extract they replaced, and writing took 3.7 s an answer
-    (docs/answers.md): the extract, from the passage the model reads as the best, is sent instead.
+    server), and where APPRENTICE_MEMORY_MODE=prompt gives the model a winning staff correction to
+    word (`given_correction`). Elsewhere, on a CPU, the bundled SmolLM2-135M's replies were replaced
+    by the extract for 97.5% of 120 emanual questions, the few that passed scored below the extract
+    they replaced, and writing took 3.7 s an answer; near a staff correction a retrained adapter's
+    replies scored below the extract too (docs/answers.md). The extract, from the passage the model
+    reads as the best, is sent instead.
     """
     if mode == "extract":
         return False
     if mode != "auto":
         return True
-    return taught or cheap_prefill(generator)
+    return given_correction or cheap_prefill(generator)
 
 
 def prompts(passages: Sequence[Passage]) -> list[Messages]:

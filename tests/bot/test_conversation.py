@@ -308,9 +308,10 @@ async def test_auto_on_a_cpu_sends_the_extract_of_the_passage_the_model_reads_as
     store.close()
 
 
-async def test_auto_lets_the_model_write_where_staff_corrected_a_similar_question(tmp_path: Path) -> None:
-    """What a retrained adapter learned reaches the customer: near a correction (below the memory
-    threshold, so not sent verbatim) the model writes, checked against the correction."""
+async def test_auto_on_a_cpu_sends_the_extract_near_a_correction_too(tmp_path: Path) -> None:
+    """Near a correction (below the memory threshold, so not sent verbatim) the model on a CPU still
+    does not write: a retrained adapter's replies there scored below the extract in the loop
+    benchmark (docs/answers.md). The model reads, as it does for any other question."""
     settings = Settings(data_dir=tmp_path, answer_mode="auto", rerank="auto")
     kb = KnowledgeBase.from_settings(settings)  # its own: the correction must not reach other tests
     kb.ingest([settings.kb_path])
@@ -324,10 +325,9 @@ async def test_auto_lets_the_model_write_where_staff_corrected_a_similar_questio
     near = "Is anyone at the store on Sunday mornings?"
     [lesson] = kb.recall(near, 1)
     assert 0.5 <= lesson.score < settings.memory_threshold  # evidence, but not the memory's verbatim reply
-    model.enqueue(lesson_text)
     [out] = await service.handle(msg(near, chat="c2"))
-    assert len(model.prompts) == 1 and len(model.scored) == 1  # wrote, and did not also read on a CPU
-    assert out.text == lesson_text and store.message(out.message_id).model == "scripted"
+    assert model.prompts == [] and len(model.scored) == 2  # read again, never asked to write
+    assert out.text != lesson_text and store.message(out.message_id).model == "extract"
     store.close()
     kb.close()
 

@@ -36,10 +36,10 @@ def test_auto_reads_on_a_gpu_or_for_an_extract_and_a_backend_that_cannot_score_n
 
 
 @pytest.mark.parametrize(
-    ("mode", "device", "taught", "writes"),
+    ("mode", "device", "given_correction", "writes"),
     [
         ("auto", "cpu", False, False),  # the bundled model on a CPU: the extract, read for
-        ("auto", "cpu", True, True),  # staff corrected a similar question: what an adapter learned
+        ("auto", "cpu", True, True),  # memory_mode=prompt gave it a winning correction to word
         ("auto", "cuda", False, True),
         ("auto", "server", False, True),
         ("grounded", "cpu", False, True),
@@ -48,13 +48,14 @@ def test_auto_reads_on_a_gpu_or_for_an_extract_and_a_backend_that_cannot_score_n
     ],
 )
 def test_who_writes_the_answer_in_each_answer_mode(
-    mode: str, device: str, taught: bool, writes: bool
+    mode: str, device: str, given_correction: bool, writes: bool
 ) -> None:
-    assert model_writes(mode, Reader(device), taught) is writes
+    assert model_writes(mode, Reader(device), given_correction) is writes
 
 
-def test_auto_on_a_backend_that_cannot_score_writes_only_where_taught() -> None:
-    """A generator without `device` (a scripted one) counts as a CPU: it writes when taught."""
+def test_auto_on_a_backend_that_cannot_score_writes_only_when_given_a_correction() -> None:
+    """A generator without `device` (a scripted one) counts as a CPU: it writes only from a
+    correction that memory_mode=prompt hands it."""
     assert not model_writes("auto", object(), False) and model_writes("auto", object(), True)
 
 
