@@ -8,9 +8,15 @@ The score of one answer against its reference is deterministic and documented:
 - `cosine`: cosine similarity of the all-MiniLM-L6-v2 embeddings of answer and reference,
   clipped to [0, 1].
 
-Answers are generated greedily (no sampling) by the same runtime that serves, from prompts built
-the way serving builds them. By default the correction memory is OFF, so the gate measures what
-is in the weights; `memory=True` measures the whole system instead.
+The answers scored are the ones serving would send with each adapter, from the same runtime and
+`APPRENTICE_ANSWER_MODE` (`learning.rerank.model_writes`): where the model writes (a GPU, a model
+server, `grounded`), its greedy reply to serving's prompt after serving's check
+(`learning.answer.ground`); where it does not (`auto` on a CPU, `extract`), the extract of the
+passage the adapter reads as the best. Scoring the model's own writing there would judge replies no
+customer reads: in the loop benchmark the gate rejected an adapter on written replies scoring 0.39–
+0.63 while customers got extracts scoring 0.68 (docs/answers.md). By default the correction memory
+is OFF, so the gate measures what is in the weights; `memory=True` measures the whole system
+instead (a winning correction is sent as it is, or given to the model under memory_mode=prompt).
 
 The sets (from eval.jsonl): `heldout` (corrections kept out of training, original and paraphrase
 wording), `regression` (every past correction), `control` (approved answers kept out of training
@@ -20,6 +26,7 @@ and the golden file). Promotion needs the candidate to beat the baseline on `hel
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -31,9 +38,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from learning.answer import cite, ground
 from learning.prompt import answer_messages
+from learning.rerank import model_writes, rerank, wanted
 
 if TYPE_CHECKING:
+    from knowledge.passages import Passage
     from knowledge.retrieve import KnowledgeBase
     from knowledge.settings import Settings
     from learning.batching import LocalRuntime
@@ -134,19 +144,37 @@ def load_eval_rows(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def render_prompts(
+@dataclass(frozen=True)
+class Served:
+    """One eval question as serving would meet it: what retrieval found and what is sent from it."""
+
+    question: str
+    prompt: list[dict[str, str]]  # serving's prompt, were the model to write
+    passages: list[Passage]  # what the model sees: a winning correction first, under memory
+    documents: list[Passage]  # the documents alone, where an extract comes from
+    verbatim: str | None = None  # a winning correction that the memory sends as it is
+    given_correction: bool = False  # a winning correction handed to the model (memory_mode=prompt)
+
+
+def served(
     settings: Settings, kb: KnowledgeBase, rows: Sequence[dict[str, Any]], memory: bool
-) -> list[list[dict[str, str]]]:
-    """Serving's prompts for the eval questions; with memory off only documents are retrieved."""
-    prompts = []
+) -> list[Served]:
+    """Retrieval for the eval questions, once for both adapters; with memory off only documents."""
+    out = []
     for row in rows:
-        if memory:
-            passages = kb.retrieve(row["question"], settings.top_k, settings.memory_threshold).all
-        else:
-            passages = kb.search(row["question"], settings.top_k)
+        question = row["question"]
         history = [(str(r), str(t)) for r, t in row.get("history", [])]
-        prompts.append(answer_messages(settings, row["question"], passages, history))
-    return prompts
+        if memory:
+            found = kb.retrieve(question, settings.top_k, settings.memory_threshold)
+            passages, documents, won = found.all, found.passages, found.memory
+        else:
+            passages = documents = kb.search(question, settings.top_k)
+            won = None
+        verbatim = won.text if won is not None and settings.memory_mode == "verbatim" else None
+        prompt = answer_messages(settings, question, passages, history)
+        given = won is not None and verbatim is None
+        out.append(Served(question, prompt, passages, documents, verbatim, given))
+    return out
 
 
 def generate_with(
@@ -166,6 +194,44 @@ def generate_with(
             f"check that {path} is a loadable PEFT adapter for this base model."
         )
     return [g.text for g in gens]
+
+
+def answers_with(
+    settings: Settings,
+    runtime: LocalRuntime,
+    adapter: tuple[str | None, str | None],
+    questions: Sequence[Served],
+    max_new_tokens: int | None = None,
+) -> list[str]:
+    """What serving sends for each question with `adapter` (path, version; None, None: the base
+    model): the correction as it is, the model's checked reply, or the extract of the passage the
+    adapter reads as the best (see the module docstring). Blocking: call it from a plain thread."""
+    path, version = adapter
+    answers: list[str] = [q.verbatim or "" for q in questions]
+    writes = [
+        i
+        for i, q in enumerate(questions)
+        if q.verbatim is None
+        and (not q.documents or model_writes(settings.answer_mode, runtime, q.given_correction))
+    ]
+    extracts = [i for i, q in enumerate(questions) if q.verbatim is None and i not in writes]
+    reads = bool(extracts) and wanted(runtime, settings.rerank, writes=False)
+    # scores carry no adapter version: a written answer (one token, where nothing else is written)
+    # confirms the runtime switched to this adapter before the passages are read
+    confirm = [questions[i].prompt for i in writes] or ([questions[extracts[0]].prompt] if reads else [])
+    replies = generate_with(runtime, path, version, confirm, max_new_tokens if writes else 1)
+    for i, reply in zip(writes, replies, strict=False):
+        q = questions[i]
+        answers[i] = reply if settings.answer_mode == "model" else ground(q.question, reply, q.passages).text
+
+    async def read() -> None:
+        for i in extracts:
+            q = questions[i]
+            documents = await rerank(runtime, q.question, q.documents) if reads else q.documents
+            answers[i] = cite(q.question, documents[0])
+
+    asyncio.run(read())
+    return answers
 
 
 def summarize(rows: Sequence[dict[str, Any]], scores: Sequence[dict[str, float]]) -> dict[str, Any]:
@@ -205,13 +271,12 @@ def evaluate(
     if not rows:
         raise EvaluationError(f"{dataset}/eval.jsonl has no rows in the sets {SETS}.")
     started = time.perf_counter()
-    prompts = render_prompts(settings, kb, rows, memory)
+    questions = served(settings, kb, rows, memory)
     own = runtime is None
     rt = runtime if runtime is not None else _runtime(settings)
     try:
-        cand_answers = generate_with(rt, candidate[0], candidate[1], prompts, max_new_tokens)
-        base_path, base_version = baseline if baseline is not None else (None, None)
-        base_answers = generate_with(rt, base_path, base_version, prompts, max_new_tokens)
+        cand_answers = answers_with(settings, rt, candidate, questions, max_new_tokens)
+        base_answers = answers_with(settings, rt, baseline or (None, None), questions, max_new_tokens)
     finally:
         if own:
             rt.close()

@@ -14,12 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from nightly_world import TINY, seed
+from nightly_world import LESSONS, TINY, seed
 
 from knowledge.models import TrainingRun
 from knowledge.settings import ConfigError, Settings
 from learning import registry
-from learning.evaluate import Gate, token_f1
+from learning.answer import cite
+from learning.evaluate import Gate, evaluate, token_f1
 from learning.modelfiles import base_model_hash
 from learning.nightly import crontab_weekdays, run_nightly, start_scheduler
 from learning.train import TrainConfig, TrainingFailed, build_command, parse_event, run_training
@@ -186,6 +187,32 @@ def run_spec(settings: Settings) -> Any:
     from learning.train import JobSpec
 
     return JobSpec("d", "o", "b")
+
+
+def test_the_gate_scores_the_answers_serving_sends(fresh: Any, tmp_path: Path) -> None:
+    """On a CPU under `auto` a customer reads the extract of the passage the adapter reads as best,
+    so that is what the gate scores; under `model` the reply as the model wrote it; with the memory
+    on, a winning correction as it is."""
+    settings, store, kb = fresh
+    seed(store, kb)
+    rows = [{"set": "heldout", "question": q, "reference": c} for q, _, c in LESSONS]
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "ds" / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    adapter = registry.get_adapter(store, "v0001")
+    assert adapter is not None
+    candidate = (str(adapter.path), "v0001")
+
+    def answers(s: Settings, memory: bool = False) -> list[str]:
+        report = evaluate(s, kb, tmp_path / "ds", candidate, None, tmp_path / "out", memory=memory)
+        return [r["candidate"] for r in report["rows"]]
+
+    settings = settings.model_copy(update={"answer_mode": "auto"})  # the default (tests run `model`)
+    extracts = answers(settings)
+    for (question, _, _), answer in zip(LESSONS, extracts, strict=True):
+        assert answer in {cite(question, p) for p in kb.search(question, settings.top_k)}
+    written = answers(settings.model_copy(update={"answer_mode": "model"}))
+    assert not set(written) & set(extracts)  # the tiny random model's own words, no extract
+    assert answers(settings, memory=True) == [c for _, _, c in LESSONS]
 
 
 # --- the nightly job ---------------------------------------------------------------------------
