@@ -60,8 +60,8 @@ def test_auto_on_a_backend_that_cannot_score_writes_only_when_given_a_correction
 
 
 def test_retrievals_order_breaks_near_ties_and_a_clear_winner_moves_up() -> None:
-    assert order([-2.00, -1.98, -3.0]) == [0, 1, 2]  # 0.02 better is not enough to pass the first
-    assert order([-2.00, -1.90, -3.0]) == [1, 0, 2]
+    assert order([-2.00, -1.80, -3.0]) == [0, 1, 2]  # 0.2 better is not enough to pass the first
+    assert order([-2.00, -1.60, -3.0]) == [1, 0, 2]
     assert order([-2.0, -2.0, -1.0]) == [2, 0, 1]
 
 
@@ -83,18 +83,18 @@ async def test_the_real_model_reads_which_passage_answers(
     settings = Settings(data_dir=tmp_path, model_cache=smollm2_dir.parent)
     runtime = build_local(settings, timeout_s=600)
     try:
-        for question, title in (
-            ("Can I pay with PayPal?", "Payment options"),
-            ("How long is the warranty?", "Warranty"),
+        for question, title, clear in (
+            ("Can I pay with PayPal?", "Payment options", True),
+            ("How long is the warranty?", "Warranty", False),  # best, but by less than PRIOR a place
         ):
             retrieved = demo_kb.search(question, 4)
             assert title in [p.title for p in retrieved]
             wrong_first = sorted(retrieved, key=lambda p: p.title == title)  # the answer last
             scores = await runtime.likelihoods(prompts(wrong_first), question)
             assert max(range(len(scores)), key=scores.__getitem__) == len(scores) - 1, (question, scores)
-            # retrieval's order still counts (PRIOR), so a clear winner moves up from second place
+            # retrieval's order still counts (PRIOR): a clear winner moves up from second place
             second = [wrong_first[0], wrong_first[-1], *wrong_first[1:-1]]
-            assert (await rerank(runtime, question, second))[0].title == title
+            assert ((await rerank(runtime, question, second))[0].title == title) is clear, scores
     finally:
         runtime.close()
 
