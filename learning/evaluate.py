@@ -9,12 +9,14 @@ The score of one answer against its reference is deterministic and documented:
   clipped to [0, 1].
 
 The answers scored are the ones serving would send with each adapter, from the same runtime and
-`APPRENTICE_ANSWER_MODE` (`learning.rerank.model_writes`): where the model writes (a GPU, a model
-server, `grounded`), its greedy reply to serving's prompt after serving's check
-(`learning.answer.ground`); where it does not (`auto` on a CPU, `extract`), the extract of the
-passage the adapter reads as the best. Scoring the model's own writing there would judge replies no
-customer reads: in the loop benchmark the gate rejected an adapter on written replies scoring 0.39–
-0.63 while customers got extracts scoring 0.68 (docs/answers.md). By default the correction memory
+`APPRENTICE_ANSWER_MODE` (`learning.rerank.model_writes`; with APPRENTICE_LLM_URL set, as the model
+server would, `AsServed`): where the model writes (a GPU, a model server, `grounded`), its greedy
+reply to serving's prompt after serving's check (`learning.answer.ground`), the passages in the
+order the adapter reads them where serving reads first; where it does not (`auto` on a CPU,
+`extract`), the extract of the passage the adapter reads as the best. Scoring the model's own
+writing there would judge replies no customer reads: in the loop benchmark the gate rejected an
+adapter on written replies scoring 0.39–0.63 while customers got extracts scoring 0.68
+(docs/answers.md). By default the correction memory
 is OFF, so the gate measures what is in the weights; `memory=True` measures the whole system
 instead (a winning correction is sent as it is, or given to the model under memory_mode=prompt).
 
@@ -47,6 +49,7 @@ if TYPE_CHECKING:
     from knowledge.retrieve import KnowledgeBase
     from knowledge.settings import Settings
     from learning.batching import LocalRuntime
+    from learning.generation import Generation, Messages
 
 log = logging.getLogger(__name__)
 
@@ -146,35 +149,57 @@ def load_eval_rows(path: Path) -> list[dict[str, Any]]:
 
 @dataclass(frozen=True)
 class Served:
-    """One eval question as serving would meet it: what retrieval found and what is sent from it."""
+    """One eval question as serving would meet it: what retrieval found, once for both adapters."""
 
     question: str
-    prompt: list[dict[str, str]]  # serving's prompt, were the model to write
-    passages: list[Passage]  # what the model sees: a winning correction first, under memory
-    documents: list[Passage]  # the documents alone, where an extract comes from
+    history: list[tuple[str, str]]
+    documents: list[Passage]  # retrieval's documents, in its order
+    correction: Passage | None = None  # a winning correction handed to the model (memory_mode=prompt)
     verbatim: str | None = None  # a winning correction that the memory sends as it is
-    given_correction: bool = False  # a winning correction handed to the model (memory_mode=prompt)
 
 
 def served(
     settings: Settings, kb: KnowledgeBase, rows: Sequence[dict[str, Any]], memory: bool
 ) -> list[Served]:
-    """Retrieval for the eval questions, once for both adapters; with memory off only documents."""
+    """Retrieval for the eval questions; with memory off only documents."""
     out = []
     for row in rows:
         question = row["question"]
         history = [(str(r), str(t)) for r, t in row.get("history", [])]
         if memory:
             found = kb.retrieve(question, settings.top_k, settings.memory_threshold)
-            passages, documents, won = found.all, found.passages, found.memory
+            documents, won = found.passages, found.memory
         else:
-            passages = documents = kb.search(question, settings.top_k)
-            won = None
-        verbatim = won.text if won is not None and settings.memory_mode == "verbatim" else None
-        prompt = answer_messages(settings, question, passages, history)
-        given = won is not None and verbatim is None
-        out.append(Served(question, prompt, passages, documents, verbatim, given))
+            documents, won = kb.search(question, settings.top_k), None
+        if won is not None and settings.memory_mode == "verbatim":
+            out.append(Served(question, history, documents, verbatim=won.text))
+        else:
+            out.append(Served(question, history, documents, correction=won))
     return out
+
+
+class AsServed:
+    """The evaluation's runtime seen as serving's model. With a model server (APPRENTICE_LLM_URL)
+    serving prefills on the server's GPU, so who writes and whether passages are read follow that
+    (`learning.rerank`), whatever device the evaluation itself runs on; the reading is this
+    runtime's, with the adapter under evaluation."""
+
+    def __init__(self, runtime: LocalRuntime, server: bool) -> None:
+        self.runtime = runtime
+        self.device = "server" if server else runtime.device
+
+    async def likelihoods(self, prompts: list[Messages], continuation: str) -> list[float]:
+        return await self.runtime.likelihoods(prompts, continuation)
+
+
+def _versions_checked(gens: Sequence[Generation], path: str | None, version: str | None) -> list[str]:
+    wrong = {g.adapter_version for g in gens} - {version}
+    if wrong:
+        raise EvaluationError(
+            f"the runtime answered with adapter {sorted(map(str, wrong))} instead of {version}; "
+            f"check that {path} is a loadable PEFT adapter for this base model."
+        )
+    return [g.text for g in gens]
 
 
 def generate_with(
@@ -186,14 +211,7 @@ def generate_with(
 ) -> list[str]:
     """Answers from one adapter (None: the base model); fails if the runtime could not load it."""
     runtime.set_adapter(path, version)
-    gens = runtime.generate_batch(prompts, max_new_tokens)
-    wrong = {g.adapter_version for g in gens} - {version}
-    if wrong:
-        raise EvaluationError(
-            f"the runtime answered with adapter {sorted(map(str, wrong))} instead of {version}; "
-            f"check that {path} is a loadable PEFT adapter for this base model."
-        )
-    return [g.text for g in gens]
+    return _versions_checked(runtime.generate_batch(prompts, max_new_tokens), path, version)
 
 
 def answers_with(
@@ -208,29 +226,57 @@ def answers_with(
     adapter reads as the best (see the module docstring). Blocking: call it from a plain thread."""
     path, version = adapter
     answers: list[str] = [q.verbatim or "" for q in questions]
-    writes = [
+    todo = [i for i, q in enumerate(questions) if q.verbatim is None]
+    if not todo:
+        return answers
+    model = AsServed(runtime, server=bool(settings.llm_url))
+    writes = {
         i
-        for i, q in enumerate(questions)
-        if q.verbatim is None
-        and (not q.documents or model_writes(settings.answer_mode, runtime, q.given_correction))
-    ]
-    extracts = [i for i, q in enumerate(questions) if q.verbatim is None and i not in writes]
-    reads = bool(extracts) and wanted(runtime, settings.rerank, writes=False)
-    # scores carry no adapter version: a written answer (one token, where nothing else is written)
-    # confirms the runtime switched to this adapter before the passages are read
-    confirm = [questions[i].prompt for i in writes] or ([questions[extracts[0]].prompt] if reads else [])
-    replies = generate_with(runtime, path, version, confirm, max_new_tokens if writes else 1)
-    for i, reply in zip(writes, replies, strict=False):
-        q = questions[i]
-        answers[i] = reply if settings.answer_mode == "model" else ground(q.question, reply, q.passages).text
+        for i in todo
+        if not questions[i].documents
+        or model_writes(settings.answer_mode, model, questions[i].correction is not None)
+    }
 
-    async def read() -> None:
-        for i in extracts:
+    def given(q: Served, documents: list[Passage]) -> list[Passage]:
+        return [q.correction, *documents] if q.correction is not None else documents
+
+    # scores carry no adapter version: one generated token first confirms the switch to this adapter
+    first = questions[todo[0]]
+    generate_with(
+        runtime,
+        path,
+        version,
+        [answer_messages(settings, first.question, given(first, first.documents), first.history)],
+        1,
+    )
+
+    async def read() -> dict[int, list[Passage]]:
+        out = {}
+        for i in todo:
             q = questions[i]
-            documents = await rerank(runtime, q.question, q.documents) if reads else q.documents
-            answers[i] = cite(q.question, documents[0])
+            reads = wanted(model, settings.rerank, i in writes)  # as serving reads (learning/rerank.py)
+            out[i] = await rerank(model, q.question, q.documents) if reads else q.documents
+        return out
 
-    asyncio.run(read())
+    documents = asyncio.run(read())
+    order = sorted(writes)
+    prompts = [
+        answer_messages(
+            settings, questions[i].question, given(questions[i], documents[i]), questions[i].history
+        )
+        for i in order
+    ]
+    replies = (
+        _versions_checked(runtime.generate_batch(prompts, max_new_tokens), path, version) if prompts else []
+    )
+    for i, reply in zip(order, replies, strict=True):
+        q = questions[i]
+        if settings.answer_mode != "model":  # serving's check (learning/answer.py)
+            reply = ground(q.question, reply, given(q, documents[i])).text
+        answers[i] = reply
+    for i in todo:
+        if i not in writes:
+            answers[i] = cite(questions[i].question, documents[i][0])
     return answers
 
 
@@ -322,9 +368,7 @@ def _runtime(settings: Settings) -> LocalRuntime:
     from learning.runtime import build_local
 
     # the settings' own engine: the gate judges the answers serving would give
-    return build_local(
-        settings, max_queue=max(settings.max_queue, settings.max_batch), timeout_s=3600.0
-    )
+    return build_local(settings, max_queue=max(settings.max_queue, settings.max_batch), timeout_s=3600.0)
 
 
 def chart(report: dict[str, Any], path: Path) -> Path:

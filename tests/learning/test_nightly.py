@@ -202,8 +202,9 @@ def test_the_gate_scores_the_answers_serving_sends(fresh: Any, tmp_path: Path) -
     assert adapter is not None
     candidate = (str(adapter.path), "v0001")
 
-    def answers(s: Settings, memory: bool = False) -> list[str]:
-        report = evaluate(s, kb, tmp_path / "ds", candidate, None, tmp_path / "out", memory=memory)
+    def answers(s: Settings, memory: bool = False, runtime: Any = None) -> list[str]:
+        out = tmp_path / "out"
+        report = evaluate(s, kb, tmp_path / "ds", candidate, None, out, memory=memory, runtime=runtime)
         return [r["candidate"] for r in report["rows"]]
 
     settings = settings.model_copy(update={"answer_mode": "auto"})  # the default (tests run `model`)
@@ -213,6 +214,17 @@ def test_the_gate_scores_the_answers_serving_sends(fresh: Any, tmp_path: Path) -
     written = answers(settings.model_copy(update={"answer_mode": "model"}))
     assert not set(written) & set(extracts)  # the tiny random model's own words, no extract
     assert answers(settings, memory=True) == [c for _, _, c in LESSONS]
+    # behind a model server (vLLM) serving writes under auto: so does the gate, on its own runtime
+    from learning.runtime import build_local
+
+    runtime = build_local(settings, timeout_s=600)
+    try:
+        answers(settings, runtime=runtime)
+        alone = runtime.stats.requests  # one token per adapter confirms the switch
+        answers(settings.model_copy(update={"llm_url": "http://127.0.0.1:9/v1"}), runtime=runtime)
+        assert (alone, runtime.stats.requests - alone) == (2, 2 + 2 * len(LESSONS))
+    finally:
+        runtime.close()
 
 
 # --- the nightly job ---------------------------------------------------------------------------
