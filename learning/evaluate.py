@@ -16,9 +16,9 @@ order the adapter reads them where serving reads first; where it does not (`auto
 `extract`), the extract of the passage the adapter reads as the best. Scoring the model's own
 writing there would judge replies no customer reads: in the loop benchmark the gate rejected an
 adapter on written replies scoring 0.39–0.63 while customers got extracts scoring 0.68
-(docs/answers.md). By default the correction memory
-is OFF, so the gate measures what is in the weights; `memory=True` measures the whole system
-instead (a winning correction is sent as it is, or given to the model under memory_mode=prompt).
+(docs/answers.md). By default the correction memory is OFF, so the gate measures what is in the
+weights; `memory=True` measures the whole system instead (a winning correction is sent as it is, or
+given to the model under memory_mode=prompt).
 
 The sets (from eval.jsonl): `heldout` (corrections kept out of training, original and paraphrase
 wording), `regression` (every past correction), `control` (approved answers kept out of training
