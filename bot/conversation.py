@@ -28,15 +28,12 @@ from bot.staff import StaffActions
 from knowledge import embed
 from knowledge.models import Conversation, Message
 from knowledge.passages import Passage, Retrieval
-from learning.answer import cite, finish, ground
+from learning.answer import cite, finish, ground, lessons
 from learning.generation import GenerationError, GenerationTimeout, ModelBusy
 from learning.prompt import answer_messages, prompt_turns
 from learning.rerank import model_writes, rerank, wanted
 
 log = logging.getLogger(__name__)
-
-# Staff corrections of questions at least this close count as evidence for a model reply.
-EVIDENCE = 0.5
 
 
 class ConversationService(StaffActions, CustomerFeedback):
@@ -276,17 +273,10 @@ class ConversationService(StaffActions, CustomerFeedback):
         return dataclasses.replace(retrieval, passages=passages)
 
     def _lessons(self, question: str, passages: list[Passage], conversation_id: int) -> list[Passage]:
-        """Staff corrections of questions similar to `question` (cosine ≥ EVIDENCE, even below the
-        memory threshold) that are not among `passages`: what a retrained adapter learned from, so
-        evidence its reply may rest on."""
+        """Staff corrections of similar questions, evidence for the check (learning.answer.lessons)."""
         if self.settings.answer_mode not in ("auto", "grounded"):
             return []
-        known = {p.correction_id for p in passages if p.kind == "correction"}
-        return [
-            p
-            for p in self.kb.recall(question, 3, conversation_id)
-            if p.score >= EVIDENCE and p.correction_id not in known
-        ]
+        return lessons(self.kb, question, passages, conversation_id)
 
     def _ground(
         self, question: str, reply: str, passages: list[Passage], cut: bool, lessons: list[Passage]

@@ -35,6 +35,7 @@ from knowledge.retrieve import tokenize
 
 if TYPE_CHECKING:
     from knowledge.passages import Passage
+    from knowledge.retrieve import KnowledgeBase
 
 # The model sees at most this many sentences of the retrieved passages, within this many characters.
 FOCUS_SENTENCES = 6
@@ -57,6 +58,9 @@ PHRASES = 0.5
 MIN_NEW_WORDS = 3
 # A grounded reply shorter than this (characters) is not worth sending on its own.
 MIN_ANSWER_CHARS = 24
+# A staff correction of a question at least this close (MiniLM cosine, below the memory's threshold
+# too) is evidence a reply may rest on: a retrained adapter learned from it (`lessons`).
+EVIDENCE = 0.5
 
 
 _LIST_ITEM = re.compile(r"^\s*(?:[-*•]|\d{1,2}[.)])\s+")
@@ -284,6 +288,20 @@ def supported(
         return False
     pairs = list(itertools.pairwise(words))
     return not pairs or sum(pair in phrases for pair in pairs) / len(pairs) >= PHRASES
+
+
+def lessons(
+    kb: KnowledgeBase, question: str, passages: Sequence[Passage], conversation_id: int | None = None
+) -> list[Passage]:
+    """Staff corrections of questions like `question` (cosine ≥ EVIDENCE) not among `passages`:
+    what a retrained adapter learned from, so evidence its reply may rest on. Serving's check and the
+    gate's (learning/evaluate.py) both count them, so the gate sees a learned correction pass."""
+    known = {p.correction_id for p in passages if p.kind == "correction"}
+    return [
+        p
+        for p in kb.recall(question, 3, conversation_id)
+        if p.score >= EVIDENCE and p.correction_id not in known
+    ]
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,8 @@ The score of one answer against its reference is deterministic and documented:
 The answers scored are the ones serving would send with each adapter, from the same runtime and
 `APPRENTICE_ANSWER_MODE` (`learning.rerank.model_writes`; with APPRENTICE_LLM_URL set, as the model
 server would, `AsServed`): where the model writes (a GPU, a model server, `grounded`), its greedy
-reply to serving's prompt after serving's check (`learning.answer.ground`), the passages in the
+reply to serving's prompt after serving's check (`learning.answer.ground`, with staff corrections of
+similar questions counted as evidence, `learning.answer.lessons`, as serving counts them), the passages in the
 order the adapter reads them where serving reads first; where it does not (`auto` on a CPU,
 `extract`), the extract of the passage the adapter reads as the best. Scoring the model's own
 writing there would judge replies no customer reads: in the loop benchmark the gate rejected an
@@ -40,7 +41,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from learning.answer import cite, ground
+from learning.answer import cite, ground, lessons
 from learning.prompt import answer_messages
 from learning.rerank import model_writes, rerank, wanted
 
@@ -156,6 +157,7 @@ class Served:
     documents: list[Passage]  # retrieval's documents, in its order
     correction: Passage | None = None  # a winning correction handed to the model (memory_mode=prompt)
     verbatim: str | None = None  # a winning correction that the memory sends as it is
+    lessons: tuple[Passage, ...] = ()  # corrections of similar questions: evidence for the check
 
 
 def served(
@@ -173,8 +175,11 @@ def served(
             documents, won = kb.search(question, settings.top_k), None
         if won is not None and settings.memory_mode == "verbatim":
             out.append(Served(question, history, documents, verbatim=won.text))
-        else:
-            out.append(Served(question, history, documents, correction=won))
+            continue
+        # serving's check counts staff corrections of similar questions as evidence, memory on or off
+        known = [won, *documents] if won is not None else documents
+        near = tuple(lessons(kb, question, known)) if settings.answer_mode in ("auto", "grounded") else ()
+        out.append(Served(question, history, documents, correction=won, lessons=near))
     return out
 
 
@@ -272,7 +277,7 @@ def answers_with(
     for i, reply in zip(order, replies, strict=True):
         q = questions[i]
         if settings.answer_mode != "model":  # serving's check (learning/answer.py)
-            reply = ground(q.question, reply, given(q, documents[i])).text
+            reply = ground(q.question, reply, [*given(q, documents[i]), *q.lessons]).text
         answers[i] = reply
     for i in todo:
         if i not in writes:

@@ -14,13 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from nightly_world import LESSONS, TINY, seed
+from nightly_world import LESSONS, TINY, make_world, seed
 
 from knowledge.models import TrainingRun
 from knowledge.settings import ConfigError, Settings
 from learning import registry
-from learning.answer import cite
-from learning.evaluate import Gate, evaluate, token_f1
+from learning.answer import EVIDENCE, cite, ground
+from learning.evaluate import Gate, answers_with, evaluate, served, token_f1
+from learning.generation import Generation
 from learning.modelfiles import base_model_hash
 from learning.nightly import crontab_weekdays, run_nightly, start_scheduler
 from learning.train import TrainConfig, TrainingFailed, build_command, parse_event, run_training
@@ -225,6 +226,42 @@ def test_the_gate_scores_the_answers_serving_sends(fresh: Any, tmp_path: Path) -
         assert (alone, runtime.stats.requests - alone) == (2, 2 + 2 * len(LESSONS))
     finally:
         runtime.close()
+
+
+class ScriptedRuntime:
+    """The face of the local runtime that `answers_with` uses, replying `reply` to every prompt."""
+
+    device = "cpu"
+
+    def __init__(self, reply: str) -> None:
+        self.reply = reply
+        self.version: str | None = None
+
+    def set_adapter(self, path: str | None, version: str | None) -> None:
+        self.version = version
+
+    def generate_batch(self, prompts: list[Any], max_new_tokens: int | None = None) -> list[Generation]:
+        return [Generation(self.reply, "scripted", self.version, 10, 3, 0.01) for _ in prompts]
+
+
+def test_the_gate_counts_corrections_of_similar_questions_as_evidence_as_serving_does(tmp_path: Path) -> None:
+    """A reply an adapter learned from a staff correction passes serving's check (the correction of
+    a similar question is evidence, bot/conversation.py); the gate's check must let it pass too, or
+    it scores the extract in its place and never sees what the adapter learned."""
+    settings, store, kb = make_world(tmp_path, tmp_path / "unused-model", answer_mode="grounded")
+    try:
+        lesson = "Our couriers do not deliver on Sundays or public holidays."
+        kb.remember(99, "Do you deliver on Sundays?", lesson)
+        question = "Can my parcel be delivered on a Sunday?"
+        [near] = kb.recall(question, 1)
+        assert near.score >= EVIDENCE
+        [q] = served(settings, kb, [{"question": question}], memory=False)
+        assert [p.text for p in q.lessons] == [lesson]
+        assert ground(question, lesson, q.documents).fallback  # the documents alone do not say it
+        assert answers_with(settings, ScriptedRuntime(lesson), (None, None), [q]) == [lesson]  # type: ignore[arg-type]
+    finally:
+        kb.close()
+        store.close()
 
 
 # --- the nightly job ---------------------------------------------------------------------------
