@@ -11,9 +11,9 @@ The score of one answer against its reference is deterministic and documented:
 The answers scored are the ones serving would send with each adapter, from the same runtime and
 `APPRENTICE_ANSWER_MODE` (`learning.rerank.model_writes`; with APPRENTICE_LLM_URL set, as the model
 server would, `AsServed`): where the model writes (a GPU, a model server, `grounded`), its greedy
-reply to serving's prompt after serving's check (`learning.answer.ground`, with staff corrections of
-similar questions counted as evidence, `learning.answer.lessons`, as serving counts them), the passages in the
-order the adapter reads them where serving reads first; where it does not (`auto` on a CPU,
+reply to serving's prompt after serving's check (`learning.answer.ground`; staff corrections of
+similar questions count as evidence, `learning.answer.lessons`, as they do in serving), the passages
+in the order the adapter reads them where serving reads first; where it does not (`auto` on a CPU,
 `extract`), the extract of the passage the adapter reads as the best. Scoring the model's own
 writing there would judge replies no customer reads: in the loop benchmark the gate rejected an
 adapter on written replies scoring 0.39–0.63 while customers got extracts scoring 0.68
