@@ -28,7 +28,7 @@ from bot.staff import StaffActions
 from knowledge import embed
 from knowledge.models import Conversation, Message
 from knowledge.passages import Passage, Retrieval
-from learning.answer import cite, finish, ground, lessons
+from learning.answer import cite, finish, ground, similar_corrections
 from learning.generation import GenerationError, GenerationTimeout, ModelBusy
 from learning.prompt import answer_messages, prompt_turns
 from learning.rerank import model_writes, rerank, wanted
@@ -207,7 +207,9 @@ class ConversationService(StaffActions, CustomerFeedback):
                 reply = await asyncio.to_thread(cite, text, retrieval.passages[0])
                 model, grounding = "extract", "extract"
             else:
-                lessons = await asyncio.to_thread(self._lessons, text, retrieval.all, conv.id)
+                lessons = await asyncio.to_thread(
+                    similar_corrections, self.kb, self.settings.answer_mode, text, retrieval.all, conv.id
+                )
                 history = await asyncio.to_thread(self._history, conv.id, question_id)
                 try:
                     prompt = (self.settings, text, retrieval.all, history)
@@ -271,12 +273,6 @@ class ConversationService(StaffActions, CustomerFeedback):
             log.warning("passages left in retrieval order: %s", type(exc).__name__)
             return retrieval
         return dataclasses.replace(retrieval, passages=passages)
-
-    def _lessons(self, question: str, passages: list[Passage], conversation_id: int) -> list[Passage]:
-        """Staff corrections of similar questions, evidence for the check (learning.answer.lessons)."""
-        if self.settings.answer_mode not in ("auto", "grounded"):
-            return []
-        return lessons(self.kb, question, passages, conversation_id)
 
     def _ground(
         self, question: str, reply: str, passages: list[Passage], cut: bool, lessons: list[Passage]

@@ -59,7 +59,7 @@ MIN_NEW_WORDS = 3
 # A grounded reply shorter than this (characters) is not worth sending on its own.
 MIN_ANSWER_CHARS = 24
 # A staff correction of a question at least this close (MiniLM cosine, below the memory's threshold
-# too) is evidence a reply may rest on: a retrained adapter learned from it (`lessons`).
+# too) is evidence a reply may rest on: a retrained adapter learned from it (`similar_corrections`).
 EVIDENCE = 0.5
 
 
@@ -290,12 +290,19 @@ def supported(
     return not pairs or sum(pair in phrases for pair in pairs) / len(pairs) >= PHRASES
 
 
-def lessons(
-    kb: KnowledgeBase, question: str, passages: Sequence[Passage], conversation_id: int | None = None
+def similar_corrections(
+    kb: KnowledgeBase,
+    mode: str,
+    question: str,
+    passages: Sequence[Passage],
+    conversation_id: int | None = None,
 ) -> list[Passage]:
     """Staff corrections of questions like `question` (cosine ≥ EVIDENCE) not among `passages`:
     what a retrained adapter learned from, so evidence its reply may rest on. Serving's check and the
-    gate's (learning/evaluate.py) both count them, so the gate sees a learned correction pass."""
+    gate's (learning/evaluate.py) both count them, so the gate sees a learned correction pass. None
+    under APPRENTICE_ANSWER_MODE=`mode` "model" or "extract", where no reply is checked."""
+    if mode not in ("auto", "grounded"):
+        return []
     known = {p.correction_id for p in passages if p.kind == "correction"}
     return [
         p

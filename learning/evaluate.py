@@ -12,8 +12,8 @@ The answers scored are the ones serving would send with each adapter, from the s
 `APPRENTICE_ANSWER_MODE` (`learning.rerank.model_writes`; with APPRENTICE_LLM_URL set, as the model
 server would, `AsServed`): where the model writes (a GPU, a model server, `grounded`), its greedy
 reply to serving's prompt after serving's check (`learning.answer.ground`; staff corrections of
-similar questions count as evidence, `learning.answer.lessons`, as they do in serving), the passages
-in the order the adapter reads them where serving reads first; where it does not (`auto` on a CPU,
+similar questions count as evidence, `learning.answer.similar_corrections`, as in serving), the
+passages in the order the adapter reads them where serving reads first; where it does not (`auto` on a CPU,
 `extract`), the extract of the passage the adapter reads as the best. Scoring the model's own
 writing there would judge replies no customer reads: in the loop benchmark the gate rejected an
 adapter on written replies scoring 0.39–0.63 while customers got extracts scoring 0.68
@@ -41,7 +41,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from learning.answer import cite, ground, lessons
+from learning.answer import cite, ground, similar_corrections
 from learning.prompt import answer_messages
 from learning.rerank import model_writes, rerank, wanted
 
@@ -177,9 +177,8 @@ def served(
             out.append(Served(question, history, documents, verbatim=won.text))
             continue
         # serving's check counts staff corrections of similar questions as evidence, memory on or off
-        known = [won, *documents] if won is not None else documents
-        near = tuple(lessons(kb, question, known)) if settings.answer_mode in ("auto", "grounded") else ()
-        out.append(Served(question, history, documents, correction=won, lessons=near))
+        near = similar_corrections(kb, settings.answer_mode, question, [won] if won is not None else [])
+        out.append(Served(question, history, documents, correction=won, lessons=tuple(near)))
     return out
 
 

@@ -332,6 +332,29 @@ async def test_auto_on_a_cpu_sends_the_extract_near_a_correction_too(tmp_path: P
     kb.close()
 
 
+async def test_grounded_counts_a_correction_of_a_similar_question_as_evidence(tmp_path: Path) -> None:
+    """A reply a retrained adapter learned from a correction rests on no document; the correction of
+    a similar question (below the memory threshold) is its evidence, so it is sent, not the extract."""
+    settings = Settings(data_dir=tmp_path, answer_mode="grounded")
+    kb = KnowledgeBase.from_settings(settings)  # its own: the correction must not reach other tests
+    kb.ingest([settings.kb_path])
+    store = Store(settings.database)
+    model = ReadingModel(favourite=0)
+    service = ConversationService(settings, store, kb, model)
+    lesson_text = "On Sundays both stores are closed for stocktaking until March."
+    model.enqueue("We are open on Sundays.", lesson_text)
+    [first] = await service.handle(msg("When are you open on Sundays?"))
+    await service.correct(first.message_id, lesson_text, staff="u1", request_key="k1")
+    near = "Is anyone at the store on Sunday mornings?"
+    [lesson] = kb.recall(near, 1)
+    assert 0.5 <= lesson.score < settings.memory_threshold  # evidence, but not the memory's verbatim reply
+    [out] = await service.handle(msg(near, chat="c2"))
+    assert len(model.prompts) == 2 and out.text == lesson_text
+    assert store.message(out.message_id).model != "extract" and not store.message(out.message_id).flagged
+    store.close()
+    kb.close()
+
+
 async def test_auto_lets_the_model_write_from_a_winning_correction_in_the_prompt_memory_mode(
     tmp_path: Path,
 ) -> None:
