@@ -46,6 +46,8 @@ class Outbound:
     # The stored reply to a message seen before (a redelivery, or a retry after a crash): a channel
     # with a durable outbox sends it only if it has not queued it already.
     repeat: bool = False
+    # The labels of a csat question's Yes / No buttons, in the customer's language.
+    choices: tuple[str, ...] = ()
 
 
 @dataclass

@@ -30,9 +30,12 @@ HUMAN = CATALOG["human"]["en"]
 THANKS_DOWN = CATALOG["thanks_down"]["en"]
 THANKS_UP = CATALOG["thanks_up"]["en"]
 # The satisfaction question (CSAT), asked once when a conversation goes quiet after an answer.
-CSAT_QUESTION = "Did this solve your problem?"
-CSAT_THANKS_YES = "Great, glad I could help!"
-CSAT_THANKS_NO = "Sorry about that. I've asked a colleague to look at your conversation."
+CSAT_QUESTION = CATALOG["csat_question"]["en"]
+CSAT_THANKS_YES = CATALOG["csat_thanks_yes"]["en"]
+CSAT_THANKS_NO = CATALOG["csat_thanks_no"]["en"]
+# An answer older than this is not asked about: after a restart or an outage the sweep would
+# otherwise ask yesterday's customers, out of the blue, about a question they have moved on from.
+CSAT_WITHIN = dt.timedelta(hours=24)
 
 
 class CustomerFeedback(ServiceBase):
@@ -68,9 +71,17 @@ class CustomerFeedback(ServiceBase):
             return self.messages.text("thanks_down", lang)
         return self.messages.text("thanks_up", lang)
 
+    async def _customer_language(self, conversation_id: int, before_id: int | None, code: str = "") -> str:
+        """The customer's language for a notice that answers no message of theirs (the satisfaction
+        question, its thanks): the channel's `code` when we have texts in it, else the language of
+        their last messages in the conversation, else APPRENTICE_LANGUAGE."""
+        texts = await asyncio.to_thread(self.store.customer_texts_before, conversation_id, before_id, 3)
+        return await asyncio.to_thread(self.messages.choose, code, "\n".join(reversed(texts)))
+
     async def ask_satisfaction(self, now: dt.datetime | None = None) -> int:
         """Ask "Did this solve your problem?" in every conversation quiet for APPRENTICE_CSAT_AFTER
-        minutes since a bot answer, once per conversation ever; returns how many were asked.
+        minutes since a bot answer (and not over CSAT_WITHIN), once per conversation ever, in the
+        customer's language with Yes / No in it too; returns how many were asked.
 
         Called periodically by every replica (App's sweep): each conversation is claimed in the
         database (`store.claim_csat`) before the question goes out, so restarts and replicas never
@@ -81,7 +92,9 @@ class CustomerFeedback(ServiceBase):
         if minutes <= 0 or not channels:
             return 0
         now = now or utcnow()
-        due = await asyncio.to_thread(self.store.csat_due, minutes * 60.0, now, channels)
+        due = await asyncio.to_thread(
+            self.store.csat_due, minutes * 60.0, now, channels, CSAT_WITHIN.total_seconds()
+        )
         asked = 0
         for cid, answer_id in due:
             if not await asyncio.to_thread(self.store.claim_csat, cid, answer_id, now):
@@ -89,27 +102,33 @@ class CustomerFeedback(ServiceBase):
             conv = await asyncio.to_thread(self.store.conversation, cid)
             if conv is None:
                 continue
-            mid = await self._save(cid, "system", CSAT_QUESTION, None, reply_to_id=answer_id, status="csat")
-            asked += await self._deliver(conv, Outbound(CSAT_QUESTION, cid, mid, kind="csat"))
+            lang = await self._customer_language(cid, answer_id)
+            text = self.messages.text("csat_question", lang)
+            choices = (self.messages.text("csat_yes", lang), self.messages.text("csat_no", lang))
+            mid = await self._save(cid, "system", text, None, reply_to_id=answer_id, status="csat")
+            asked += await self._deliver(conv, Outbound(text, cid, mid, kind="csat", choices=choices))
         return asked
 
     async def satisfaction(
-        self, conversation_id: int, yes: bool, now: dt.datetime | None = None
+        self, conversation_id: int, yes: bool, now: dt.datetime | None = None, language: str = ""
     ) -> str | None:
         """The customer's Yes/No to the satisfaction question. No flags the conversation for staff,
-        as a 👎 does. Returns the thanks to show; None when it was not asked or answered already."""
+        as a 👎 does. Returns the thanks to show, in the customer's language (`language`: the
+        channel's code, when it reports one); None when it was not asked or answered already."""
         if not await asyncio.to_thread(self.store.record_csat, conversation_id, yes, now):
             return None
         METRICS.feedback.labels(kind="csat_yes" if yes else "csat_no").inc()
+        ask = await asyncio.to_thread(self.store.csat, conversation_id)
+        answer_id = ask.message_id if ask is not None and ask.message_id is not None else None
+        lang = await self._customer_language(conversation_id, answer_id, language)
         if yes:
-            return CSAT_THANKS_YES
+            return self.messages.text("csat_thanks_yes", lang)
         await asyncio.to_thread(self.store.set_flagged, conversation_id, True)
         conv = await asyncio.to_thread(self.store.conversation, conversation_id)
-        ask = await asyncio.to_thread(self.store.csat, conversation_id)
         if conv is not None:
             why = "said the answer did not solve their problem"
-            await self._each_reviewer("customer_flag", conv, ask.message_id if ask else None, why)
-        return CSAT_THANKS_NO
+            await self._each_reviewer("customer_flag", conv, answer_id, why)
+        return self.messages.text("csat_thanks_no", lang)
 
 
 __all__ = [

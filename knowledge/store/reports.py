@@ -55,12 +55,18 @@ class ReportQueries(StoreBase):
 
     # --- satisfaction question (CSAT) and resolution figures -----------------------------
     def csat_due(
-        self, quiet_s: float, now: dt.datetime, channels: list[str] | None = None, limit: int = 100
+        self,
+        quiet_s: float,
+        now: dt.datetime,
+        channels: list[str] | None = None,
+        within_s: float | None = None,
+        limit: int = 100,
     ) -> list[tuple[int, int]]:
         """Conversations to ask "Did this solve your problem?": (conversation id, answer id).
 
-        Those whose last message is a bot answer (status "ok") at least `quiet_s` old, still with
-        the bot (not taken over), never asked before; only on `channels` when given.
+        Those whose last message is a bot answer (status "ok") at least `quiet_s` old (and at most
+        `within_s`, when given), still with the bot (not taken over), never asked before; only on
+        `channels` when given.
         """
         last = (
             select(Message.conversation_id, func.max(Message.id).label("last_id"))
@@ -84,6 +90,8 @@ class ReportQueries(StoreBase):
         )
         if channels is not None:
             q = q.where(Conversation.channel.in_(channels))
+        if within_s is not None:
+            q = q.where(Message.created_at >= now - dt.timedelta(seconds=within_s))
         with self.session() as s:
             return [(int(c), int(m)) for c, m in s.execute(q).all()]
 

@@ -105,19 +105,14 @@ class TrainingQueries(StoreBase):
                 .limit(1)
             )
 
-    def customer_texts_before(self, conversation_id: int, message_id: int, limit: int) -> list[str]:
-        """The texts of the customer's last `limit` messages before `message_id`, newest first."""
+    def customer_texts_before(self, conversation_id: int, message_id: int | None, limit: int) -> list[str]:
+        """The texts of the customer's last `limit` messages before `message_id` (None: the last
+        ones), newest first."""
+        q = select(Message.text).where(Message.conversation_id == conversation_id, Message.role == "customer")
+        if message_id is not None:
+            q = q.where(Message.id < message_id)
         with self.session() as s:
-            rows = s.scalars(
-                select(Message.text)
-                .where(
-                    Message.conversation_id == conversation_id,
-                    Message.role == "customer",
-                    Message.id < message_id,
-                )
-                .order_by(Message.id.desc())
-                .limit(limit)
-            ).all()
+            rows = s.scalars(q.order_by(Message.id.desc()).limit(limit)).all()
         return list(rows)
 
     # --- the two-person rule ------------------------------------------------------------

@@ -19,6 +19,7 @@ from test_telegram import ChatModel, buttons, telegram_app
 from bot import cli
 from bot.conversation import ConversationService
 from bot.envelope import Outbound
+from bot.messages import CATALOG
 from bot.notices import CSAT_QUESTION, CSAT_THANKS_NO, CSAT_THANKS_YES
 from knowledge.models import AuditEntry, Conversation, utcnow
 from knowledge.retrieve import KnowledgeBase
@@ -110,6 +111,36 @@ async def test_a_quiet_conversation_is_asked_once_after_the_threshold(tmp_path: 
         store.close()
 
 
+async def test_the_question_is_in_the_customers_language_and_not_about_old_answers(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path, csat_after=30)
+    store = Store(settings.database)
+    try:
+        service, sent = service_on(store, settings)
+        t0 = utcnow().replace(microsecond=0)
+        spanish = conversation(store, "es")
+        q = store.add_message(
+            spanish, "customer", "¿Dónde está mi pedido? Lo compré la semana pasada y todavía no ha llegado.",
+            created_at=t0,
+        ).id
+        store.add_message(spanish, "bot", "Su pedido sale hoy.", reply_to_id=q, status="ok", created_at=t0)
+        english, _, _ = exchange(store, "en", t0, 1)
+        # answered two days before the sweep (the bot was down since): not asked out of the blue
+        old, _, _ = exchange(store, "old", t0 - dt.timedelta(days=2), 1)
+
+        assert await service.ask_satisfaction(now=t0 + 31 * MIN) == 2
+        asked = {o.conversation_id: (o.text, o.choices) for o in sent.outs}
+        assert asked == {
+            spanish: (CATALOG["csat_question"]["es"], (CATALOG["csat_yes"]["es"], CATALOG["csat_no"]["es"])),
+            english: (CSAT_QUESTION, ("Yes", "No")),
+        }
+        assert store.csat(old) is None
+        # the thanks: the channel's language when it reports one, else the conversation's
+        assert await service.satisfaction(spanish, True) == CATALOG["csat_thanks_yes"]["es"]
+        assert await service.satisfaction(english, False, language="de") == CATALOG["csat_thanks_no"]["de"]
+    finally:
+        store.close()
+
+
 async def test_csat_after_zero_never_asks(tmp_path: Path) -> None:
     settings = Settings(data_dir=tmp_path, csat_after=0)
     store = Store(settings.database)
@@ -159,6 +190,26 @@ async def test_yes_and_no_buttons_on_telegram(
         assert not app.store.conversation(c61).flagged
         # a second sweep asks nobody again
         assert await app.service.ask_satisfaction(now=utcnow() + 120 * MIN) == 0
+
+
+async def test_a_spanish_customer_is_asked_and_thanked_in_spanish_on_telegram(
+    fake_telegram: FakeTelegramApi,  # noqa: F811
+    app_data_dir: Path,  # noqa: F811
+) -> None:
+    fake = fake_telegram
+    es = {key: CATALOG[key]["es"] for key in ("csat_question", "csat_yes", "csat_no", "csat_thanks_yes")}
+    async with telegram_app(fake, app_data_dir, ChatModel(), csat_after=30) as (app, _):
+        await fake.push_message(63, "¿Dónde está mi paquete? Lo pedí hace una semana y no ha llegado.")
+        await fake.wait_for_text(63, "Answer:")
+        assert await app.service.ask_satisfaction(now=utcnow() + 31 * MIN) == 1
+        question = await fake.wait_for_text(63, es["csat_question"])
+        [row] = question.params["reply_markup"]["inline_keyboard"]
+        assert [b["text"] for b in row] == [es["csat_yes"], es["csat_no"]]
+
+        mark = fake.mark()
+        await fake.push_callback(63, row[0]["callback_data"])
+        [thanks] = await fake.wait_for("answerCallbackQuery", since=mark)
+        assert thanks.params["text"] == es["csat_thanks_yes"]
 
 
 # --- the figures -----------------------------------------------------------------------------------

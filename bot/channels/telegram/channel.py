@@ -480,7 +480,8 @@ class TelegramChannel:
         conv = await asyncio.to_thread(self.store.conversation, conversation_id)
         thanks: str | None = None
         if chat is not None and conv is not None and conv.channel == CHANNEL and conv.chat_id == str(chat):
-            thanks = await self.service.satisfaction(conversation_id, yes)
+            code = str(query.from_user.language_code or "")
+            thanks = await self.service.satisfaction(conversation_id, yes, language=code)
         with contextlib.suppress(TelegramError):  # every press is answered, so the spinner stops
             await query.answer(text=thanks)
         if thanks is not None:

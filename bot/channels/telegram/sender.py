@@ -54,7 +54,7 @@ class TelegramSender:
         parts = split_text(out.text)
         for i, part in enumerate(parts):
             buttons = out.message_id if out.feedback_buttons and i == len(parts) - 1 else None
-            payload = {
+            payload: dict[str, Any] = {
                 "chat_id": chat_id,
                 "customer_id": customer_id,
                 "text": part,
@@ -63,6 +63,7 @@ class TelegramSender:
             }
             if out.kind == "csat" and i == len(parts) - 1:
                 payload["csat"] = out.conversation_id  # Yes / No buttons
+                payload["choices"] = list(out.choices)
             await self.outbox.put("message", payload, key=chat_id)
 
     async def send(self, kind: str, payload: dict[str, Any]) -> None:
@@ -71,7 +72,13 @@ class TelegramSender:
             raise Drop(f"unknown Telegram outbox item kind {kind!r}")
         buttons = payload.get("buttons")
         csat = payload.get("csat")
-        markup = feedback_markup(int(buttons)) if buttons else csat_markup(int(csat)) if csat else None
+        # the Yes / No labels; an item queued before they were localised has none and gets English
+        choices = [str(c)[:64] for c in payload.get("choices") or []][:2]
+        markup: InlineKeyboardMarkup | None = None
+        if buttons:
+            markup = feedback_markup(int(buttons))
+        elif csat:
+            markup = csat_markup(int(csat), *choices)
         try:
             await self.bot.send_message(
                 chat_id=payload["chat_id"],
@@ -125,14 +132,14 @@ def feedback_markup(message_id: int) -> InlineKeyboardMarkup:
     )
 
 
-def csat_markup(conversation_id: int) -> InlineKeyboardMarkup:
-    """Yes / No under "Did this solve your problem?"; the callback data carries the conversation id
-    (checked against the chat the press comes from)."""
+def csat_markup(conversation_id: int, yes: str = "Yes", no: str = "No") -> InlineKeyboardMarkup:
+    """Yes / No (in the customer's language) under "Did this solve your problem?"; the callback data
+    carries the conversation id (checked against the chat the press comes from)."""
     return InlineKeyboardMarkup(
         [
             [
-                InlineKeyboardButton("Yes", callback_data=csat_data(True, conversation_id)),
-                InlineKeyboardButton("No", callback_data=csat_data(False, conversation_id)),
+                InlineKeyboardButton(yes, callback_data=csat_data(True, conversation_id)),
+                InlineKeyboardButton(no, callback_data=csat_data(False, conversation_id)),
             ]
         ]
     )
