@@ -22,8 +22,8 @@ from knowledge.models import Correction, utcnow
 REVIEW_OUTBOX = "slack"  # the outbox of the review channel: the status line says how much waits in it
 USAGE = (
     "Usage: `/apprentice status`, `/apprentice stats [7d]`, `/apprentice corrections`, "
-    "`/apprentice pending`, "
-    "`/apprentice approve ID` or `/apprentice revoke ID`."
+    "`/apprentice pending`, `/apprentice approve ID`, `/apprentice revoke ID` "
+    "or `/apprentice card ID` (an answer's card, with its buttons)."
 )
 
 
@@ -54,6 +54,10 @@ class Surface(Protocol):
 
     async def correction_approved(self, correction: Correction) -> None:
         """A pending correction was approved: redraw whatever shows it."""
+        ...
+
+    async def show_card(self, conversation_id: int, message_id: int) -> str:
+        """Show an answer's card, with the buttons that act on it; the reply's sentence about it."""
         ...
 
 
@@ -118,7 +122,8 @@ class StaffCommands:
 
     # --- the review desk's verbs -------------------------------------------------------------
     async def run(self, text: str, staff: str, surface: Surface) -> str:
-        """`status | stats [7d] | corrections | pending | approve ID | revoke ID`: the reply to show."""
+        """`status | stats [7d] | corrections | pending | approve ID | revoke ID | card ID`: the reply
+        to show."""
         verb, _, arg = text.strip().partition(" ")
         verb = verb.lower()
         if verb in ("", "status"):
@@ -133,6 +138,8 @@ class StaffCommands:
             return await self._approve(arg, staff, surface)
         if verb == "revoke":
             return await self._revoke(arg, staff)
+        if verb == "card":
+            return await self._card(arg, surface)
         return USAGE
 
     def _status(self, surface: Surface) -> str:
@@ -202,6 +209,18 @@ class StaffCommands:
         return f"Correction #{cid} revoked: it is no longer used for memory or training."
 
 
+    async def _card(self, arg: str, surface: Surface) -> str:
+        """An answer's card on demand: at volume, unflagged answers are only lines of a digest (`answer
+        #ID`), and this is how staff get the buttons to approve, flag or correct one of them."""
+        message_id = _number(arg)
+        if message_id is None:
+            return "Which answer? `/apprentice card ID`, with the number after `answer #` in a digest line."
+        msg = await asyncio.to_thread(self.store.message, message_id)
+        if msg is None or msg.role != "bot":
+            return f"There is no answer #{message_id}. A digest line's `answer #ID` is its number."
+        return await surface.show_card(msg.conversation_id, message_id)
+
+
 def _excerpt(c: Correction, surface: Surface) -> str:
     """A correction in two lines: the question (quoted) and the corrected answer, both shortened."""
     return f"{surface.quote(_short(c.question, 150))}\n→ {surface.escape(_short(c.corrected, 300))}"
@@ -242,6 +261,9 @@ class PlainText:
 
     async def correction_approved(self, correction: Correction) -> None:
         return None
+
+    async def show_card(self, conversation_id: int, message_id: int) -> str:
+        return "Cards are Slack's. Here /correct, /approve, /flag and /sources act on the last answer."
 
 
 __all__ = ["USAGE", "PlainText", "StaffCommands", "Surface"]

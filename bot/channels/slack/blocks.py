@@ -150,7 +150,8 @@ def render_digest(lines: list[str]) -> tuple[str, list[Any]]:
     header = (
         f"🗂️ *{len(lines)} answers without a flag*: the review channel is at Slack's posting limit "
         "(about one message a second), so they are listed here. Flagged answers still get their own "
-        "cards; a customer's 👎 brings an answer's full card."
+        "cards; a customer's 👎 brings an answer's full card, and so does `/apprentice card ID` "
+        "(the number after `answer #`)."
     )
     blocks: list[dict[str, Any]] = [section(header)]
     chunk: list[str] = []

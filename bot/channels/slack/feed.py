@@ -149,3 +149,12 @@ class Mrkdwn:
             await put(
                 self.outbox, "update", correction.conversation_id, {"message_id": correction.message_id}
             )
+
+    async def show_card(self, conversation_id: int, message_id: int) -> str:
+        # an answer without a card yet (a digest line, or APPRENTICE_REVIEW=flagged) gets it posted,
+        # one that has a card gets it redrawn: the outbox's "update" does either
+        await put(self.outbox, "update", conversation_id, {"message_id": message_id})
+        return (
+            f"The card of answer #{message_id} follows in the thread of conversation #{conversation_id} "
+            "in the review channel (redrawn there, if it had one already)."
+        )

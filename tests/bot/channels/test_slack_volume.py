@@ -20,6 +20,7 @@ from fakes.slack_api import Call, FakeSlack
 from sqlalchemy import func, select
 
 from bot.channels.slack import DIGEST_SIZE, SlackChannel
+from bot.channels.slack.feed import Mrkdwn
 from bot.conversation import ConversationService
 from bot.envelope import Answer
 from bot.http import HttpServer
@@ -199,6 +200,19 @@ async def test_a_burst_folds_unflagged_answers_into_digests_and_flagged_ones_kee
             conv, answer = next((c, a) for c, a in queued if not a.flagged)
             await channel.customer_flag(conv, answer.message_id, "disliked an answer")
             await slack.wait_for("chat.postMessage", where=lambda c: card_of(c) == answer.message_id)
+
+            # so does `/apprentice card ID` from staff, for another digest line's answer
+            conv, answer = [(c, a) for c, a in queued if not a.flagged][1]
+            staff, surface = channel.commands, Mrkdwn(channel.people, channel.outbox)  # as /apprentice
+            reply = await staff.run(f"card {answer.message_id}", "slack:UADA", surface)
+            assert f"card of answer #{answer.message_id}" in reply and f"conversation #{conv.id}" in reply
+            [card] = await slack.wait_for("chat.postMessage", where=lambda c: card_of(c) == answer.message_id)
+            thread = (store.conversation(conv.id).review_thread or "").rpartition(":")[2]
+            assert card.params.get("thread_ts") in (None, thread)
+            # a number that is no answer (the question's) gets a clear reply
+            no_answer = await staff.run(f"card {answer.question_id}", "slack:UADA", surface)
+            assert no_answer.startswith(f"There is no answer #{answer.question_id}.")
+            assert "Which answer?" in await staff.run("card", "slack:UADA", surface)
         finally:
             await channel.stop()
             store.close()
