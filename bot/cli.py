@@ -108,7 +108,8 @@ def cmd_kb_list(args: argparse.Namespace) -> int:
     if not docs:
         print("The knowledge base is empty. Add documents: apprentice kb ingest PATH")
     for d in docs:
-        print(f"{d.chunks:5d} chunks  {d.source}  ({d.title})")
+        unit = "chunk " if d.chunks == 1 else "chunks"
+        print(f"{d.chunks:5d} {unit}  {d.source}  ({d.title})")
     return 0
 
 
