@@ -147,10 +147,11 @@ class StaffCommands:
         counts = self.store.counts_since(midnight)
         adapter = self.store.active_adapter() or "base"
         waiting = self.store.outbox_depth(REVIEW_OUTBOX)
+        kinds = ("conversations", "answers", "corrections")
+        today = ", ".join(_count(counts[k], k.rstrip("s")) for k in kinds)
         return (
-            f"{surface.bold('Today (UTC):')} {counts['conversations']} conversations, {counts['answers']} "
-            f"answers, {counts['corrections']} corrections.\n{surface.bold('Active adapter:')} {adapter}"
-            + (f"\n{waiting} Slack posts waiting in the outbox." if waiting else "")
+            f"{surface.bold('Today (UTC):')} {today}.\n{surface.bold('Active adapter:')} {adapter}"
+            + (f"\n{_count(waiting, 'Slack post')} waiting in the outbox." if waiting else "")
         )
 
     async def _stats(self, arg: str, staff: str, surface: Surface) -> str:
@@ -217,8 +218,13 @@ class StaffCommands:
             return "Which answer? `/apprentice card ID`, with the number after `answer #` in a digest line."
         msg = await asyncio.to_thread(self.store.message, message_id)
         if msg is None or msg.role != "bot":
-            return f"There is no answer #{message_id}. A digest line's `answer #ID` is its number."
+            return f"There is no answer #{message_id}."
         return await surface.show_card(msg.conversation_id, message_id)
+
+
+def _count(n: int, noun: str) -> str:
+    """ "1 answer", "2 answers"."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def _excerpt(c: Correction, surface: Surface) -> str:

@@ -446,7 +446,7 @@ async def test_slash_command_status_corrections_and_revoke(rig: Rig) -> None:
     corr_id = result.correction.id
 
     status = await rig.command(STAFF_BOB, "status")
-    assert "1 conversations, 1 answers, 1 corrections" in status and "Active adapter:* base" in status
+    assert "1 conversation, 1 answer, 1 correction" in status and "Active adapter:* base" in status
     with rig.store.session() as s:
         s.add(RegistryState(id=1, active_version="v7"))
     assert "Active adapter:* v7" in await rig.command(STAFF_BOB, "status")
@@ -555,7 +555,7 @@ async def test_socket_mode_cards_buttons_commands_and_thread_replies(
 
             command = slash_command(STAFF_ADA, REVIEW, "status")
             ack = await slack.wait_ack(await slack.push("slash_commands", command))
-            assert "1 answers" in json.dumps(ack.get("payload"))
+            assert "1 answer," in json.dumps(ack.get("payload"))
 
             take = block_actions(STAFF_ADA, REVIEW, card.ts, "apprentice_take_over", _card_value(card.blocks))
             await slack.wait_ack(await slack.push("interactive", take))

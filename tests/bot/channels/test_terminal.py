@@ -71,7 +71,7 @@ async def test_the_review_desk_commands_answer_in_plain_text(tmp_path: Path, dem
     )
     status, out, store = await run_terminal(tmp_path, demo_kb, script, model)
     assert status == 0
-    assert "Today (UTC): 1 conversations, 1 answers, 1 corrections.\nActive adapter: base" in out
+    assert "Today (UTC): 1 conversation, 1 answer, 1 correction.\nActive adapter: base" in out
     assert "Latest corrections\n#1 · " in out
     assert " · terminal:local · other\n> When does the shop open?" in out
     assert "→ We open at 10 on weekdays." in out and "*" not in out
