@@ -64,8 +64,21 @@ class TerminalChannel:
 
     async def _deliver(self, conv: Conversation, out: Outbound) -> None:
         label = {"correction": "bot (corrected)", "staff": "staff"}.get(out.kind, "bot")
-        hint = " (/yes or /no)" if out.kind == "csat" else ""
-        self._print(f"{label}> {out.text}{hint}")
+        text = out.text
+        if out.kind == "csat":
+            # the sweep may ask at the start of a later session, the answer no longer on the screen
+            asked = await asyncio.to_thread(self._question_of, out.message_id)
+            text = f"About “{asked}”: {text} (/yes or /no)" if asked else f"{text} (/yes or /no)"
+        self._print(f"{label}> {text}")
+
+    def _question_of(self, csat_message_id: int | None) -> str:
+        """The customer's question that the satisfaction question asks about, shortened ("" if gone)."""
+        store = self.service.store
+        ask = store.message(csat_message_id) if csat_message_id is not None else None
+        answer = store.message(ask.reply_to_id) if ask is not None and ask.reply_to_id else None
+        question = store.message(answer.reply_to_id) if answer is not None and answer.reply_to_id else None
+        text = " ".join((question.text if question is not None else "").split())
+        return text if len(text) <= 80 else text[:79].rstrip() + "…"
 
     async def run(self) -> int:
         """Serve until /quit or end of input; returns the exit status."""

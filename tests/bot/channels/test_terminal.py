@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import io
 from pathlib import Path
 
@@ -9,6 +10,7 @@ from scripted import ScriptedModel
 
 from bot.channels.terminal import TerminalChannel
 from bot.conversation import ConversationService
+from knowledge.models import utcnow
 from knowledge.retrieve import KnowledgeBase
 from knowledge.settings import Settings
 from knowledge.store import Store
@@ -80,3 +82,24 @@ async def test_the_review_desk_commands_answer_in_plain_text(tmp_path: Path, dem
     assert store.correction(1).status == "revoked"
     assert "There is no correction #1. `/apprentice corrections` lists them." not in out  # revoked, not gone
     assert "Usage: `/apprentice approve ID`" in out and "Usage: `/apprentice status`" in out
+
+
+async def test_the_satisfaction_question_says_which_question_it_is_about(
+    tmp_path: Path, demo_kb: KnowledgeBase
+) -> None:
+    """In the terminal the sweep may ask at the start of a later session, so the question is named."""
+    model = ScriptedModel()
+    model.enqueue("Our shop opens at 9.")
+    _, _, store = await run_terminal(tmp_path, demo_kb, b"When does the shop open?\n/quit\n", model)
+    settings = Settings(data_dir=tmp_path, csat_after=30)
+    out = io.StringIO()
+    service = ConversationService(settings, store, demo_kb, model)
+    later = TerminalChannel(service, io.BytesIO(b"/yes\n/yes\n"), out)
+    assert await later.service.ask_satisfaction(now=utcnow() + dt.timedelta(minutes=31)) == 1
+    assert await later.run() == 0
+    assert out.getvalue().splitlines()[0] == (
+        "bot> About “When does the shop open?”: Did this solve your problem? (/yes or /no)"
+    )
+    assert "bot> Great, glad I could help!" in out.getvalue()
+    assert "(no open question to answer)" in out.getvalue()  # the second /yes: answered already
+    assert store.csat(1).answer == "yes"
