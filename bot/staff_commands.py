@@ -209,7 +209,6 @@ class StaffCommands:
             return f"There is no correction #{cid}. `/apprentice corrections` lists them."
         return f"Correction #{cid} revoked: it is no longer used for memory or training."
 
-
     async def _card(self, arg: str, surface: Surface) -> str:
         """An answer's card on demand: at volume, unflagged answers are only lines of a digest (`answer
         #ID`), and this is how staff get the buttons to approve, flag or correct one of them."""
@@ -219,6 +218,8 @@ class StaffCommands:
         msg = await asyncio.to_thread(self.store.message, message_id)
         if msg is None or msg.role != "bot":
             return f"There is no answer #{message_id}."
+        if self.settings.review == "none":
+            return "No cards are posted: APPRENTICE_REVIEW is `none`."
         return await surface.show_card(msg.conversation_id, message_id)
 
 

@@ -69,7 +69,7 @@ async def test_the_review_desk_commands_answer_in_plain_text(tmp_path: Path, dem
     script = (
         b"When does the shop open?\n/correct We open at 10 on weekdays.\n/apprentice status\n"
         b"/apprentice corrections\n/apprentice pending\n/apprentice revoke #1\n/apprentice revoke 1\n"
-        b"/apprentice approve one\n/apprentice dance\n/quit\n"
+        b"/apprentice approve one\n/apprentice dance\n/apprentice card 2\n/apprentice card 999\n/quit\n"
     )
     status, out, store = await run_terminal(tmp_path, demo_kb, script, model)
     assert status == 0
@@ -80,6 +80,8 @@ async def test_the_review_desk_commands_answer_in_plain_text(tmp_path: Path, dem
     assert "No corrections wait for a second approval." in out
     assert "Correction #1 revoked: it is no longer used for memory or training." in out
     assert store.correction(1).status == "revoked"
+    assert store.message(2).role == "bot"  # the answer: its card is Slack's; 999 is no answer
+    assert "Cards are Slack's. Here /correct" in out and "There is no answer #999." in out
     assert "There is no correction #1. `/apprentice corrections` lists them." not in out  # revoked, not gone
     assert "Usage: `/apprentice approve ID`" in out and "Usage: `/apprentice status`" in out
 
