@@ -32,6 +32,8 @@ class CorrectionResult:
     # correction only in the conversation it was written for (`scoped`), never for other customers
     personal: list[str] = field(default_factory=list)
     scoped: bool = False
+    # why a pending correction waits for a second approval (learning.trust.Review.summary)
+    review: str = ""
 
 
 class CorrectionRefused(ValueError):
@@ -100,7 +102,7 @@ class StaffActions(ServiceBase):
             verdict = await asyncio.to_thread(
                 review_correction, self.kb, self.store, question, corrected, self.settings.memory_threshold
             )
-            status, review = ("pending" if verdict.needs_second else "active"), verdict.reason
+            status, review = ("pending" if verdict.needs_second else "active"), verdict.summary()
         corr, created = await asyncio.to_thread(
             self.store.add_correction,
             audit={"reason": reason, "status": status, "review": review, "personal": personal},
@@ -117,6 +119,7 @@ class StaffActions(ServiceBase):
         )
         scope = corr.conversation_id if personal else None
         result = CorrectionResult(corr, created, personal=personal, scoped=bool(personal))
+        result.review = review if corr.status == "pending" else ""
         if corr.remember and question and self._memory_may_use(corr) and (scope is not None or not personal):
             # idempotent (an upsert): a retry after a crash between storing and remembering completes it
             await asyncio.to_thread(self.kb.remember, corr.id, question, corr.corrected, scope)

@@ -182,9 +182,11 @@ class StaffCommands:
         if not waiting:
             return "No corrections wait for a second approval."
         lines = [f"{surface.bold('Corrections waiting for a second approval')} (`/apprentice approve ID`)"]
+        reviews = await asyncio.to_thread(self.store.correction_reviews, waiting[:20])
         for c in waiting[:20]:
             who = await surface.name(c.staff)
-            lines.append(f"#{c.id} · by {who}\n{_excerpt(c, surface)}")
+            why = f" · {surface.escape(reviews[c.id])}" if c.id in reviews else ""
+            lines.append(f"#{c.id} · by {who}{why}\n{_excerpt(c, surface)}")
         return "\n".join(lines)
 
     async def _approve(self, arg: str, staff: str, surface: Surface) -> str:

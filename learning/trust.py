@@ -89,6 +89,19 @@ class Review:
     details: dict[str, object] = field(default_factory=dict)
     code: str = ""  # a short, stable name of the reason (dataset manifests count held-back rows by it)
 
+    def summary(self) -> str:
+        """The reason with what it found, for the staff who approve: "states amounts the documents do
+        not: $329", "another correction answers a similar question differently: #4"."""
+        found: list[str] = []
+        for key, value in self.details.items():
+            if key == "other":
+                found.append(f"#{value}")
+            elif key == "support":
+                found.append(f"similarity {value}")
+            elif isinstance(value, list | tuple | set):
+                found.extend(str(v) for v in value)
+        return f"{self.reason}: {', '.join(found)}" if found and self.reason else self.reason
+
 
 # --- reading numbers, amounts and details ------------------------------------------------------
 

@@ -166,12 +166,16 @@ class TerminalChannel:
                 )
             if result.correction.status == "pending":
                 rule = self.service.settings.two_person_rule
+                cid = result.correction.id
+                why = result.review or "it disagrees with the documents or another correction"
+                uses = (
+                    "the memory uses it now, training only after"
+                    if rule == "training"
+                    else "memory and training use it only after"
+                )
                 self._print(
-                    f"(correction #{result.correction.id} stored and sent; it disagrees with the documents "
-                    "or another correction, so "
-                    + ("it is remembered now, but " if rule == "training" else "")
-                    + "training uses it only after a second staff member approves it: /apprentice approve "
-                    "in Slack, or APPRENTICE_TWO_PERSON_RULE=off)"
+                    f"(correction #{cid} stored and sent. It waits for a second staff member's approval "
+                    f"({why}): {uses} /apprentice approve {cid}, or with APPRENTICE_TWO_PERSON_RULE=off)"
                 )
             else:
                 self._print(f"(correction #{result.correction.id} stored and remembered)")

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from knowledge.models import (
     AuditEntry,
@@ -53,6 +55,11 @@ class CorrectionQueries(StoreBase):
             if existing is None:
                 raise
             return existing, False
+
+    def correction_reviews(self, corrections: Sequence[Correction]) -> dict[int, str]:
+        """Why each of `corrections` waits for a second approval (`reviews_of`)."""
+        with self.session() as s:
+            return reviews_of(s, corrections)
 
     def correction(self, correction_id: int) -> Correction | None:
         with self.session() as s:
@@ -104,3 +111,22 @@ class CorrectionQueries(StoreBase):
             corr.status = "revoked"
             corr.revoked_at = utcnow()
             return corr
+
+
+def reviews_of(s: Session, corrections: Sequence[Correction]) -> dict[int, str]:
+    """Why each of `corrections` waits for a second approval: the two-person rule's summary, kept in
+    the audit entry written with the correction. Corrections without one are left out."""
+    if not corrections:
+        return {}
+    targets = {f"message:{c.message_id}" for c in corrections}
+    wanted = {c.id for c in corrections}
+    entries = s.scalars(
+        select(AuditEntry).where(AuditEntry.action == "correct", AuditEntry.target.in_(targets))
+    ).all()
+    out: dict[int, str] = {}
+    for entry in entries:
+        after = entry.after or {}
+        cid, review = after.get("correction_id"), after.get("review")
+        if cid in wanted and review:
+            out[int(cid)] = str(review)
+    return out

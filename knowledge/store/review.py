@@ -21,6 +21,7 @@ from knowledge.models import (
     utcnow,
 )
 from knowledge.store.base import StoreBase
+from knowledge.store.corrections import reviews_of
 
 
 @dataclass
@@ -40,6 +41,8 @@ class CardState:
     feedback: list[tuple[str, str, str]] = field(default_factory=list)  # (kind, actor, reason)
     # (correction id, staff, corrected text, reason, status)
     corrections: list[tuple[int, str, str, str, str]] = field(default_factory=list)
+    # why a pending correction waits for a second approval, by correction id
+    reviews: dict[int, str] = field(default_factory=dict)
 
     def actors(self) -> set[str]:
         """The staff named on the card: who approved, flagged or corrected the answer."""
@@ -72,6 +75,7 @@ class ReviewQueries(StoreBase):
             corrections = s.scalars(
                 select(Correction).where(Correction.message_id == message_id).order_by(Correction.id)
             ).all()
+            reviews = reviews_of(s, [c for c in corrections if c.status == "pending"])
         return CardState(
             conversation_id=msg.conversation_id,
             message_id=msg.id,
@@ -85,6 +89,7 @@ class ReviewQueries(StoreBase):
             latency_ms=msg.latency_ms,
             feedback=[(f.kind, f.actor, f.reason) for f in feedback],
             corrections=[(c.id, c.staff, c.corrected, c.reason, c.status) for c in corrections],
+            reviews=reviews,
         )
 
     def answer_lines(self, message_ids: list[int]) -> dict[int, AnswerLine]:

@@ -20,6 +20,7 @@ from scripted import ScriptedModel
 from sqlalchemy import select
 
 from bot.channels.slack import SlackChannel
+from bot.channels.slack.blocks import render_card
 from bot.conversation import ConversationService
 from bot.envelope import Inbound
 from bot.http import HttpServer
@@ -274,7 +275,15 @@ async def test_every_staff_action_is_in_the_audit_log(env: Any) -> None:
 async def test_slack_pending_list_and_approve_by_a_second_staff_member(env: Any) -> None:
     service, _, store, _ = env
     [a] = await service.handle(ask("How much does the Metro 3 city bike cost?", "c1"))
-    corr = (await service.correct(a.message_id, "The Metro 3 costs $99.", "slack:UADA")).correction
+    result = await service.correct(a.message_id, "The Metro 3 costs $99.", "slack:UADA")
+    corr = result.correction
+    # the second approver is told what to check: the rule and what it found
+    why = "states amounts the documents do not: 99 USD"
+    assert result.review == why
+    _, blocks = render_card(store.answer_card(a.message_id), {})
+    assert f"waits for a second staff approval: `/apprentice approve {corr.id}`; {why})" in json.dumps(
+        blocks, ensure_ascii=False
+    )
     async with FakeSlack(users={"UADA": "ada", "UBOB": "bob"}) as slack:
         settings = service.settings.model_copy(
             update={
@@ -297,7 +306,7 @@ async def test_slack_pending_list_and_approve_by_a_second_staff_member(env: Any)
                 assert status == 200
                 return body
 
-            assert f"#{corr.id}" in await command("UADA", "pending")
+            assert f"#{corr.id} · by @ada · {why}" in await command("UADA", "pending")
             assert "Only support staff" in await command("UEVE", f"approve {corr.id}")  # not staff
             assert "a second staff member must approve" in await command("UADA", f"approve {corr.id}")
             assert store.correction(corr.id).status == "pending"

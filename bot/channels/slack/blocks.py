@@ -92,7 +92,9 @@ def _marks(state: CardState, names: dict[str, str], oncall_group: str) -> list[s
         label = dict(REASONS).get(reason, reason)
         revoked = {
             "revoked": " ~(revoked)~",
-            "pending": f" (waits for a second staff approval: `/apprentice approve {cid}`)",
+            "pending": f" (waits for a second staff approval: `/apprentice approve {cid}`"
+            + (f"; {esc(short(state.reviews[cid], 300))}" if cid in state.reviews else "")
+            + ")",
         }.get(status, "")
         marks.append(
             f"✏️ *Corrected by {names.get(actor, actor)}* ({label}, #{cid}){revoked}:\n"

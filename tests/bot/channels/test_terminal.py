@@ -105,3 +105,19 @@ async def test_the_satisfaction_question_says_which_question_it_is_about(
     assert "bot> Great, glad I could help!" in out.getvalue()
     assert "(no open question to answer)" in out.getvalue()  # the second /yes: answered already
     assert store.csat(1).answer == "yes"
+
+
+async def test_a_held_correction_says_why_it_waits(tmp_path: Path, demo_kb: KnowledgeBase) -> None:
+    """The two-person rule holds a correction that states what no document does, and says what it found."""
+    model = ScriptedModel()
+    model.enqueue("Our shop opens at 9.")
+    script = b"When does the shop open?\n/correct We open at 4:45 am on weekdays.\n/apprentice pending\n"
+    status, out, store = await run_terminal(tmp_path, demo_kb, script, model)
+    assert status == 0 and store.correction(1).status == "pending"
+    why = "states figures the documents do not: 4, 45"
+    assert (
+        f"(correction #1 stored and sent. It waits for a second staff member's approval ({why}): "
+        "the memory uses it now, training only after /apprentice approve 1, or with "
+        "APPRENTICE_TWO_PERSON_RULE=off)" in out
+    ), out
+    assert f"#1 · by terminal:local · {why}\n> When does the shop open?" in out
