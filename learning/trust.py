@@ -91,7 +91,7 @@ class Review:
 
     def summary(self) -> str:
         """The reason with what it found, for the staff who approve: "states amounts the documents do
-        not: $329", "another correction answers a similar question differently: #4"."""
+        not: 329 USD", "another correction answers a similar question differently: #4"."""
         found: list[str] = []
         for key, value in self.details.items():
             if key == "other":
