@@ -44,8 +44,11 @@ class ModelUnavailable(ConfigError):
 
 
 def offline_by_default() -> None:
-    """Keep transformers off the network unless the operator explicitly set HF_HUB_OFFLINE=0."""
+    """Keep transformers off the network unless the operator explicitly set HF_HUB_OFFLINE=0, and
+    quiet: its "Loading weights" bar on stderr would cut into the terminal chat (huggingface_hub
+    reads the variable once, when transformers first imports it, so before any model loads)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def _offline() -> bool:

@@ -28,6 +28,7 @@ def test_piped_session_learns_a_correction(tmp_path: Path, smollm2_dir: Path) ->
         "APPRENTICE_TWO_PERSON_RULE": "off",  # the taught fact contradicts the demo page on purpose
         "HF_HUB_OFFLINE": "1",
     }
+    env.pop("HF_HUB_DISABLE_PROGRESS_BARS", None)  # the bot quiets the bar itself
     proc = subprocess.run(
         [sys.executable, "-m", "bot.cli", "serve"], input=script.encode(), capture_output=True,
         env=env, cwd=ROOT, timeout=600,
@@ -41,3 +42,12 @@ def test_piped_session_learns_a_correction(tmp_path: Path, smollm2_dir: Path) ->
     assert lines[1].startswith("bot (corrected)> Yes: gift cards come in $25, $50 and $100")
     assert "Sparkle wrap" in lines[2]
     assert "Sparkle" not in lines[0]
+
+    # a later session on the same data: the documents are in already, so the model loads before
+    # the embeddings do, and no "Loading weights" bar of theirs may cut into the chat
+    again = subprocess.run(
+        [sys.executable, "-m", "bot.cli", "serve"], input=b"Can I buy a gift card?\n/quit\n",
+        capture_output=True, env=env, cwd=ROOT, timeout=600,
+    )
+    assert again.returncode == 0 and "Sparkle wrap" in again.stdout.decode()
+    assert "Loading weights" not in again.stderr.decode(), again.stderr.decode()[-2000:]
