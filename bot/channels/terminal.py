@@ -75,9 +75,9 @@ class TerminalChannel:
         """The customer's question that the satisfaction question asks about, shortened ("" if gone)."""
         store = self.service.store
         ask = store.message(csat_message_id) if csat_message_id is not None else None
-        answer = store.message(ask.reply_to_id) if ask is not None and ask.reply_to_id else None
-        question = store.message(answer.reply_to_id) if answer is not None and answer.reply_to_id else None
-        text = " ".join((question.text if question is not None else "").split())
+        answer_id = ask.reply_to_id if ask is not None else None
+        line = store.answer_lines([answer_id]).get(answer_id) if answer_id else None
+        text = " ".join((line.question if line is not None else "").split())
         return text if len(text) <= 80 else text[:79].rstrip() + "…"
 
     async def run(self) -> int:
