@@ -22,11 +22,12 @@ from bot.envelope import Answer, Inbound, Outbound, clean_text
 from bot.guard import BLOCKED, Verdict
 from bot.metrics import METRICS
 from bot.notices import EMPTY, CustomerFeedback
+from bot.query import search_text
 from bot.ratelimit import CUSTOMER_WINDOW_S
 from bot.ratelimit import verdict as rate_verdict
 from bot.staff import StaffActions
 from knowledge import embed
-from knowledge.models import Conversation, Message
+from knowledge.models import Conversation, Message, utcnow
 from knowledge.passages import Passage, Retrieval
 from learning.answer import cite, finish, ground, similar_corrections
 from learning.generation import GenerationError, GenerationTimeout, ModelBusy
@@ -183,8 +184,10 @@ class ConversationService(StaffActions, CustomerFeedback):
         self, conv: Conversation, question_id: int, text: str, inbound: Inbound | None = None
     ) -> Answer | None:
         started = time.perf_counter()
+        # courtesies out, a follow-up after the question it follows (bot/query.py)
+        query = await asyncio.to_thread(self._search_text, conv.id, question_id, text)
         retrieval = await asyncio.to_thread(  # corrections scoped to another conversation stay out
-            self.kb.retrieve, text, self.settings.top_k, self.settings.memory_threshold, conv.id
+            self.kb.retrieve, query, self.settings.top_k, self.settings.memory_threshold, conv.id
         )
         METRICS.retrieval_latency.observe(time.perf_counter() - started)
         status, flagged = "ok", False
@@ -202,9 +205,9 @@ class ConversationService(StaffActions, CustomerFeedback):
             # a correction that won here was not sent verbatim: memory_mode=prompt gives it to the model
             given = retrieval.memory is not None
             writes = not retrieval.passages or model_writes(self.settings.answer_mode, self.generator, given)
-            retrieval = await self._reranked(text, retrieval, writes)
+            retrieval = await self._reranked(query, retrieval, writes)
             if not writes:  # the best passage's relevant sentences, no model writing (learning/answer.py)
-                reply = await asyncio.to_thread(cite, text, retrieval.passages[0])
+                reply = await asyncio.to_thread(cite, query, retrieval.passages[0])
                 model, grounding = "extract", "extract"
             else:
                 lessons = await asyncio.to_thread(
@@ -292,6 +295,9 @@ class ConversationService(StaffActions, CustomerFeedback):
         # corrections written for this customer hold their own details
         own += self.store.correction_texts(conv.id)
         return self.guard.check(reply, own, passages, conv.customer_id)
+
+    def _search_text(self, conversation_id: int, question_id: int, text: str) -> str:
+        return search_text(text, self.store.messages_before(conversation_id, question_id, 6), utcnow())
 
     def _history(self, conversation_id: int, question_id: int) -> list[tuple[str, str]]:
         turns = self.settings.history_turns

@@ -38,7 +38,8 @@ _PHRASES: dict[str, dict[str, str]] = {
     },
     "thanks": {
         "en": "thanks|thank you|thankyou|thx|thanx|ty|tnx|cheers|many thanks|much appreciated|appreciate it|"
-        "i appreciate it|thanks a lot|thank you very much|thanks so much|thank u|tysm",
+        "i appreciate it|thanks a lot|thank you very much|thanks so much|thank u|tysm|thanks in advance|"
+        "thank you in advance|thx in advance",
         "es": "gracias|muchas gracias|mil gracias|te lo agradezco|se lo agradezco",
         "pt": "obrigado|obrigada|muito obrigado|muito obrigada|valeu|brigado|brigada",
         "de": "danke|danke schon|danke sehr|vielen dank|besten dank|dankeschon",

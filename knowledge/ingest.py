@@ -17,7 +17,7 @@ from typing import Any
 
 from knowledge import embed, language, vectors
 from knowledge.invisible import strip_invisible
-from knowledge.markup import html_to_text, strip_markdown_comments
+from knowledge.markup import html_to_text, strip_markdown_comments, tables_as_lists
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +26,7 @@ SUFFIXES = {".md": "markdown", ".markdown": "markdown", ".txt": "text", ".text":
 CHUNK_CHARS = 900
 CHUNK_OVERLAP = 150
 # Part of every content hash: changing how text is chunked re-ingests everything once.
-CHUNKER_VERSION = f"3:{CHUNK_CHARS}:{CHUNK_OVERLAP}"
+CHUNKER_VERSION = f"4:{CHUNK_CHARS}:{CHUNK_OVERLAP}"
 
 _HEADING = re.compile(r"^(#{1,6})\s+(.+?)\s*#*\s*$")
 _SENTENCE_END = re.compile(r"(?<=[.!?:;])\s+")
@@ -144,6 +144,8 @@ def load_document(path: Path, source: str) -> Document:
             text = raw.replace("\r\n", "\n").replace("\r", "\n").strip()
             if kind == "markdown":
                 text = strip_markdown_comments(text)
+        if kind in ("markdown", "html"):
+            text = tables_as_lists(text)  # a row a list item: a chat shows no tables
     # invisible characters can carry instructions no reader of the document sees (knowledge/invisible.py)
     title, text = strip_invisible(title), strip_invisible(text)
     if kind in ("markdown", "html") and not title:

@@ -150,7 +150,9 @@ class _HTMLToText(HTMLParser):
         elif tag == "li":
             self.parts.append("\n- ")
         elif tag in ("br", "td", "th"):
-            self.parts.append("\n" if tag == "br" else " ")
+            self.parts.append("\n" if tag == "br" else f" {_CELL} ")
+        elif tag == "table":
+            self.parts.append(f"\n\n{_TABLE}\n\n")
         elif tag in self._BLOCK:
             self.parts.append("\n\n")
 
@@ -193,8 +195,8 @@ class _HTMLToText(HTMLParser):
     def handle_data(self, data: str) -> None:
         if self._in_title:
             self.title += data
-        elif not self._hiding:
-            self.parts.append(re.sub(r"\s+", " ", data))
+        elif not self._hiding:  # (a cell marker in the text itself is only a space)
+            self.parts.append(re.sub(r"\s+", " ", data.replace(_CELL, " ").replace(_TABLE, " ")))
 
     def parse_comment(self, i: int, report: int = 1) -> int:
         """Comments end where browsers end them: at `-->` or `--!>` (`<!-->` is empty), else at the end
@@ -206,8 +208,49 @@ class _HTMLToText(HTMLParser):
         return m.end() if m else len(rawdata)
 
     def text(self) -> str:
-        lines = [line.strip() for line in "".join(self.parts).splitlines()]
+        lines = _html_tables([line.strip() for line in "".join(self.parts).splitlines()])
         return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
+
+
+# Private-use characters (never whitespace or a line break to Python, unlike the ASCII separators)
+_CELL = "\ue000"  # where a table cell starts, until `_html_tables` reads the rows
+_TABLE = "\ue001"  # where a table starts (two tables in a row are two tables)
+
+
+def _html_tables(lines: list[str]) -> list[str]:
+    """Table rows (lines with cells, blank lines between them) as a Markdown table, its first row the
+    header, for `tables_as_lists`; a table of one row or one column is its cells' text."""
+    out: list[str] = []
+    rows: list[list[str]] = []
+
+    def flush() -> None:
+        if len(rows) > 1 and max(len(r) for r in rows) > 1:
+            width = max(len(r) for r in rows)
+            table = [r + [""] * (width - len(r)) for r in rows]
+            out.append("")
+            out.append("| " + " | ".join(table[0]) + " |")
+            out.append("|" + " --- |" * width)
+            out.extend("| " + " | ".join(r) + " |" for r in table[1:])
+            out.append("")
+        else:
+            out.extend(" ".join(c for c in r if c) for r in rows)
+        rows.clear()
+
+    for line in lines:
+        if line == _TABLE:
+            flush()
+        elif _CELL in line:
+            cells = [c.strip().replace("|", "\\|") for c in line.split(_CELL)]
+            rows.append(cells[1:] if not cells[0] else cells)
+        elif not line and rows:
+            continue  # the blank line between two rows
+        else:
+            if rows:
+                flush()
+            out.append(line)
+    if rows:
+        flush()
+    return out
 
 
 _COMMENT_END = re.compile(r"--!?>")
@@ -265,3 +308,40 @@ def strip_markdown_comments(text: str) -> str:
             blocks.append([])
     parts = [_MD_COMMENT.sub("", "\n".join(b)) if i % 2 == 0 else "\n".join(b) for i, b in enumerate(blocks)]
     return "\n".join(parts).strip()
+
+
+_TABLE_ROW = re.compile(r"^\s*\|.*\|\s*$")
+_TABLE_RULE = re.compile(r"^\s*\|?\s*:?-+:?\s*(?:\|\s*:?-+:?\s*)*\|?\s*$")
+
+
+def _cells(row: str) -> list[str]:
+    inner = row.strip()[1:-1]  # the row's outer pipes
+    return [c.strip() for c in re.split(r"(?<!\\)\|", inner)]
+
+
+def tables_as_lists(text: str) -> str:
+    """Markdown tables as list items a customer can read in a chat message.
+
+    A table's rows were sent as they are written ("| Bike | Per day | | --- | --- | | Metro 3 | $45 |",
+    one line in Telegram, rule and all). Each row becomes one item that names its columns, in the
+    header's words: "- Bike: Metro 3; Per day: $45; Per week: $180". Retrieval, the grounding check
+    and the extract then read a row as the sentence it is. Lines of pipes with no header rule under
+    their first line are not a table (Markdown's own rule) and stay as written.
+    """
+    lines = text.split("\n")
+    out: list[str] = []
+    i = 0
+    while i < len(lines):
+        if i + 1 < len(lines) and _TABLE_ROW.match(lines[i]) and _TABLE_RULE.match(lines[i + 1]):
+            header = _cells(lines[i])
+            i += 2
+            while i < len(lines) and _TABLE_ROW.match(lines[i]):
+                cells = _cells(lines[i])
+                named = [f"{h}: {c}" if h else c for h, c in zip(header, cells, strict=False) if c]
+                if named:
+                    out.append("- " + "; ".join(named).replace("\\|", "|"))
+                i += 1
+            continue
+        out.append(lines[i])
+        i += 1
+    return "\n".join(out)

@@ -94,6 +94,38 @@ def test_each_format_is_loaded_with_its_title(formats: Path) -> None:
     assert "switched on from sunset to sunrise" in pdf.text and "red rear reflector" in pdf.text
 
 
+TABLE_MD = """# Rentals
+
+Both stores rent bikes by the day.
+
+| Bike | Per day | Per week |
+|:-----|--------:|---------:|
+| Metro 3 | $45 | $180 |
+| Tempo \\| Road | $65 | |
+
+| not | a table: no rule under its first row |
+"""
+
+TABLE_HTML = """<html><body><h1>Rentals</h1><p>Both stores rent bikes by the day.</p>
+<table><thead><tr><th>Bike<th>Per day<th>Per week</thead>
+<tbody><tr><td>Metro 3<td>$45<td>$180<tr><td>Tempo | Road<td>$65<td></tbody></table>
+<table><tr><td>A one-row layout table</td><td>stays text</td></tr></table></body></html>"""
+
+
+def test_a_table_becomes_one_list_item_a_row_naming_its_columns(tmp_path: Path) -> None:
+    """A chat shows no tables: Telegram put "| Bike | Per day | | --- |" on one line."""
+    (tmp_path / "rentals.md").write_text(TABLE_MD, encoding="utf-8")
+    (tmp_path / "rentals.html").write_text(TABLE_HTML, encoding="utf-8")
+    for name in ("rentals.md", "rentals.html"):
+        text = load_document(tmp_path / name, name).text
+        assert "- Bike: Metro 3; Per day: $45; Per week: $180" in text, name
+        assert "- Bike: Tempo | Road; Per day: $65\n" in text + "\n", name  # an empty cell is left out
+        assert "---" not in text and "Both stores rent bikes by the day." in text
+    no_rule = "| not | a table: no rule under its first row |"
+    assert no_rule in load_document(tmp_path / "rentals.md", "r").text
+    assert "A one-row layout table stays text" in load_document(tmp_path / "rentals.html", "r").text
+
+
 def test_markdown_is_chunked_by_heading_with_the_title_in_front() -> None:
     doc = Document(path=Path("/kb/winter.md"), source="winter.md", title="Winter storage", text=MARKDOWN)
     chunks = chunk_document(doc)

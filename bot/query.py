@@ -1,0 +1,91 @@
+"""What the knowledge base is asked: the customer's message as a search, not always word for word.
+
+Two things a customer writes that the documents do not:
+
+- **Courtesies around the question.** "Hi, how do I record a program? Thanks!" A greeting or a thanks
+  matches nothing useful, and it moves which passage comes first and which of its sentences are
+  sent. Whole sentences and leading or trailing comma clauses that are courtesies (bot/courtesy.py,
+  every language the bot speaks) are left out of the search; "Hi, thanks, but where is my order?"
+  still searches "but where is my order?".
+- **A follow-up.** "How long is the warranty?" then "does it cover the battery?": searched alone, the
+  second message finds the e-bike's page (it mentions a battery), not the warranty. A short message
+  (at most FOLLOW_UP_WORDS words) that points back ("it", "they", "that", "what about …") to a
+  question the same conversation asked within FOLLOW_UP_WITHIN is searched together with that
+  question. The rule is English's: other languages often drop the pronoun altogether ("¿cuánto
+  cuesta?"), and a follow-up in them is searched alone, as before.
+
+A message that names what it asks about is searched alone even right after another question ("and
+the Ridgeline?" after "How much is the Metro 3?"): searched together, the earlier question's page
+wins (docs/answers.md, "Follow-ups"). The stored message, the staff card and the model's prompt keep
+the customer's own words; only the search, the model's reading of the passages and the extract's
+choice of sentences use this text.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from collections.abc import Sequence
+
+from bot.courtesy import courtesy
+from bot.handoff import question_key
+from knowledge.models import Message
+
+FOLLOW_UP_WORDS = 8
+FOLLOW_UP_WITHIN = dt.timedelta(minutes=30)
+# words that point back to something said before
+_POINTING = re.compile(r"it|its|it's|itself|they|them|their|theirs|that|this|these|those|ones?")
+_OPENERS = (("what", "about"), ("how", "about"), ("and", "what", "about"))
+
+_SENTENCE = re.compile(r"(?<=[.!?…])\s+|\n+")
+_CLAUSE = re.compile(r",\s*")
+
+
+def without_courtesies(text: str) -> str:
+    """`text` without its greeting and thanks sentences and clauses; `text` itself when that is all
+    it is (a courtesy on its own is answered as one, never searched)."""
+    kept: list[str] = []
+    for sentence in _SENTENCE.split(text.strip()):
+        if not sentence.strip() or courtesy(sentence) is not None:
+            continue
+        commas = list(_CLAUSE.finditer(sentence))
+        start, end = 0, len(sentence)
+        for m in commas:  # "Hi team, …": leading clauses
+            if courtesy(sentence[start : m.start()]) is None:
+                break
+            start = m.end()
+        for m in reversed(commas):  # "…, thanks": trailing ones
+            if m.end() <= start or courtesy(sentence[m.end() : end]) is None:
+                break
+            end = m.start()
+        kept.append(sentence[start:end].strip())
+    return " ".join(k for k in kept if k) or text.strip()
+
+
+def follows_up(text: str) -> bool:
+    """A short message that points back to an earlier question ("does it cover the battery?")."""
+    words = question_key(text).split()
+    if not words or len(words) > FOLLOW_UP_WORDS:
+        return False
+    return any(_POINTING.fullmatch(w) for w in words) or any(tuple(words[: len(o)]) == o for o in _OPENERS)
+
+
+def search_text(text: str, earlier: Sequence[Message], now: dt.datetime) -> str:
+    """The search for customer message `text`, given the conversation's messages before it (oldest
+    first): without courtesies, and after the question it follows up (itself after the question it
+    followed up, once more at most)."""
+    query = without_courtesies(text)
+    asked = [
+        m for m in earlier
+        if m.role == "customer" and m.status == "ok" and m.text.strip() and courtesy(m.text) is None
+    ]  # fmt: skip
+    after = now
+    for _ in range(2):
+        if not follows_up(query.split("\n")[0]) or not asked:
+            break
+        previous = asked.pop()
+        if after - previous.created_at > FOLLOW_UP_WITHIN:
+            break
+        query = f"{without_courtesies(previous.text)}\n{query}"
+        after = previous.created_at
+    return query
