@@ -20,6 +20,10 @@ The failure shares, per answer unless said otherwise:
   passage sentences score 0.75-1.0 and invented ones mostly below 0.5;
 - `abstained`: the bot said it is not sure (status `unsure`);
 - `fallback`: the model's reply was replaced by an extract of the best passage (grounded mode).
+
+`--courteous` asks each question as customers write one, between an opening and a closing drawn
+(seeded) from OPENINGS and CLOSINGS: a greeting, a line that says nothing, thanks, a signature. The
+references are retrieved for that message too, as pasting would be.
 """
 
 from __future__ import annotations
@@ -56,6 +60,9 @@ log = logging.getLogger(__name__)
 
 PASSAGE_CHARS = 600
 EXTRACT_SENTENCES = 3
+# What customers write around a question (`--courteous`); "" asks it bare.
+OPENINGS = ("", "Hi,", "Hello there!", "Hey,", "Good morning.", "Hi team, I have a question.")
+CLOSINGS = ("", "Thanks!", "Thank you in advance.", "Thanks, John", "Any help appreciated!", "I'm stuck.")
 
 
 @dataclass
@@ -67,6 +74,7 @@ class AnswersOptions:
     model: str | None = None  # default: the settings' model
     adapter: str | None = None  # an adapter version from the operator's registry (default: none)
     concurrency: int | None = None  # conversations in flight (default: APPRENTICE_MAX_BATCH)
+    courteous: bool = False  # each question between an opening and a closing (OPENINGS, CLOSINGS)
 
 
 def pick(rows: Sequence[dict[str, Any]], limit: int | None, seed: int) -> list[dict[str, Any]]:
@@ -74,6 +82,16 @@ def pick(rows: Sequence[dict[str, Any]], limit: int | None, seed: int) -> list[d
     out = list(rows)
     random.Random(seed).shuffle(out)
     return out[:limit] if limit else out
+
+
+def courteous(rows: Sequence[dict[str, Any]], seed: int) -> list[dict[str, Any]]:
+    """Each question between an opening and a closing drawn from OPENINGS and CLOSINGS (seeded)."""
+    rng = random.Random(f"courteous-{seed}")
+    out = []
+    for r in rows:
+        words = (rng.choice(OPENINGS), str(r["question"]).strip(), rng.choice(CLOSINGS))
+        out.append({**r, "question": " ".join(w for w in words if w)})
+    return out
 
 
 def reference_extract(question: str, passage: Passage, n: int = EXTRACT_SENTENCES) -> str:
@@ -110,6 +128,8 @@ def run_answers_bench(
     """Answer, score and chart; write answers.jsonl, report.json and report.png; return the report."""
     opts = options or AnswersOptions()
     rows = pick(load_questions(Path(questions_file)), opts.limit, opts.seed)
+    if opts.courteous:
+        rows = courteous(rows, opts.seed)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     adapter = _adapter(settings, opts.adapter) if opts.adapter else None
@@ -214,6 +234,7 @@ async def _run(
         "kb": str(kb_dir),
         "questions": n,
         "seed": opts.seed,
+        "courteous": opts.courteous,
         "model": settings.model,
         "adapter": adapter[1] if adapter else None,
         "answer_mode": settings.answer_mode,

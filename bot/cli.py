@@ -169,8 +169,9 @@ def cmd_bench_answers(args: argparse.Namespace) -> int:
     from bench.answers import AnswersOptions, run_answers_bench
 
     options = AnswersOptions(
-        limit=args.limit, seed=args.seed, model=args.model, adapter=args.adapter, concurrency=args.concurrency
-    )
+        limit=args.limit, seed=args.seed, model=args.model, adapter=args.adapter,
+        concurrency=args.concurrency, courteous=args.courteous,
+    )  # fmt: skip
     if not Path(args.kb).is_dir():
         print(f"No folder {args.kb}: --kb takes a folder of documents.", file=sys.stderr)
         return 2
@@ -454,6 +455,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--concurrency",
         type=int,
         help="Customers asking at once (default: APPRENTICE_MAX_BATCH); 1 times one answer at a time.",
+    )
+    p.add_argument(
+        "--courteous",
+        action="store_true",
+        help="Ask each question as customers write one: after a greeting, before thanks (seeded).",
     )
     p = add("cards", cmd_bench_cards, "Review-card lag at Slack's posting limit (fake Slack).", bench)
     p.add_argument("--out", required=True, help="Output folder for report.json and report.png.")

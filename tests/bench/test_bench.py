@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from bench.answers import AnswersOptions, pick, run_answers_bench
+from bench.answers import CLOSINGS, OPENINGS, AnswersOptions, courteous, pick, run_answers_bench
 from bench.loop import STAGES, LoopOptions, run_loop_bench, select
 from bench.speed import run_speed_bench
 from knowledge.settings import Settings
@@ -180,6 +180,17 @@ def test_answers_bench_takes_the_same_questions_for_the_same_seed() -> None:
     assert pick(rows, 10, seed=3) == pick(rows, 10, seed=3) != pick(rows, 10, seed=4)
     assert pick(rows, 10, seed=3) == pick(rows, 20, seed=3)[:10]  # a larger limit extends a smaller one
     assert sorted(r["id"] for r in pick(rows, None, seed=0)) == sorted(r["id"] for r in rows)
+
+
+def test_courteous_questions_are_the_questions_between_an_opening_and_a_closing() -> None:
+    rows = [{"id": f"q{i}", "question": f" How do I do thing {i}? ", "answer": "x"} for i in range(60)]
+    asked = courteous(rows, seed=1)
+    assert asked == courteous(rows, seed=1) != courteous(rows, seed=2)
+    assert [r["id"] for r in asked] == [r["id"] for r in rows] and rows[0]["question"].startswith(" ")
+    for r, a in zip(rows, asked, strict=True):
+        before, _, after = a["question"].partition(r["question"].strip())
+        assert before.strip() in OPENINGS and after.strip() in CLOSINGS
+    assert sum(a["question"] != r["question"].strip() for r, a in zip(rows, asked, strict=True)) > 40
 
 
 @pytest.mark.slow
