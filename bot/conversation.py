@@ -22,7 +22,7 @@ from bot.envelope import Answer, Inbound, Outbound, clean_text
 from bot.guard import BLOCKED, Verdict
 from bot.metrics import METRICS
 from bot.notices import EMPTY, CustomerFeedback
-from bot.query import search_text
+from bot.query import EARLIER, search_text
 from bot.ratelimit import CUSTOMER_WINDOW_S
 from bot.ratelimit import verdict as rate_verdict
 from bot.staff import StaffActions
@@ -297,7 +297,8 @@ class ConversationService(StaffActions, CustomerFeedback):
         return self.guard.check(reply, own, passages, conv.customer_id)
 
     def _search_text(self, conversation_id: int, question_id: int, text: str) -> str:
-        return search_text(text, self.store.messages_before(conversation_id, question_id, 6), utcnow())
+        earlier = self.store.messages_before(conversation_id, question_id, EARLIER)
+        return search_text(text, earlier, utcnow())
 
     def _history(self, conversation_id: int, question_id: int) -> list[tuple[str, str]]:
         turns = self.settings.history_turns

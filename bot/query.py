@@ -17,8 +17,8 @@ Two things a customer writes that the documents do not:
 A message that names what it asks about is searched alone even right after another question ("and
 the Ridgeline?" after "How much is the Metro 3?"): searched together, the earlier question's page
 wins (docs/answers.md, "Follow-ups"). The stored message, the staff card and the model's prompt keep
-the customer's own words; only the search, the model's reading of the passages and the extract's
-choice of sentences use this text.
+the customer's own words; the search, the model's reading of the passages, the extract's choice of
+sentences and a staff correction's question (`searched_for`) use this text.
 """
 
 from __future__ import annotations
@@ -30,9 +30,11 @@ from collections.abc import Sequence
 from bot.courtesy import courtesy
 from bot.handoff import question_key
 from knowledge.models import Message
+from knowledge.store import Store
 
 FOLLOW_UP_WORDS = 8
 FOLLOW_UP_WITHIN = dt.timedelta(minutes=30)
+EARLIER = 6  # messages looked back at: a follow-up of a follow-up, with the answers between
 # words that point back to something said before
 _POINTING = re.compile(r"it|its|it's|itself|they|them|their|theirs|that|this|these|those|ones?")
 _OPENERS = (("what", "about"), ("how", "about"), ("and", "what", "about"))
@@ -89,3 +91,11 @@ def search_text(text: str, earlier: Sequence[Message], now: dt.datetime) -> str:
         query = f"{without_courtesies(previous.text)}\n{query}"
         after = previous.created_at
     return query
+
+
+def searched_for(store: Store, question: Message) -> str:
+    """The search for a stored customer message, as it was searched when it was answered. A staff
+    correction of a follow-up is remembered and trained under it: "does it cover the battery?" on its
+    own would be the warranty's answer to any battery question."""
+    earlier = store.messages_before(question.conversation_id, question.id, EARLIER)
+    return search_text(question.text, earlier, question.created_at)

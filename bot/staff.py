@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from bot.envelope import Outbound, clean_text
 from bot.metrics import METRICS
+from bot.query import searched_for
 from bot.service_base import ServiceBase
 from knowledge.models import Correction, Message
 from learning.secrets_scan import secret_kinds
@@ -172,7 +173,7 @@ class StaffActions(ServiceBase):
         if answer.reply_to_id is None:
             return ""
         q = self.store.message(answer.reply_to_id)
-        return q.text if q is not None else ""
+        return searched_for(self.store, q) if q is not None else ""  # a follow-up with its question
 
     async def staff_feedback(self, message_id: int, kind: str, staff: str, reason: str = "") -> bool:
         """Approve (a good example for training) or flag (needs review) an answer."""

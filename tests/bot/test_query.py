@@ -101,6 +101,11 @@ async def test_a_follow_up_gets_the_page_of_the_question_it_follows(
     # the stored question and what staff read are the customer's own words
     answer = store.message(second.message_id)
     assert store.message(answer.reply_to_id).text == "does it cover the battery?"
+    # a correction of the follow-up is remembered (and trained) under the question it follows
+    result = await service.correct(second.message_id, "Yes, for 2 years.", staff="u1", request_key="k1")
+    assert store.correction(result.correction.id).question == (
+        "How long is the warranty?\ndoes it cover the battery?"
+    )
     store.close()
 
 
