@@ -16,7 +16,7 @@ Two things a customer writes that the documents do not:
 
 A message that names what it asks about is searched alone even right after another question ("and
 the Ridgeline?" after "How much is the Metro 3?"): searched together, the earlier question's page
-wins (docs/answers.md, "Follow-ups"). The stored message, the staff card and the model's prompt keep
+wins (docs/answers.md, "What is searched"). The stored message, the staff card and the model's prompt keep
 the customer's own words; the search, the model's reading of the passages, the extract's choice of
 sentences and a staff correction's question (`searched_for`) use this text.
 """
