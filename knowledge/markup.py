@@ -337,7 +337,8 @@ def tables_as_lists(text: str) -> str:
             i += 2
             while i < len(lines) and _TABLE_ROW.match(lines[i]):
                 cells = _cells(lines[i])
-                named = [f"{h}: {c}" if h else c for h, c in zip(header, cells, strict=False) if c]
+                names = header + [""] * (len(cells) - len(header))  # a cell past the header keeps its text
+                named = [f"{h}: {c}" if h else c for h, c in zip(names, cells, strict=False) if c]
                 if named:
                     out.append("- " + "; ".join(named).replace("\\|", "|"))
                 i += 1

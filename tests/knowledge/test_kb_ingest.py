@@ -102,6 +102,7 @@ Both stores rent bikes by the day.
 |:-----|--------:|---------:|
 | Metro 3 | $45 | $180 |
 | Tempo \\| Road | $65 | |
+| Ridgeline | $75 | $300 | helmet included |
 
 | not | a table: no rule under its first row |
 """
@@ -121,6 +122,9 @@ def test_a_table_becomes_one_list_item_a_row_naming_its_columns(tmp_path: Path) 
         assert "- Bike: Metro 3; Per day: $45; Per week: $180" in text, name
         assert "- Bike: Tempo | Road; Per day: $65\n" in text + "\n", name  # an empty cell is left out
         assert "---" not in text and "Both stores rent bikes by the day." in text
+    # a cell past the header's columns keeps its text
+    text = load_document(tmp_path / "rentals.md", "r").text
+    assert "- Bike: Ridgeline; Per day: $75; Per week: $300; helmet included" in text
     no_rule = "| not | a table: no rule under its first row |"
     assert no_rule in load_document(tmp_path / "rentals.md", "r").text
     assert "A one-row layout table stays text" in load_document(tmp_path / "rentals.html", "r").text
