@@ -22,7 +22,7 @@ from bot.envelope import Answer, Inbound, Outbound, clean_text
 from bot.guard import BLOCKED, Verdict
 from bot.metrics import METRICS
 from bot.notices import EMPTY, CustomerFeedback
-from bot.query import EARLIER, search_text
+from bot.query import searched_for
 from bot.ratelimit import CUSTOMER_WINDOW_S
 from bot.ratelimit import verdict as rate_verdict
 from bot.staff import StaffActions
@@ -185,7 +185,7 @@ class ConversationService(StaffActions, CustomerFeedback):
     ) -> Answer | None:
         started = time.perf_counter()
         # courtesies out, a follow-up after the question it follows (bot/query.py)
-        query = await asyncio.to_thread(self._search_text, conv.id, question_id, text)
+        query = await asyncio.to_thread(searched_for, self.store, conv.id, question_id, text, utcnow())
         retrieval = await asyncio.to_thread(  # corrections scoped to another conversation stay out
             self.kb.retrieve, query, self.settings.top_k, self.settings.memory_threshold, conv.id
         )
@@ -295,10 +295,6 @@ class ConversationService(StaffActions, CustomerFeedback):
         # corrections written for this customer hold their own details
         own += self.store.correction_texts(conv.id)
         return self.guard.check(reply, own, passages, conv.customer_id)
-
-    def _search_text(self, conversation_id: int, question_id: int, text: str) -> str:
-        earlier = self.store.messages_before(conversation_id, question_id, EARLIER)
-        return search_text(text, earlier, utcnow())
 
     def _history(self, conversation_id: int, question_id: int) -> list[tuple[str, str]]:
         turns = self.settings.history_turns

@@ -93,9 +93,10 @@ def search_text(text: str, earlier: Sequence[Message], now: dt.datetime) -> str:
     return query
 
 
-def searched_for(store: Store, question: Message) -> str:
-    """The search for a stored customer message, as it was searched when it was answered. A staff
-    correction of a follow-up is remembered and trained under it: "does it cover the battery?" on its
-    own would be the warranty's answer to any battery question."""
-    earlier = store.messages_before(question.conversation_id, question.id, EARLIER)
-    return search_text(question.text, earlier, question.created_at)
+def searched_for(store: Store, conversation_id: int, question_id: int, text: str, when: dt.datetime) -> str:
+    """The search for customer message `text` (stored as `question_id`, written at `when`), given
+    what the conversation said before it. A staff correction of a follow-up is remembered and trained
+    under it too: "does it cover the battery?" on its own would be the warranty's answer to any
+    battery question."""
+    earlier = store.messages_before(conversation_id, question_id, EARLIER)
+    return search_text(text, earlier, when)

@@ -119,8 +119,8 @@ class StaffActions(ServiceBase):
             status=status,
         )
         scope = corr.conversation_id if personal else None
-        result = CorrectionResult(corr, created, personal=personal, scoped=bool(personal))
-        result.review = review if corr.status == "pending" else ""
+        held = review if corr.status == "pending" else ""
+        result = CorrectionResult(corr, created, personal=personal, scoped=bool(personal), review=held)
         if corr.remember and question and self._memory_may_use(corr) and (scope is not None or not personal):
             # idempotent (an upsert): a retry after a crash between storing and remembering completes it
             await asyncio.to_thread(self.kb.remember, corr.id, question, corr.corrected, scope)
@@ -173,7 +173,10 @@ class StaffActions(ServiceBase):
         if answer.reply_to_id is None:
             return ""
         q = self.store.message(answer.reply_to_id)
-        return searched_for(self.store, q) if q is not None else ""  # a follow-up with its question
+        if q is None:
+            return ""
+        # a follow-up with the question it follows, as it was searched
+        return searched_for(self.store, q.conversation_id, q.id, q.text, q.created_at)
 
     async def staff_feedback(self, message_id: int, kind: str, staff: str, reason: str = "") -> bool:
         """Approve (a good example for training) or flag (needs review) an answer."""
