@@ -22,7 +22,7 @@ from bot.envelope import Answer, Inbound, Outbound, clean_text
 from bot.guard import BLOCKED, Verdict
 from bot.metrics import METRICS
 from bot.notices import EMPTY, CustomerFeedback
-from bot.query import searched_for
+from bot.query import EARLIER, same_text, says_again, searched_for, without_courtesies
 from bot.ratelimit import CUSTOMER_WINDOW_S
 from bot.ratelimit import verdict as rate_verdict
 from bot.staff import StaffActions
@@ -233,6 +233,20 @@ class ConversationService(StaffActions, CustomerFeedback):
                 except (GenerationTimeout, Exception) as exc:  # the customer gets an apology, staff a flag
                     log.warning("generation failed for conversation %s: %s", conv.id, type(exc).__name__)
                     reply, status, flagged = await self._say("apology", inbound, text), "error", True
+        # an extract the customer was just sent, again: only what this message asks about (bot/query.py;
+        # a model that writes has the conversation's last turns in its prompt)
+        again = grounding == "extract" and await asyncio.to_thread(
+            self._says_again, conv.id, question_id, text, reply
+        )
+        if again:
+            # the message's own words pick the units, not the search it was joined into
+            narrow = await asyncio.to_thread(cite, without_courtesies(text), retrieval.passages[0], True)
+            if not same_text(narrow, reply):
+                reply, grounding = narrow, "pinpoint"
+            else:  # nothing narrower to send: the same text twice answers nothing, staff do
+                log.info("conversation %s: the answer repeats the last one; handed to staff", conv.id)
+                reply, status, flagged = await self._unsure(inbound, text), "unsure", True
+                grounding = "repeat"
         if status == "ok":
             # a leak attempt is blocked and shown to staff even when grounding would have dropped it
             checked = reply if generated in ("", reply) else f"{generated}\n\n{reply}"
@@ -276,6 +290,10 @@ class ConversationService(StaffActions, CustomerFeedback):
             log.warning("passages left in retrieval order: %s", type(exc).__name__)
             return retrieval
         return dataclasses.replace(retrieval, passages=passages)
+
+    def _says_again(self, conversation_id: int, question_id: int, text: str, reply: str) -> bool:
+        earlier = self.store.messages_before(conversation_id, question_id, EARLIER)
+        return says_again(reply, text, earlier, utcnow())
 
     def _ground(
         self, question: str, reply: str, passages: list[Passage], cut: bool, lessons: list[Passage]

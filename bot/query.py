@@ -93,6 +93,33 @@ def search_text(text: str, earlier: Sequence[Message], now: dt.datetime) -> str:
     return query
 
 
+def same_text(a: str, b: str) -> bool:
+    """The same words in the same order, whatever the spacing and line breaks."""
+    return a.split() == b.split()
+
+
+def says_again(reply: str, text: str, earlier: Sequence[Message], now: dt.datetime) -> bool:
+    """Whether `reply`, the documents' answer to customer message `text`, is word for word an answer
+    the bot sent to another question (among `earlier`, oldest first, within FOLLOW_UP_WITHIN).
+
+    Then the customer already has it: "what sizes does it come in?" after "How much is the Metro 3?"
+    is searched with that question and finds the same short page, which was sent whole. The
+    conversation sends only the part of that page the message asks about instead
+    (`learning.answer.pinpoint`), or hands the message to staff when there is no smaller part. The
+    same question asked again gets its answer again (a customer who lost it; the third time hands
+    off, bot/handoff.py).
+    """
+    asked = {m.id: m.text for m in earlier if m.role == "customer"}
+    return any(
+        m.role == "bot"
+        and m.status == "ok"
+        and now - m.created_at <= FOLLOW_UP_WITHIN
+        and same_text(m.text, reply)
+        and question_key(asked.get(m.reply_to_id or 0, "")) != question_key(text)
+        for m in earlier
+    )
+
+
 def searched_for(store: Store, conversation_id: int, question_id: int, text: str, when: dt.datetime) -> str:
     """The search for customer message `text` (stored as `question_id`, written at `when`), given
     what the conversation said before it. A staff correction of a follow-up is remembered and trained

@@ -44,6 +44,8 @@ FOCUS_CHARS = 700
 # with the sentences after it up to EXTRACT_CHARS (a whole short section is sent whole).
 EXTRACT_WINDOW = 4
 EXTRACT_CHARS = 800
+# A follow-up answered from the page the customer was just sent gets only its closest units.
+PINPOINT_UNITS = 2
 # A reply sentence is supported when its best MiniLM cosine to a passage sentence reaches SUPPORT,
 # at least COVERAGE of its content words (BM25's tokens) occur in the passages, and at least
 # PHRASES of its pairs of consecutive content words do too, and every number in it occurs in the
@@ -268,11 +270,25 @@ def _complete(unit: _Unit) -> bool:
     return not truncated(unit.text) or (unit.line_start and bool(_LIST_ITEM.match(unit.text)))
 
 
-def cite(question: str, passage: Passage) -> str:
-    """The extract of the best passage, with the document's title (and its link) underneath."""
+def pinpoint(question: str, passage: Passage, n: int = PINPOINT_UNITS) -> str:
+    """The `n` sentences or list items of `passage` closest to `question` (MiniLM cosine), in the
+    document's order: the narrow answer to a follow-up whose page the customer was just sent."""
+    units = _passage_units(passage.text)
+    if len(units) > n:
+        sims = cosines([question], [u.text for u in units])[0]
+        best = sorted(sorted(range(len(units)), key=lambda k: -sims[k])[:n])
+        # units from different places of the page each start a line
+        units = [units[k] if k - 1 in best else replace(units[k], line_start=True) for k in best]
+    return _join(units)
+
+
+def cite(question: str, passage: Passage, narrow: bool = False) -> str:
+    """The extract of the best passage (`pinpoint`ed when `narrow`), with the document's title (and
+    its link) underneath."""
     title = passage.title.strip() or "our documentation"
     link = passage.source if passage.source.startswith(("http://", "https://")) else ""
-    return f"{extract(question, passage)}\n\n(From: {title}{f', {link}' if link else ''})"
+    text = pinpoint(question, passage) if narrow else extract(question, passage)
+    return f"{text}\n\n(From: {title}{f', {link}' if link else ''})"
 
 
 def supported(

@@ -10,7 +10,7 @@ from scripted import ScriptedModel
 
 from bot.conversation import ConversationService
 from bot.envelope import Inbound
-from bot.query import FOLLOW_UP_WITHIN, follows_up, search_text, without_courtesies
+from bot.query import FOLLOW_UP_WITHIN, follows_up, says_again, search_text, without_courtesies
 from knowledge.models import Message
 from knowledge.retrieve import KnowledgeBase
 from knowledge.settings import Settings
@@ -57,8 +57,9 @@ def test_a_follow_up_is_short_and_points_back(message: str, expected: bool) -> N
     assert follows_up(message) is expected
 
 
-def said(text: str, minutes_ago: float, role: str = "customer", status: str = "ok") -> Message:
-    return Message(role=role, text=text, status=status, created_at=NOW - dt.timedelta(minutes=minutes_ago))
+def said(text: str, minutes_ago: float, role: str = "customer", status: str = "ok", **fields: int) -> Message:
+    created = NOW - dt.timedelta(minutes=minutes_ago)
+    return Message(role=role, text=text, status=status, created_at=created, **fields)
 
 
 def test_a_follow_up_is_searched_after_the_question_it_follows() -> None:
@@ -120,4 +121,67 @@ async def test_courtesies_around_a_question_do_not_move_the_answer(
     service = ConversationService(settings, store, demo_kb, ScriptedModel())
     [out] = await service.handle(msg(message, "m1"))
     assert out.text.endswith("(From: Store locations)")
+    store.close()
+
+
+def test_an_answer_said_again_is_the_last_answer_word_for_word_to_another_question() -> None:
+    page = "Gift cards come in any amount.\n- They never expire."
+    earlier = [
+        said("Do you sell gift cards?", 3, id=1),
+        said(page, 2.9, role="bot", id=2, reply_to_id=1),
+    ]
+    assert says_again(
+        "Gift cards come in any amount. - They never expire.".replace(". -", ".\n-"),
+        "do they expire?",
+        earlier,
+        NOW,
+    )
+    assert says_again(
+        "Gift cards come  in any amount.\n- They never expire.", "do they expire?", earlier, NOW
+    )
+    # another text, the same question asked again (the customer lost the answer), or long after: no
+    assert not says_again("- They never expire.", "do they expire?", earlier, NOW)
+    assert not says_again(page, "Do you sell gift cards??", earlier, NOW)
+    assert not says_again(page, "do they expire?", earlier, NOW + FOLLOW_UP_WITHIN + dt.timedelta(minutes=4))
+    # only an answer counts: a hand-off notice or an unsure reply is not "the page already sent"
+    unsure = [said("Do you sell gift cards?", 3, id=1), said(page, 2.9, role="bot", status="unsure", id=2)]
+    assert not says_again(page, "do they expire?", unsure, NOW)
+
+
+async def test_a_follow_up_on_the_page_just_sent_gets_only_the_part_it_asks_about(
+    tmp_path: Path, demo_kb: KnowledgeBase
+) -> None:
+    """The Metro 3's page is short and sent whole; searched with its question, "what sizes does it come
+    in?" finds that page again, and the customer would read it twice."""
+    settings = Settings(data_dir=tmp_path, answer_mode="extract")
+    store = Store(settings.database)
+    service = ConversationService(settings, store, demo_kb, ScriptedModel())
+    [first] = await service.handle(msg("How much is the Metro 3?", "m1"))
+    [second] = await service.handle(msg("what sizes does it come in?", "m2"))
+    assert "sizes S, M and L" in first.text and "$749" in first.text
+    assert "sizes S, M and L" in second.text and "$749" not in second.text
+    assert "sizes S, M and L\nA 4 mm" in second.text  # units from two places of the page, a line each
+    assert second.text.endswith("(From: Northwind Metro 3 city bike)")
+    assert len(second.text) < len(first.text) / 2
+    assert store.message(second.message_id).status == "ok"
+    # the same question again gets the same answer again (bot/handoff.py hands off the third time)
+    [again] = await service.handle(msg("what sizes does it come in?", "m3"))
+    assert again.text == second.text
+    store.close()
+
+
+async def test_a_follow_up_with_nothing_narrower_to_send_goes_to_staff(
+    tmp_path: Path, demo_kb: KnowledgeBase
+) -> None:
+    """ "do you sell gravel bikes?" finds the FAQ's used-bikes answer (two sentences); its follow-up
+    finds the same, and there is nothing narrower in it to send."""
+    settings = Settings(data_dir=tmp_path, answer_mode="extract")
+    store = Store(settings.database)
+    service = ConversationService(settings, store, demo_kb, ScriptedModel())
+    [first] = await service.handle(msg("do you sell gravel bikes?", "m1"))
+    assert "used bikes" in first.text
+    [second] = await service.handle(msg("what does it cost?", "m2"))
+    assert second.text != first.text and "colleague" in second.text
+    reply = store.message(second.message_id)
+    assert reply.status == "unsure" and reply.flagged
     store.close()

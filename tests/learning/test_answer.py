@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from knowledge.passages import Passage
-from learning.answer import cite, extract, finish, focus, ground, off_role, sentences, truncated
+from learning.answer import cite, extract, finish, focus, ground, off_role, pinpoint, sentences, truncated
 
 WARRANTY = Passage(
     text=(
@@ -100,6 +100,25 @@ def test_extract_sends_a_short_section_whole_and_ends_on_a_full_stop() -> None:
     assert extract("Can I pay with PayPal?", PAYMENTS) == PAYMENTS.text
     menu = Passage("Settings General Network Open Network Settings", "Network", "n.md", 0.5)
     assert extract("Where are the network settings?", menu).endswith("Network Settings.")
+
+
+def test_pinpoint_sends_the_units_closest_to_the_question_in_document_order() -> None:
+    """The whole WARRANTY is short enough to be an extract; a follow-up gets its two closest units."""
+    assert extract("How long is the frame warranty?", WARRANTY).startswith("All Northwind bikes")
+    assert pinpoint("how long until you answer my claim?", WARRANTY) == (
+        "To make a claim, email warranty@northwindbikes.example with your order number. "
+        "We answer within 3 business days."
+    )
+    # two list items stay list items, a line each, in the page's order
+    assert pinpoint("what about paint and frames?", WARRANTY) == (
+        "- Frames: lifetime warranty for the original owner.\n- Paint and decals: 1 year."
+    )
+    # a passage of no more units than asked for is sent as it is
+    assert pinpoint("do you take cash?", PAYMENTS, n=3) == PAYMENTS.text
+    narrow = cite("how long until you answer my claim?", WARRANTY, narrow=True)
+    assert narrow.startswith("To make a claim") and narrow.endswith(
+        "We answer within 3 business days.\n\n(From: Warranty)"
+    )
 
 
 def test_cite_names_the_document_and_its_link() -> None:
