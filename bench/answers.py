@@ -21,6 +21,12 @@ The failure shares, per answer unless said otherwise:
 - `abstained`: the bot said it is not sure (status `unsure`);
 - `fallback`: the model's reply was replaced by an extract of the best passage (grounded mode).
 
+A questions file without reference answers (every row without one: emanual's
+`customer_questions_ungrounded.jsonl`, shopper questions the manual mostly does not answer) is
+answered the same way and not scored: `score`, `reference_scores` and `ratio_vs_passage` are null,
+and the report says what the customers got (`abstained`: how often the bot said it is not sure and
+handed the question to staff, `statuses`, and the failure shares of what it sent).
+
 `--courteous` asks each question as customers write one, between an opening and a closing drawn
 (seeded) from OPENINGS and CLOSINGS: a greeting, a line that says nothing, thanks, a signature. The
 references are retrieved for that message too, as pasting would be.
@@ -127,7 +133,7 @@ def run_answers_bench(
 ) -> dict[str, Any]:
     """Answer, score and chart; write answers.jsonl, report.json and report.png; return the report."""
     opts = options or AnswersOptions()
-    rows = pick(load_questions(Path(questions_file)), opts.limit, opts.seed)
+    rows = pick(answer_questions(Path(questions_file)), opts.limit, opts.seed)
     if opts.courteous:
         rows = courteous(rows, opts.seed)
     out_dir = Path(out_dir)
@@ -135,6 +141,26 @@ def run_answers_bench(
     adapter = _adapter(settings, opts.adapter) if opts.adapter else None
     with tempfile.TemporaryDirectory(prefix="apprentice-answers-") as tmp:
         return asyncio.run(_run(settings, Path(tmp), Path(kb_dir), out_dir, opts, rows, adapter))
+
+
+def answer_questions(path: Path) -> list[dict[str, Any]]:
+    """The benchmark's questions: every one with its reference answer (scored), or none with one.
+
+    A set without references is what customers ask that the documents mostly do not answer (emanual's
+    `customer_questions_ungrounded.jsonl`, real shopper questions): nothing is scored, and the report
+    says what the customers got instead (how often the bot said it is not sure, and the failure
+    shares of what it sent).
+    """
+    rows = load_questions(path, ("id", "question"))
+    missing = sum(not str(r.get("answer", "")).strip() for r in rows)
+    if missing == len(rows):
+        return rows
+    if missing:
+        raise ValueError(
+            f"{path}: {missing} of {len(rows)} questions have no answer; give every question its "
+            "reference answer, or none (then nothing is scored)."
+        )
+    return load_questions(path)
 
 
 def _adapter(settings: Settings, version: str) -> tuple[str, str]:
@@ -189,17 +215,23 @@ async def _run(
         await asyncio.to_thread(kb.close)
         await asyncio.to_thread(store.close)
 
-    refs = [str(r["answer"]) for r in rows]
     texts = [a.text if a is not None else "" for a in answers]
-    passage_refs = [p[0].text[:PASSAGE_CHARS] if p else "" for p in retrievals]
-    extract_refs = await asyncio.to_thread(
-        lambda: [
-            reference_extract(r["question"], p[0]) if p else "" for r, p in zip(rows, retrievals, strict=True)
-        ]
-    )
-    scores = await asyncio.to_thread(score_pairs, texts, refs)
-    passage_scores = await asyncio.to_thread(score_pairs, passage_refs, refs)
-    extract_scores = await asyncio.to_thread(score_pairs, extract_refs, refs)
+    scored = "answer" in rows[0]  # every row has its reference answer, or none has (answer_questions)
+    scores: list[dict[str, float | None]]
+    if scored:
+        refs = [str(r["answer"]) for r in rows]
+        passage_refs = [p[0].text[:PASSAGE_CHARS] if p else "" for p in retrievals]
+        extract_refs = await asyncio.to_thread(
+            lambda: [
+                reference_extract(r["question"], p[0]) if p else ""
+                for r, p in zip(rows, retrievals, strict=True)
+            ]
+        )
+        scores = [dict(x) for x in await asyncio.to_thread(score_pairs, texts, refs)]
+        passage_scores = await asyncio.to_thread(score_pairs, passage_refs, refs)
+        extract_scores = await asyncio.to_thread(score_pairs, extract_refs, refs)
+    else:
+        scores = [{"score": None, "f1": None, "cosine": None} for _ in rows]
     support = await asyncio.to_thread(
         lambda: [
             unsupported_sentences(t, p) if a is not None and a.status == "ok" else (0, 0)
@@ -209,19 +241,22 @@ async def _run(
     statuses = Counter(a.status if a is not None else "none" for a in answers)
     n = len(rows)
 
-    def mean(values: Sequence[float]) -> float:
-        return round(sum(values) / len(values), 4) if values else 0.0
+    def mean(values: Sequence[float | None]) -> float | None:
+        if not scored:
+            return None
+        numbers = [v for v in values if v is not None]
+        return round(sum(numbers) / len(numbers), 4) if numbers else 0.0
 
     def share(flags: Sequence[bool]) -> float:
         return round(sum(flags) / len(flags), 4) if flags else 0.0
 
     bot = mean([s["score"] for s in scores])
-    passage = mean([s["score"] for s in passage_scores])
+    passage = mean([s["score"] for s in passage_scores]) if scored else None
     ok = [a is not None and a.status == "ok" for a in answers]
     records = []
     for r, a, t, s, p, (uns, tot) in zip(rows, answers, texts, scores, retrievals, support, strict=True):
         records.append({
-            "id": r["id"], "question": r["question"], "reference": r["answer"], "answer": t,
+            "id": r["id"], "question": r["question"], "reference": r.get("answer"), "answer": t,
             "status": a.status if a is not None else "none",
             "grounding": a.grounding if a is not None else "",
             "sources": [{"title": x.title, "text": x.text, "score": round(x.score, 4)} for x in p],
@@ -241,8 +276,10 @@ async def _run(
         "score": bot,
         "f1": mean([s["f1"] for s in scores]),
         "cosine": mean([s["cosine"] for s in scores]),
-        "reference_scores": {"passage": passage, "extract": mean([s["score"] for s in extract_scores])},
-        "ratio_vs_passage": round(bot / passage, 4) if passage else None,
+        "reference_scores": (
+            {"passage": passage, "extract": mean([s["score"] for s in extract_scores])} if scored else None
+        ),
+        "ratio_vs_passage": round(bot / passage, 4) if bot is not None and passage else None,
         "truncated": share([truncated(t) for t, good in zip(texts, ok, strict=True) if good]),
         "off_role": share([off_role(t) for t, good in zip(texts, ok, strict=True) if good]),
         "unsupported": round(sum(u for u, _ in support) / total_sentences, 4) if total_sentences else 0.0,
@@ -264,15 +301,22 @@ def _chart(report: dict[str, Any], path: Path) -> None:
     """Scores of the bot, the pasted passage and the extract; the failure shares beside them."""
     plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.6), dpi=100)
-    names = ["bot", "passage", "extract"]
-    values = [report["score"], report["reference_scores"]["passage"], report["reference_scores"]["extract"]]
-    left.bar(names, values, color=["#2f80ed", "#9aa5b1", "#c3cad3"])
+    if report["reference_scores"] is not None:
+        names = ["bot", "passage", "extract"]
+        refs = report["reference_scores"]
+        values = [report["score"], refs["passage"], refs["extract"]]
+        left.set_ylabel("score (F1 + cosine) / 2")
+        title = f"{report['questions']} questions, ratio vs passage {report['ratio_vs_passage']}"
+    else:  # no reference answers: what the customers got
+        names = sorted(report["statuses"])
+        values = [report["statuses"][k] / report["questions"] for k in names]
+        left.set_ylabel("share of questions")
+        title = f"{report['questions']} questions without reference answers: status"
+    left.bar(names, values, color=["#2f80ed", "#9aa5b1", "#c3cad3", "#828282"][: len(names)])
     for x, v in enumerate(values):
         left.text(x, v + 0.01, f"{v:.3f}", ha="center", fontsize=8)
     left.set_ylim(0, 1)
-    left.set_ylabel("score (F1 + cosine) / 2")
-    ratio = report["ratio_vs_passage"]
-    left.set_title(f"{report['questions']} questions, ratio vs passage {ratio}", fontsize=9)
+    left.set_title(title, fontsize=9)
     shares = ["truncated", "off_role", "unsupported", "abstained", "fallback"]
     right.bar(shares, [report[s] for s in shares], color="#eb5757")
     for x, s in enumerate(shares):

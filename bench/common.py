@@ -32,15 +32,15 @@ QUESTION_FIELDS = ("id", "question", "answer", "group")
 # --- inputs -----------------------------------------------------------------------------------------
 
 
-def load_questions(path: Path) -> list[dict[str, Any]]:
-    """questions.jsonl rows in the bench format; each needs id, question, answer and group."""
+def load_questions(path: Path, fields: Sequence[str] = QUESTION_FIELDS) -> list[dict[str, Any]]:
+    """questions.jsonl rows in the bench format; each needs `fields` (id, question, answer, group)."""
     rows = []
     with Path(path).open(encoding="utf-8") as fh:
         for n, line in enumerate(fh, 1):
             if not line.strip():
                 continue
             row = json.loads(line)
-            missing = [k for k in QUESTION_FIELDS if not str(row.get(k, "")).strip()]
+            missing = [k for k in fields if not str(row.get(k, "")).strip()]
             if missing:
                 raise ValueError(f"{path}:{n}: missing {', '.join(missing)}; see ../shared/bench/README.md.")
             rows.append(row)

@@ -224,16 +224,48 @@ def test_answers_bench_writes_the_report(
     assert (out / "report.png").read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow
+def test_answers_bench_without_reference_answers_reports_what_the_customers_got(
+    emanual_slice: tuple[Path, Path], tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """Questions the documents mostly do not answer come without references: nothing is scored."""
+    kb, questions = emanual_slice
+    bare = tmp_path / "bare.jsonl"
+    rows = [json.loads(x) for x in questions.read_text().splitlines()]
+    bare.write_text("".join(json.dumps({"id": r["id"], "question": r["question"]}) + "\n" for r in rows))
+    out = tmp_path / "out"
+    settings = _settings(tmp_path, tiny_model_dir).model_copy(update={"answer_mode": "extract"})
+    report = run_answers_bench(settings, kb, bare, out, AnswersOptions(limit=3))
+    assert report["questions"] == 3 and sum(report["statuses"].values()) == 3
+    assert (
+        report["score"] is None and report["reference_scores"] is None and report["ratio_vs_passage"] is None
+    )
+    assert 0.0 <= report["abstained"] <= 1.0 and report["words_p50"] > 0
+    lines = [json.loads(x) for x in (out / "answers.jsonl").read_text().splitlines()]
+    assert [line["reference"] for line in lines] == [None] * 3 and all(line["answer"] for line in lines)
+    assert (out / "report.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_answers_bench_says_what_is_wrong_with_its_input(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from bot.cli import main
 
     questions = tmp_path / "questions.jsonl"
-    questions.write_text('{"id": "q1", "question": "Where?"}\n')
+    questions.write_text('{"id": "q1", "question": "Where?", "answer": "Here."}\n')
     out = str(tmp_path / "out")
     args = ["bench", "answers", "--kb", str(tmp_path), "--questions", str(questions), "--out", out]
     assert main(args) == 2
-    assert "missing answer, group" in capsys.readouterr().err
+    assert "missing group" in capsys.readouterr().err
+    # every question has its reference answer, or none has one (then nothing is scored)
+    questions.write_text(
+        '{"id": "q1", "question": "Where?", "answer": "Here.", "group": "g"}\n'
+        '{"id": "q2", "question": "When?"}\n'
+    )
+    assert main(args) == 2
+    assert "1 of 2 questions have no answer" in capsys.readouterr().err
+    questions.write_text('{"id": "q1", "answer": "Here."}\n')
+    assert main(args) == 2
+    assert "missing question" in capsys.readouterr().err
     assert main([*args[:2], "--kb", str(tmp_path / "nowhere"), *args[4:]]) == 2
     assert "--kb takes a folder" in capsys.readouterr().err
