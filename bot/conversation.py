@@ -186,6 +186,8 @@ class ConversationService(StaffActions, CustomerFeedback):
         started = time.perf_counter()
         # courtesies out, a follow-up after the question it follows (bot/query.py)
         query = await asyncio.to_thread(searched_for, self.store, conv.id, question_id, text, utcnow())
+        if query != text:  # the datasets train the message under what it was searched as
+            await asyncio.to_thread(self.store.update_message, question_id, search_text=query)
         retrieval = await asyncio.to_thread(  # corrections scoped to another conversation stay out
             self.kb.retrieve, query, self.settings.top_k, self.settings.memory_threshold, conv.id
         )

@@ -18,7 +18,8 @@ A message that names what it asks about is searched alone even right after anoth
 the Ridgeline?" after "How much is the Metro 3?"): searched together, the earlier question's page
 wins (docs/answers.md, "What is searched"). The stored message, the staff card and the model's prompt keep
 the customer's own words; the search, the model's reading of the passages, the extract's choice of
-sentences and a staff correction's question (`searched_for`) use this text.
+sentences and a staff correction's question (`searched_for`) use this text, and it is stored beside
+the message (`Message.search_text`) where it differs, for the nightly datasets.
 """
 
 from __future__ import annotations

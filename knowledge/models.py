@@ -65,6 +65,9 @@ class Message(Base):
     # Customer messages: the channel's id of the person who sent it (Telegram from_user.id); in a
     # group chat that is not always the conversation's customer. NULL for replies and old rows.
     sender_id: Mapped[str | None] = mapped_column(String(128), nullable=True, index=True)
+    # Customer messages: what it was searched as (bot/query.py) where that is not `text`, e.g. a
+    # follow-up after the question it follows; the datasets train it under this. NULL otherwise.
+    search_text: Mapped[str | None] = mapped_column(Text, nullable=True)
     sources: Mapped[list[Any]] = mapped_column(JSON, default=list)
     model: Mapped[str | None] = mapped_column(String(256), nullable=True)
     adapter_version: Mapped[str | None] = mapped_column(String(64), nullable=True)

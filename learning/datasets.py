@@ -102,6 +102,14 @@ def known_names(store: Store) -> dict[int, list[str]]:
     return {cid: values for cid, values in known.items() if values}
 
 
+def _asked(question: Message) -> str:
+    """A customer message as it was searched (a follow-up after the question it follows, without
+    courtesies: bot/query.py, `Message.search_text`), else as written. A staff correction's question
+    is stored that way already; on its own, "do they expire?" would teach the gift cards' answer to
+    any question about expiry."""
+    return question.search_text or question.text
+
+
 def _history(store: Store, question: Message | None, turns: int) -> list[tuple[str, str]]:
     """The earlier turns serving put into the prompt, by the same rule (`learning.prompt.prompt_turns`)."""
     if question is None:
@@ -172,10 +180,10 @@ def collect_lessons(store: Store, history_turns: int = 2) -> tuple[list[Lesson],
             lesson = by_correction[cid]
             if (
                 q is not None
-                and normalized(q.text) != normalized(lesson.question)
-                and q.text not in lesson.paraphrases
+                and normalized(_asked(q)) != normalized(lesson.question)
+                and _asked(q) not in lesson.paraphrases
             ):
-                lesson.paraphrases.append(q.text)
+                lesson.paraphrases.append(_asked(q))
                 lesson.sources.add(m.conversation_id)
     return lessons, excluded
 
@@ -202,7 +210,7 @@ def _reply_lesson(store: Store, kind: str, reply: Message, question: Message, tu
     return Lesson(
         kind=kind,
         ids=[f"message:{reply.id}"],
-        question=question.text,
+        question=_asked(question),
         answer=reply.text,
         history=_history(store, question, turns),
         conversation_id=reply.conversation_id,

@@ -113,6 +113,10 @@ class ErasureQueries(StoreBase):
         counts = ErasureCounts()
         now = utcnow()
         with self.session() as s:
+            # a search text may quote an earlier message of its conversation (bot/query.py: a group
+            # chat's follow-up joins another member's question), so it goes in the whole conversation
+            touched = select(Message.conversation_id).where(Message.id.in_(msg_ids))
+            s.execute(update(Message).where(Message.conversation_id.in_(touched)).values(search_text=None))
             s.execute(
                 update(Message).where(Message.id.in_(msg_ids)).values(text="", sources=[], external_id=None)
             )

@@ -99,9 +99,13 @@ async def test_a_follow_up_gets_the_page_of_the_question_it_follows(
     [second] = await service.handle(msg("does it cover the battery?", "m2"))
     assert first.text.endswith("(From: Warranty)") and second.text.endswith("(From: Warranty)")
     assert "battery" in second.text.lower()
-    # the stored question and what staff read are the customer's own words
+    # the stored question and what staff read are the customer's own words; the datasets read the
+    # search beside it, and a message searched as written has none
     answer = store.message(second.message_id)
-    assert store.message(answer.reply_to_id).text == "does it cover the battery?"
+    asked = store.message(answer.reply_to_id)
+    assert asked.text == "does it cover the battery?"
+    assert asked.search_text == "How long is the warranty?\ndoes it cover the battery?"
+    assert store.message(store.message(first.message_id).reply_to_id).search_text is None
     # a correction of the follow-up is remembered (and trained) under the question it follows
     result = await service.correct(second.message_id, "Yes, for 2 years.", staff="u1", request_key="k1")
     assert store.correction(result.correction.id).question == (

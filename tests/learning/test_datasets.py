@@ -380,3 +380,40 @@ def test_the_customers_username_and_shared_phone_are_redacted_from_their_lessons
     text = everything(ds)
     assert "grace_h" not in text and "7946 0958" not in text
     assert "[NAME]" in text and "orders ship within 3 days" in text
+
+
+def test_a_follow_up_is_trained_under_what_it_was_searched_as(env: Any, tmp_path: Path) -> None:
+    """A later customer's "is that for a full refund?" that the correction memory answered, and an
+    approved answer to "and for batteries?", are trained as searched (bot/query.py): on their own
+    they would teach the answer to any refund or battery question."""
+    settings, store, kb = env
+    _, cid = teach(
+        store, kb, "v", "How do I return an item?", "You can't.", "Unused items: 30 days, full refund."
+    )
+    conv = store.conversation_for("terminal", "later", "cust-later")
+    store.add_message(conv.id, "customer", "Can I send a jacket back?")
+    searched = "Can I send a jacket back?\nis that for a full refund?"
+    q = store.add_message(conv.id, "customer", "is that for a full refund?", search_text=searched)
+    store.add_message(
+        conv.id, "bot", "Unused items: 30 days, full refund.", reply_to_id=q.id,
+        sources=[{"kind": "correction", "correction_id": cid, "title": "", "source": "", "score": 0.9}],
+    )  # fmt: skip
+    other = store.conversation_for("terminal", "approved", "cust-approved")
+    store.add_message(other.id, "customer", "How long is the frame warranty?")
+    follow = store.add_message(
+        other.id,
+        "customer",
+        "and for batteries?",
+        search_text="How long is the frame warranty?\nand for batteries?",
+    )
+    answer = store.add_message(other.id, "bot", "Batteries are covered for one year.", reply_to_id=follow.id)
+    store.add_feedback(answer.id, "approve", "staff")
+    ds = tmp_path / "ds"
+    opts = BuildOptions(heldout_fraction=0.0, views=("context", "paraphrase"))
+    build_datasets(settings, store, kb, ds, opts)
+    questions = [r["prompt"][-1]["content"] for r in read(ds, "sft.jsonl")]
+    assert any(searched in q for q in questions)
+    assert any("How long is the frame warranty?\nand for batteries?" in q for q in questions)
+    # never on its own: wherever the follow-up is, the question it follows is there too
+    pairs = {"is that for a full refund?": "jacket", "and for batteries?": "frame warranty?\nand for"}
+    assert all(before in q for q in questions for a, before in pairs.items() if a in q)

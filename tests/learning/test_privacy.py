@@ -102,6 +102,9 @@ async def test_forget_erases_a_customer_and_lists_the_adapters_trained_on_them(
     assert cli.main(["forget", "telegram:555", "--dry-run", "--json"]) == 0
     dry = json.loads(capsys.readouterr().out)
     assert dry["dry_run"] and store.customer(zed_conv.customer_id).erased_at is None  # nothing changed yet
+    with store.session() as s:  # "Hi, zed.zulu@… here. Do you ship …" was searched without its "Hi,"
+        searched = s.scalars(select(Message.search_text).where(Message.conversation_id == zed_conv.id)).all()
+    assert any(x and "zed.zulu@example.org" in x for x in searched)
     assert cli.main(["forget", "telegram:555", "--json", "--actor", "dpo@shop"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["customers"] == ["telegram:555"] and report["conversations"] == [zed_conv.id]
@@ -111,11 +114,12 @@ async def test_forget_erases_a_customer_and_lists_the_adapters_trained_on_them(
 
     with store.session() as s:
         texts = s.scalars(select(Message.text).where(Message.conversation_id == zed_conv.id)).all()
+        searched = s.scalars(select(Message.search_text).where(Message.conversation_id == zed_conv.id)).all()
         customer = s.get(Customer, zed_conv.customer_id)
         conv = s.get(Conversation, zed_conv.id)
         forget_entry = s.scalar(select(AuditEntry).where(AuditEntry.action == "forget"))
         audit_text = json.dumps([[e.before, e.after] for e in s.scalars(select(AuditEntry)).all()])
-    assert texts and set(texts) == {""}
+    assert texts and set(texts) == {""} and set(searched) == {None}
     assert customer.erased_at and customer.display_name == "" and customer.external_id.startswith("erased:")
     assert conv.chat_id.startswith("erased:")
     assert forget_entry.actor == "dpo@shop" and "Oslo" not in audit_text and "zed" not in audit_text.lower()
