@@ -76,7 +76,7 @@ def follows_up(text: str) -> bool:
 def search_text(text: str, earlier: Sequence[Message], now: dt.datetime) -> str:
     """The search for customer message `text`, given the conversation's messages before it (oldest
     first): without courtesies, and after the question it follows up (itself after the question it
-    followed up, once more at most)."""
+    followed up, once more at most; a question asked twice in a row counts once)."""
     query = without_courtesies(text)
     asked = [
         m for m in earlier
@@ -84,10 +84,16 @@ def search_text(text: str, earlier: Sequence[Message], now: dt.datetime) -> str:
     ]  # fmt: skip
     after = now
     for _ in range(2):
-        if not follows_up(query.split("\n")[0]) or not asked:
+        head = query.split("\n")[0]
+        if not follows_up(head) or not asked:
             break
         previous = asked.pop()
-        if after - previous.created_at > FOLLOW_UP_WITHIN:
+        while asked and question_key(previous.text) == question_key(head):
+            previous = asked.pop()  # the same message asked again is no step back
+        if (
+            question_key(previous.text) == question_key(head)
+            or after - previous.created_at > FOLLOW_UP_WITHIN
+        ):
             break
         query = f"{without_courtesies(previous.text)}\n{query}"
         after = previous.created_at

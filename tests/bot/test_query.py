@@ -79,6 +79,22 @@ def test_a_follow_up_is_searched_after_the_question_it_follows() -> None:
     assert search_text("How long is the warranty?", earlier, NOW) == "How long is the warranty?"
     late = NOW + FOLLOW_UP_WITHIN + dt.timedelta(minutes=6)
     assert search_text("can I use it online?", earlier, late) == "can I use it online?"
+    # a question asked twice in a row is one step back, not two
+    earlier = [
+        said("How much is the Metro 3?", 5),
+        said("$749.", 4.9, role="bot"),
+        said("what sizes does it come in?", 4),
+        said("S, M and L.", 3.9, role="bot"),
+        said("What sizes does it come in?", 3),
+        said("S, M and L.", 2.9, role="bot"),
+    ]
+    assert search_text("does it come in size L?", earlier, NOW) == (
+        "How much is the Metro 3?\nWhat sizes does it come in?\ndoes it come in size L?"
+    )
+    assert search_text("what sizes does it come in?", earlier, NOW) == (
+        "How much is the Metro 3?\nwhat sizes does it come in?"
+    )
+    assert search_text("what sizes does it come in?", earlier[2:], NOW) == "what sizes does it come in?"
     # with nothing asked before, a follow-up is searched as it is
     assert search_text("does it cover the battery?", [], NOW) == "does it cover the battery?"
 
