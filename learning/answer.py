@@ -65,6 +65,8 @@ MIN_ANSWER_CHARS = 24
 EVIDENCE = 0.5
 
 
+# a table row as knowledge.markup.tables_as_lists writes it: its first column's name, then more
+_TABLE_ROW = re.compile(r"^[-*•]\s+([^:;\n]{1,60}): [^;\n]*;")
 _LIST_ITEM = re.compile(r"^\s*(?:[-*•]|\d{1,2}[.)])\s+")
 _SENTENCE_END = re.compile(r"(?<=[.!?])[\"')\]]*\s+(?=[\"'(\[]?[A-Z0-9])")
 _ENDS_WELL = re.compile(r"[.!?][\"')\]]*$")
@@ -270,13 +272,38 @@ def _complete(unit: _Unit) -> bool:
     return not truncated(unit.text) or (unit.line_start and bool(_LIST_ITEM.match(unit.text)))
 
 
+def _rows(units: Sequence[_Unit], k: int) -> list[int]:
+    """The rows of the table unit `k` is a row of (`knowledge.markup.tables_as_lists`: consecutive
+    list items naming the same first column, "- Bike: …; Per day: …"), or just `k`."""
+    label = _TABLE_ROW.match(units[k].text)
+    if label is None:
+        return [k]
+
+    def same(i: int) -> bool:
+        m = _TABLE_ROW.match(units[i].text)
+        return m is not None and m.group(1) == label.group(1)
+
+    first, last = k, k
+    while first > 0 and same(first - 1):
+        first -= 1
+    while last + 1 < len(units) and same(last + 1):
+        last += 1
+    return list(range(first, last + 1))
+
+
 def pinpoint(question: str, passage: Passage, n: int = PINPOINT_UNITS) -> str:
     """The `n` sentences or list items of `passage` closest to `question` (MiniLM cosine), in the
-    document's order: the narrow answer to a follow-up whose page the customer was just sent."""
+    document's order: the narrow answer to a follow-up whose page the customer was just sent.
+
+    A table's row brings the table's other rows (within EXTRACT_CHARS): "how much per day?" on the
+    rentals page matched two bikes' rows best, and the customer would read that two bikes rent."""
     units = _passage_units(passage.text)
     if len(units) > n:
         sims = cosines([question], [u.text for u in units])[0]
         best = sorted(sorted(range(len(units)), key=lambda k: -sims[k])[:n])
+        whole = sorted({i for k in best for i in _rows(units, k)})
+        if len(_join([units[k] for k in whole])) <= EXTRACT_CHARS:
+            best = whole
         # units from different places of the page each start a line
         units = [units[k] if k - 1 in best else replace(units[k], line_start=True) for k in best]
     return _join(units)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from knowledge.markup import tables_as_lists
 from knowledge.passages import Passage
 from learning.answer import cite, extract, finish, focus, ground, off_role, pinpoint, sentences, truncated
 
@@ -119,6 +120,24 @@ def test_pinpoint_sends_the_units_closest_to_the_question_in_document_order() ->
     assert narrow.startswith("To make a claim") and narrow.endswith(
         "We answer within 3 business days.\n\n(From: Warranty)"
     )
+
+
+def test_a_tables_row_brings_the_tables_other_rows() -> None:
+    """Two rows of four would tell the customer that two bikes rent."""
+    rentals = Passage(
+        text=tables_as_lists(
+            "Both stores rent bikes by the day.\n\n| Bike | Per day |\n| --- | --- |\n| Metro 3 | $45 |\n"
+            "| Tempo | $65 |\n| Ridgeline | $75 |\n\nWe take a $300 deposit on a credit card. "
+            "Riders must be 16 or older. Book online up to 60 days ahead."
+        ),
+        title="Bike rentals",
+        source="rentals.md",
+        score=0.6,
+    )
+    rows = "- Bike: Metro 3; Per day: $45\n- Bike: Tempo; Per day: $65\n- Bike: Ridgeline; Per day: $75"
+    assert rows in pinpoint("how much is it per day?", rentals)
+    deposit = pinpoint("how much is the deposit, and how old must riders be?", rentals)
+    assert "$300 deposit" in deposit and "Bike:" not in deposit
 
 
 def test_cite_names_the_document_and_its_link() -> None:
