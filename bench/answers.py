@@ -216,7 +216,8 @@ async def _run(
         await asyncio.to_thread(store.close)
 
     texts = [a.text if a is not None else "" for a in answers]
-    scored = "answer" in rows[0]  # every row has its reference answer, or none has (answer_questions)
+    # every row has its reference answer, or none has (answer_questions)
+    scored = bool(str(rows[0].get("answer", "")).strip())
     scores: list[dict[str, float | None]]
     if scored:
         refs = [str(r["answer"]) for r in rows]
