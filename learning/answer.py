@@ -300,13 +300,18 @@ def pinpoint(question: str, passage: Passage, n: int = PINPOINT_UNITS) -> str:
     units = _passage_units(passage.text)
     if len(units) > n:
         sims = cosines([question], [u.text for u in units])[0]
-        best = sorted(sorted(range(len(units)), key=lambda k: -sims[k])[:n])
+        # as in `extract`: not the tail of a sentence the chunk overlap cut, nor one the chunk cut
+        whole_units = [
+            k for k, u in enumerate(units) if _complete(u) and not (k == 0 and u.text[:1].islower())
+        ]
+        best = sorted(sorted(whole_units or range(len(units)), key=lambda k: -sims[k])[:n])
         whole = sorted({i for k in best for i in _rows(units, k)})
         if len(_join([units[k] for k in whole])) <= EXTRACT_CHARS:
             best = whole
         # units from different places of the page each start a line
         units = [units[k] if k - 1 in best else replace(units[k], line_start=True) for k in best]
-    return _join(units)
+    text = _join(units).rstrip(" :;,")
+    return text + "." if text and truncated(text) else text  # as `extract` ends
 
 
 def cite(question: str, passage: Passage, narrow: bool = False) -> str:

@@ -122,6 +122,19 @@ def test_pinpoint_sends_the_units_closest_to_the_question_in_document_order() ->
     )
 
 
+def test_pinpoint_skips_the_sentences_a_chunk_cut() -> None:
+    """A chunk starts and ends anywhere: the tail of a sentence before it, one cut at its end."""
+    chunk = Passage(
+        text="claims about warranty repairs are answered by email. Warranty claims are answered within 3 "
+        "business days. Frames have a lifetime warranty. Claims about paint need photos of the",
+        title="Warranty",
+        source="warranty.md",
+        score=0.6,
+    )
+    text = pinpoint("how fast are warranty claims about paint answered?", chunk)
+    assert text == "Warranty claims are answered within 3 business days. Frames have a lifetime warranty."
+
+
 def test_a_tables_row_brings_the_tables_other_rows() -> None:
     """Two rows of four would tell the customer that two bikes rent."""
     rentals = Passage(
