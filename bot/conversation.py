@@ -22,7 +22,7 @@ from bot.envelope import Answer, Inbound, Outbound, clean_text
 from bot.guard import BLOCKED, Verdict
 from bot.metrics import METRICS
 from bot.notices import EMPTY, CustomerFeedback
-from bot.query import EARLIER, same_text, says_again, searched_for, without_courtesies
+from bot.query import EARLIER, same_text, says_again, search_text, without_courtesies
 from bot.ratelimit import CUSTOMER_WINDOW_S
 from bot.ratelimit import verdict as rate_verdict
 from bot.staff import StaffActions
@@ -184,8 +184,10 @@ class ConversationService(StaffActions, CustomerFeedback):
         self, conv: Conversation, question_id: int, text: str, inbound: Inbound | None = None
     ) -> Answer | None:
         started = time.perf_counter()
-        # courtesies out, a follow-up after the question it follows (bot/query.py)
-        query = await asyncio.to_thread(searched_for, self.store, conv.id, question_id, text, utcnow())
+        # courtesies out, a follow-up after the question it follows (bot/query.py); the same messages
+        # tell below whether the answer repeats one the bot sent
+        earlier = await asyncio.to_thread(self.store.messages_before, conv.id, question_id, EARLIER)
+        query = search_text(text, earlier, utcnow())
         if query != text:  # the datasets train the message under what it was searched as
             await asyncio.to_thread(self.store.update_message, question_id, search_text=query)
         retrieval = await asyncio.to_thread(  # corrections scoped to another conversation stay out
@@ -237,10 +239,7 @@ class ConversationService(StaffActions, CustomerFeedback):
                     reply, status, flagged = await self._say("apology", inbound, text), "error", True
         # an extract the customer was just sent, again: only what this message asks about (bot/query.py;
         # a model that writes has the conversation's last turns in its prompt)
-        again = grounding == "extract" and await asyncio.to_thread(
-            self._says_again, conv.id, question_id, text, reply
-        )
-        if again:
+        if grounding == "extract" and says_again(reply, text, earlier, utcnow()):
             # the message's own words pick the units, not the search it was joined into
             narrow = await asyncio.to_thread(cite, without_courtesies(text), retrieval.passages[0], True)
             if not same_text(narrow, reply):
@@ -292,10 +291,6 @@ class ConversationService(StaffActions, CustomerFeedback):
             log.warning("passages left in retrieval order: %s", type(exc).__name__)
             return retrieval
         return dataclasses.replace(retrieval, passages=passages)
-
-    def _says_again(self, conversation_id: int, question_id: int, text: str, reply: str) -> bool:
-        earlier = self.store.messages_before(conversation_id, question_id, EARLIER)
-        return says_again(reply, text, earlier, utcnow())
 
     def _ground(
         self, question: str, reply: str, passages: list[Passage], cut: bool, lessons: list[Passage]
