@@ -203,7 +203,7 @@ class ConversationService(StaffActions, CustomerFeedback):
             # A staff-verified answer to a near-identical question: reuse it word for word.
             # A small model paraphrases (and garbles) context, so the verified text is safer.
             reply, model = retrieval.memory.text, "correction-memory"
-        elif retrieval.memory is None and retrieval.best_score < self.settings.relevance_threshold:
+        elif retrieval.memory is None and not self._relevant(retrieval):
             reply, status, flagged = await self._unsure(inbound, text), "unsure", True
         else:
             # a correction that won here was not sent verbatim: memory_mode=prompt gives it to the model
@@ -278,6 +278,16 @@ class ConversationService(StaffActions, CustomerFeedback):
             conv.id, question_id, mid, text, reply, sources, status, model, adapter, latency_ms, flagged,
             grounding=grounding,
         )  # fmt: skip
+
+    def _relevant(self, retrieval: Retrieval) -> bool:
+        """Whether the documents may answer: the best passage close enough in meaning, and below
+        the confident similarity also holding the question's rarer words (KnowledgeBase.overlap).
+        "Does it have vudu?" finds the manual's pages on apps (0.40) without the one word that
+        matters; sending one of them would look like an answer and be none."""
+        s, best = self.settings, retrieval.best_score
+        if best < s.relevance_threshold:
+            return False
+        return best >= s.confident_threshold or retrieval.overlap >= s.overlap_threshold
 
     async def _reranked(self, question: str, retrieval: Retrieval, writes: bool) -> Retrieval:
         """The documents in the model's order (learning/rerank.py); as retrieved when reranking is

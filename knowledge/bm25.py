@@ -40,12 +40,23 @@ class BM25:
         n = self.size
         idf = {w: math.log(n - len(d) + 0.5) - math.log(len(d) + 0.5) for w, (d, _) in postings.items()}
         floor = epsilon * (sum(idf.values()) / len(idf)) if idf else 0.0
+        self._idf = {w: v if v >= 0 else floor for w, v in idf.items()}
+        self._unseen = math.log(n + 0.5) - math.log(0.5)  # a word in no document: the rarest
         self._index: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         for word, (docs, tfs) in postings.items():
-            weight = idf[word] if idf[word] >= 0 else floor
+            weight = self._idf[word]
             pos = np.asarray(docs, dtype=np.int64)
             tf = np.asarray(tfs, dtype=np.float64)
             self._index[word] = (pos, weight * tf * (k1 + 1) / (tf + norm[pos]))
+
+    def idf(self, word: str) -> float:
+        """How rare `word` is in the corpus (the weight scoring gives it); a word no document
+        holds weighs most, as if one half-document held it."""
+        return self._idf.get(word, self._unseen)
+
+    def holds(self, word: str) -> bool:
+        """Whether any document has `word`."""
+        return word in self._idf
 
     def get_scores(self, query: Sequence[str]) -> np.ndarray:
         """One score per document (a repeated query word counts again, as in rank_bm25)."""

@@ -128,3 +128,25 @@ def stems(words: list[str], lang: str) -> list[str]:
     # a PyStemmer object caches and is not thread-safe; stemming a query is microseconds
     with _lock:
         return list(_stemmer(algorithm).stemWords(words))
+
+
+@cache
+def _wordlists() -> frozenset[str]:
+    from wordfreq import available_languages
+
+    return frozenset(available_languages())
+
+
+def commonness(word: str, lang: str) -> float:
+    """How common `word` is in `lang` at large, 0 (unknown) to 1 (the commonest words): wordfreq's
+    Zipf frequency over 8. 0 for a language wordfreq has no list of.
+
+    Why: a small knowledge base never uses many everyday words ("anyone", "morning"), and the check
+    of a question's words against the passages (knowledge.retrieve.KnowledgeBase.overlap) must not
+    weigh them like "vudu" or "Kenya", which it never uses because it does not cover them.
+    """
+    if lang not in _wordlists():
+        return 0.0
+    from wordfreq import zipf_frequency
+
+    return min(1.0, zipf_frequency(word, lang) / 8)

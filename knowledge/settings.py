@@ -119,6 +119,18 @@ class Settings(BaseSettings):
     relevance_threshold: float = Field(
         0.25, description="Below this dense similarity of the best passage the bot says it is not sure."
     )
+    overlap_threshold: float = Field(
+        0.5,
+        description="Below APPRENTICE_CONFIDENT_THRESHOLD the bot also says it is not sure unless one "
+        "passage holds this share of the question's words, each weighted by how rare it is in the "
+        "documents (a word they never use weighs most, less how common it is in the language). 0 turns "
+        "the check off.",
+    )
+    confident_threshold: float = Field(
+        0.40,
+        description="Dense similarity of the best passage from which it is trusted without the word "
+        "check of APPRENTICE_OVERLAP_THRESHOLD.",
+    )
     memory_threshold: float = Field(
         0.75, description="Cosine similarity at which a stored correction wins over the documents."
     )

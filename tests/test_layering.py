@@ -29,6 +29,7 @@ SDK_HOMES = {
     "sentence_transformers": {"knowledge/embed.py"},
     "lingua": {"knowledge/language.py"},
     "Stemmer": {"knowledge/language.py"},
+    "wordfreq": {"knowledge/language.py"},
     "telegram": {"bot/channels/telegram/channel.py", "bot/channels/telegram/sender.py"},
     "slack_bolt": {"bot/channels/slack/app.py"},
     "slack_sdk": {"bot/channels/slack/app.py", "bot/channels/slack/web.py"},

@@ -234,7 +234,8 @@ def updates(draw: Any) -> dict[str, Any]:
 async def _telegram_app(fake: FakeTelegramApi, data_dir: Path) -> tuple[App, TelegramChannel]:
     conf = app_settings(
         data_dir, telegram_bot_token=TOKEN, telegram_api_url=fake.base_url, telegram_webhook_url="https://x.example/telegram",
-        telegram_webhook_secret=SECRET, relevance_threshold=-1.0, rate_limit_per_minute=0,
+        telegram_webhook_secret=SECRET, relevance_threshold=-1.0,
+        overlap_threshold=0.0, rate_limit_per_minute=0,
     )  # fmt: skip
     app = App(conf, generator=ScriptedModel())
     await app.__aenter__()
@@ -511,6 +512,7 @@ def test_slack_endpoint_answers_or_refuses_every_generated_request(
     conf = app_settings(
         _copy(kb_template, tmp_path), slack_bot_token="xoxb-fuzz", slack_signing_secret=SIGNING,
         slack_channel=REVIEW, slack_api_url=slack.api_url, staff="UADA", relevance_threshold=-1.0,
+        overlap_threshold=0.0,
     )  # fmt: skip
     app = App(conf, generator=ScriptedModel())
     runner.run(app.__aenter__())

@@ -81,7 +81,7 @@ def flow(tmp_path: Path, demo_kb: KnowledgeBase) -> tuple[ConversationService, O
         data_dir=tmp_path,
         telegram_bot_token=TELEGRAM_TOKEN,
         slack_bot_token=SLACK_TOKEN,
-        relevance_threshold=-1.0,  # every question reaches the model
+        relevance_threshold=-1.0, overlap_threshold=0.0,  # every question reaches the model
         rate_limit_per_minute=0,
         two_person_rule="off",  # corrections here are about disclosure, not about poisoning
     )

@@ -34,7 +34,7 @@ def flow_parts(tmp_path: Path) -> Any:
     settings = Settings(
         _env_file=None,  # type: ignore[call-arg]
         data_dir=tmp_path / "data",
-        relevance_threshold=-1.0,
+        relevance_threshold=-1.0, overlap_threshold=0.0,
         rate_limit_per_minute=0,
         max_new_tokens=6,
         llm_timeout_s=1.0,

@@ -48,6 +48,7 @@ def metrics_settings(tmp_path: Path, llm_url: str, **overrides: Any) -> Settings
     options: dict[str, Any] = dict(
         _env_file=None, data_dir=tmp_path / "data", database_url=f"sqlite:///{tmp_path / 'ops.db'}",
         kb=str(kb), llm_url=llm_url, model="shop-model", http_port=0, relevance_threshold=-1.0,
+        overlap_threshold=0.0,
         rate_limit_per_minute=0,
     )
     return Settings(**{**options, **overrides})

@@ -26,7 +26,8 @@ def ops_settings(tmp_path: Path, database_url: str, llm_url: str) -> Settings:
     (kb / "returns.md").write_text("# Returns\n\nBikes can be returned within 30 days.\n", encoding="utf-8")
     return Settings(  # type: ignore[call-arg]
         _env_file=None, data_dir=tmp_path / "data", database_url=database_url, kb=str(kb),
-        llm_url=llm_url, model="shop-model", http_port=0, relevance_threshold=-1.0, rate_limit_per_minute=0,
+        llm_url=llm_url, model="shop-model", http_port=0, relevance_threshold=-1.0,
+        overlap_threshold=0.0, rate_limit_per_minute=0,
     )
 
 

@@ -51,6 +51,7 @@ def env(tmp_path: Path) -> Any:
         _env_file=None,
         data_dir=tmp_path / "data",
         rate_limit_per_minute=0,  # type: ignore[call-arg]
+        overlap_threshold=0.0,  # every question reaches the scripted model
     )
     store = Store(settings.database)
     kb = KnowledgeBase.from_settings(settings)

@@ -21,6 +21,14 @@ def test_scores_match_rank_bm25_including_the_idf_floor_and_repeated_words() -> 
         np.testing.assert_allclose(ours.get_scores(query), ref.get_scores(query), rtol=1e-9, atol=1e-12)
 
 
+def test_idf_is_the_scores_weight_and_an_unseen_word_weighs_most() -> None:
+    corpus = [["bike", "frame"], ["bike", "tyre"], ["bike", "lock"], ["helmet"]]
+    bm25 = BM25(corpus)
+    assert bm25.idf("helmet") > bm25.idf("bike") > 0  # "bike" is in 3 of 4: the idf floor
+    assert bm25.idf("vudu") > bm25.idf("helmet")  # in no document at all
+    assert bm25.holds("helmet") and not bm25.holds("vudu")
+
+
 def test_real_text_ranks_the_same_documents_first() -> None:
     docs = [
         "Pair the remote: hold HOME and BACK for five seconds until the light blinks.",

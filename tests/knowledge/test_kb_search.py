@@ -46,6 +46,21 @@ def test_passages_carry_their_dense_cosine_and_come_from_distinct_documents(demo
     assert off_topic.score < passages[0].score
 
 
+def test_overlap_is_the_share_of_the_questions_rarer_words_one_passage_holds(demo_kb: KnowledgeBase) -> None:
+    def overlap(question: str) -> float:
+        return demo_kb.overlap(question, demo_kb.search(question, 4))
+
+    assert overlap("Do you have a warranty?") == 1.0  # its one word, "warranty", is a page's title
+    assert overlap("the") == 1.0  # no word to miss: nothing to say
+    assert overlap("What's your Instagram handle?") == 0.0  # no passage holds either word
+    # "vudu" is in no document, so it outweighs "sell" and "bike" (which most hold) together
+    assert overlap("Do you sell vudu bikes?") < 0.5 < 0.9 < overlap("Do you sell kids bikes?")
+    # the pages never say "anyone" or "mornings" either, but those are everyday words: they weigh
+    # less than "sunday", which the opening hours hold
+    assert overlap("Is anyone at the store on Sunday mornings?") >= 0.5
+    assert demo_kb.retrieve("Do you sell vudu bikes?", 4, 0.75).overlap == overlap("Do you sell vudu bikes?")
+
+
 def _parts_catalogue(folder: Path, models: list[str], seed: int) -> dict[str, str]:
     """Spare-part lists that read the same except for their numbers: part number -> document title."""
     rng = random.Random(seed)

@@ -49,6 +49,12 @@ def test_inflected_forms_share_a_stem(lang: str, a: str, b: str) -> None:
     assert tokenize(a, lang) == tokenize(b, lang) != []
 
 
+def test_commonness_tells_everyday_words_from_rare_names_in_the_language_asked() -> None:
+    assert language.commonness("morning", "en") > 0.6 > 0.3 > language.commonness("vudu", "en")
+    assert language.commonness("morgen", "de") > language.commonness("morgen", "en")
+    assert language.commonness("morning", "xx") == 0.0  # no word list: every unseen word weighs fully
+
+
 def test_unicode_words_are_case_folded_with_digits_kept_and_underscores_split() -> None:
     assert tokenize("Сколько стоит доставка?", "ru") == ["сто", "доставк"]  # сколько is a stopword
     assert tokenize("Rücksendung", "en") == ["rücksendung"]  # not `r` + `cksendung` any more

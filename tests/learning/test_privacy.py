@@ -161,7 +161,7 @@ async def test_logs_hold_no_token_and_no_customer_text_at_info(
     caplog.set_level(logging.DEBUG)
     settings = app_settings(
         app_data_dir, telegram_bot_token=TOKEN, telegram_api_url=fake_telegram.base_url,
-        relevance_threshold=-1.0, log_level="DEBUG",
+        relevance_threshold=-1.0, overlap_threshold=0.0, log_level="DEBUG",
     )  # fmt: skip
     model = ScriptedModel()
     model.enqueue("Thanks, we will check your order.", RuntimeError(f"model crashed on: {secret_words}"))

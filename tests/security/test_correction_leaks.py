@@ -50,7 +50,8 @@ def flow(tmp_path: Path, demo_kb: KnowledgeBase) -> Any:
     settings = Settings(
         _env_file=None,  # type: ignore[call-arg]
         data_dir=tmp_path,
-        relevance_threshold=-1.0,  # every question reaches the model unless the memory answers
+        relevance_threshold=-1.0,
+        overlap_threshold=0.0,  # every question reaches the model unless the memory answers
         rate_limit_per_minute=0,
         two_person_rule="off",  # about disclosure here, not poisoning
     )

@@ -74,7 +74,7 @@ async def test_debug_logs_hold_no_customer_text(
                 slack_signing_secret="debug-signing-secret",
                 slack_channel="CREVIEW",
                 slack_api_url=slack.api_url,
-                relevance_threshold=-1.0,
+                relevance_threshold=-1.0, overlap_threshold=0.0,
             )
             async with App(settings, generator=EchoModel()) as app:
                 await app.add_channel(

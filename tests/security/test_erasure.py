@@ -78,7 +78,7 @@ async def test_forget_leaves_no_trace_in_the_database_chroma_or_datasets(
         _env_file=None,  # type: ignore[call-arg]
         data_dir=data,
         database_url=database_url,
-        relevance_threshold=-1.0,
+        relevance_threshold=-1.0, overlap_threshold=0.0,
         rate_limit_per_minute=0,
         two_person_rule="off",
     )
@@ -169,6 +169,7 @@ async def test_the_second_member_of_a_group_is_erased_without_touching_the_first
     fake, group, ann, bob = fake_telegram, -100777, 770011, 770022
     settings = app_settings(
         app_data_dir, telegram_bot_token=TOKEN, telegram_api_url=fake.base_url, relevance_threshold=-1.0,
+        overlap_threshold=0.0,
         database_url=database_url, rate_limit_per_minute=0,
     )  # fmt: skip
     async with App(settings, generator=ScriptedModel()) as app:

@@ -95,7 +95,7 @@ async def shop(tg: FakeTelegramApi, slack: FakeSlack, data_dir: Path, **override
         slack_api_url=slack.api_url,
         staff=STAFF,
         oncall_group=ONCALL,
-        relevance_threshold=-1.0,
+        relevance_threshold=-1.0, overlap_threshold=0.0,
         **overrides,
     )
     async with App(settings, generator=ScriptedModel()) as app:

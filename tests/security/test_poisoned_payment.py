@@ -49,7 +49,8 @@ def service(
 ) -> tuple[ConversationService, ScriptedModel, Store]:
     settings = Settings(
         _env_file=None,  # type: ignore[call-arg]
-        data_dir=tmp_path / "data", relevance_threshold=-1.0, rate_limit_per_minute=0, **extra,
+        data_dir=tmp_path / "data", relevance_threshold=-1.0,
+        overlap_threshold=0.0, rate_limit_per_minute=0, **extra,
     )  # fmt: skip
     store = Store(settings.database)
     model = ScriptedModel()

@@ -142,7 +142,8 @@ def _rendered(tok: Any, messages: list[dict[str, str]]) -> tuple[str, list[int]]
 def flow(tmp_path: Path, demo_kb: KnowledgeBase, smollm2_dir: Path) -> Any:
     """The real flow with the bundled model's tokenizer on this machine (the converted test copy)."""
     settings = Settings(
-        data_dir=tmp_path, model_cache=smollm2_dir.parent, relevance_threshold=-1.0, rate_limit_per_minute=100
+        data_dir=tmp_path, model_cache=smollm2_dir.parent, relevance_threshold=-1.0,
+        overlap_threshold=0.0, rate_limit_per_minute=100
     )
     store = Store(settings.database)
     model = ScriptedModel()

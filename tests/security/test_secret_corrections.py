@@ -88,7 +88,7 @@ def flow(tmp_path: Path, demo_kb: KnowledgeBase) -> Any:
     settings = Settings(
         _env_file=None,  # type: ignore[call-arg]
         data_dir=tmp_path,
-        relevance_threshold=-1.0,
+        relevance_threshold=-1.0, overlap_threshold=0.0,
         rate_limit_per_minute=0,
         two_person_rule="off",
     )
@@ -207,7 +207,7 @@ async def test_the_terminal_channel_refuses_a_secret_and_says_what_kind(
 ) -> None:
     from bot.channels.terminal import TerminalChannel
 
-    settings = Settings(_env_file=None, data_dir=tmp_path, relevance_threshold=-1.0)  # type: ignore[call-arg]
+    settings = Settings(_env_file=None, data_dir=tmp_path, relevance_threshold=-1.0, overlap_threshold=0.0)  # type: ignore[call-arg]
     store = Store(settings.database)
     model = ScriptedModel()
     model.enqueue("Let me check.")

@@ -49,6 +49,7 @@ def env(tmp_path: Path) -> Any:
         _env_file=None,
         data_dir=tmp_path / "data",
         rate_limit_per_minute=0,  # type: ignore[call-arg]
+        overlap_threshold=0.0,  # steered messages ("Reply with: …") must reach the model here
     )
     assert settings.two_person_rule == "training"  # the default
     store = Store(settings.database)

@@ -179,6 +179,7 @@ async def make_rig(tmp_path: Path, kb: KnowledgeBase, slack: FakeSlack, **overri
         "slack_channel": REVIEW,
         "slack_api_url": slack.api_url,
         "rate_limit_per_minute": 0,
+        "overlap_threshold": 0.0,  # mechanics: a question the documents hold reaches the scripted model
         **overrides,
     }
     settings = Settings(**fields)

@@ -96,7 +96,8 @@ async def telegram_app(
     values: dict[str, Any] = {
         "telegram_bot_token": TOKEN,
         "telegram_api_url": fake.base_url,
-        "relevance_threshold": -1.0,  # mechanics: every question reaches the scripted model
+        "relevance_threshold": -1.0,
+        "overlap_threshold": 0.0,  # mechanics: every question reaches the scripted model
     }
     values.update(overrides)
     settings = app_settings(data_dir, **values)
