@@ -282,8 +282,8 @@ class ConversationService(StaffActions, CustomerFeedback):
     def _relevant(self, retrieval: Retrieval) -> bool:
         """Whether the documents may answer: the best passage close enough in meaning, and below
         the confident similarity also holding the question's rarer words (KnowledgeBase.overlap).
-        "Does it have vudu?" finds the manual's pages on apps (0.40) without the one word that
-        matters; sending one of them would look like an answer and be none."""
+        "Does this tv have vudu?" finds the manual's limits on media files (just under 0.40) without
+        the one word that matters; sending that would look like an answer and be none."""
         s, best = self.settings, retrieval.best_score
         if best < s.relevance_threshold:
             return False
