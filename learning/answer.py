@@ -262,8 +262,13 @@ def extract(question: str, passage: Passage) -> str:
             kept.append(u)
     while len(kept) > 1 and not _complete(kept[-1]):
         kept = kept[:-1]  # end on a full sentence where the document has one (chunks end anywhere)
-    text = _join(kept).rstrip(" :;,")
-    # a last unit without a full stop is a menu path, a label or a list item: it ends here, so say so
+    return _ended(kept)
+
+
+def _ended(units: Sequence[_Unit]) -> str:
+    """`units` as the customer reads them: joined, and ending with a full stop. A last unit without
+    one is a menu path, a label or a list item: it ends here, so say so."""
+    text = _join(units).rstrip(" :;,")
     return text + "." if text and truncated(text) else text
 
 
@@ -310,8 +315,7 @@ def pinpoint(question: str, passage: Passage, n: int = PINPOINT_UNITS) -> str:
             best = whole
         # units from different places of the page each start a line
         units = [units[k] if k - 1 in best else replace(units[k], line_start=True) for k in best]
-    text = _join(units).rstrip(" :;,")
-    return text + "." if text and truncated(text) else text  # as `extract` ends
+    return _ended(units)
 
 
 def cite(question: str, passage: Passage, narrow: bool = False) -> str:
