@@ -203,7 +203,7 @@ class ConversationService(StaffActions, CustomerFeedback):
             # A staff-verified answer to a near-identical question: reuse it word for word.
             # A small model paraphrases (and garbles) context, so the verified text is safer.
             reply, model = retrieval.memory.text, "correction-memory"
-        elif retrieval.memory is None and not self._relevant(retrieval):
+        elif retrieval.memory is None and not await self._relevant(query, retrieval):
             reply, status, flagged = await self._unsure(inbound, text), "unsure", True
         else:
             # a correction that won here was not sent verbatim: memory_mode=prompt gives it to the model
@@ -279,15 +279,19 @@ class ConversationService(StaffActions, CustomerFeedback):
             grounding=grounding,
         )  # fmt: skip
 
-    def _relevant(self, retrieval: Retrieval) -> bool:
+    async def _relevant(self, query: str, retrieval: Retrieval) -> bool:
         """Whether the documents may answer: the best passage close enough in meaning, and below
-        the confident similarity also holding the question's rarer words (KnowledgeBase.overlap).
-        "Does this tv have vudu?" finds the manual's limits on media files (just under 0.40) without
-        the one word that matters; sending that would look like an answer and be none."""
+        the confident similarity also holding the question's rarer words (KnowledgeBase.overlap,
+        read only then). "Does this tv have vudu?" finds the manual's limits on media files (just
+        under 0.40) without the one word that matters; sending that would look like an answer and
+        be none."""
         s, best = self.settings, retrieval.best_score
         if best < s.relevance_threshold:
             return False
-        return best >= s.confident_threshold or retrieval.overlap >= s.overlap_threshold
+        if best >= s.confident_threshold:
+            return True
+        overlap = await asyncio.to_thread(self.kb.overlap, query, retrieval.passages)
+        return overlap >= s.overlap_threshold
 
     async def _reranked(self, question: str, retrieval: Retrieval, writes: bool) -> Retrieval:
         """The documents in the model's order (learning/rerank.py); as retrieved when reranking is

@@ -38,9 +38,6 @@ class Retrieval:
 
     passages: list[Passage] = field(default_factory=list)
     memory: Passage | None = None  # the correction that won, if any
-    # the largest share of the question's words, weighted by rarity, that one passage holds
-    # (KnowledgeBase.overlap); 1.0 where it was not measured
-    overlap: float = 1.0
 
     @property
     def best_score(self) -> float:

@@ -360,8 +360,7 @@ class KnowledgeBase:
         memory = next(iter(self.recall(query, 1, conversation_id)), None)
         if memory is not None and memory.score < memory_threshold:
             memory = None
-        passages = self.search(query, k)
-        return Retrieval(passages=passages, memory=memory, overlap=self.overlap(query, passages))
+        return Retrieval(passages=self.search(query, k), memory=memory)
 
     def overlap(self, query: str, passages: Sequence[Passage]) -> float:
         """The largest share of `query`'s words that one of `passages` holds (title included), each
